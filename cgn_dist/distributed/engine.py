@@ -1,0 +1,126 @@
+"""One small interface over the two ways a model is trained: plain torch or DeepSpeed.
+
+Both count micro steps and update only at the accumulation boundary, and both
+average the loss over accumulated micro batches (DeepSpeed's convention;
+the authors' ImageNet code summed, which Adam's scale invariance makes moot).
+Loops therefore read the same under either engine.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cgn_dist.config import TrainConfig
+from cgn_dist.distributed.env import DistEnv
+
+
+class TorchEngine:
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int,
+                 env: DistEnv, precision: str = "fp32", ddp: bool | None = None):
+        self.module = module.to(env.device)
+        self.optimizer = optimizer
+        self.grad_accum = grad_accum
+        self.micro_steps = 0
+        self.global_steps = 0
+        self.env = env
+        self.dtype = torch.bfloat16 if precision == "bf16" else None
+        use_ddp = env.is_distributed if ddp is None else ddp
+        self.forward_module = (
+            nn.parallel.DistributedDataParallel(self.module, device_ids=[env.device] if env.device.type == "cuda" else None)
+            if use_ddp else self.module
+        )
+
+    def __call__(self, *args, **kwargs):
+        return self.forward_module(*args, **kwargs)
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.dtype)
+
+    def is_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.grad_accum == 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        sync = self.is_boundary() or not isinstance(self.forward_module, nn.parallel.DistributedDataParallel)
+        ctx = contextlib.nullcontext() if sync else self.forward_module.no_sync()
+        with ctx:
+            (loss / self.grad_accum).backward()
+
+    def step(self) -> None:
+        if self.is_boundary():
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.global_steps += 1
+        self.micro_steps += 1
+
+    def save(self, directory: Path, name: str) -> None:
+        if self.env.is_main:
+            torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "micro_steps": self.micro_steps, "global_steps": self.global_steps},
+                       Path(directory) / f"{name}.pt")
+
+    def load(self, directory: Path, name: str) -> None:
+        state = torch.load(Path(directory) / f"{name}.pt", map_location=self.env.device, weights_only=True)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.micro_steps, self.global_steps = state["micro_steps"], state["global_steps"]
+
+
+class DeepSpeedEngine:
+    """Thin adapter so a DeepSpeed engine offers the TorchEngine surface."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.module = engine.module
+        self.optimizer = engine.optimizer
+        self.env = None
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    @property
+    def forward_module(self):
+        return self.engine
+
+    def autocast(self):
+        return contextlib.nullcontext()  # DeepSpeed casts the module itself
+
+    @property
+    def micro_steps(self) -> int:
+        return self.engine.micro_steps
+
+    @property
+    def global_steps(self) -> int:
+        return self.engine.global_steps
+
+    def is_boundary(self) -> bool:
+        return self.engine.is_gradient_accumulation_boundary()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def save(self, directory: Path, name: str) -> None:
+        # Every rank writes its part (ZeRO shards the optimizer state).
+        self.engine.save_checkpoint(str(directory), tag=name, save_latest=False)
+
+    def load(self, directory: Path, name: str) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory), tag=name)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {name!r} under {directory}")
+
+
+def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, env: DistEnv,
+                 ddp: bool | None = None):
+    """Wrap ``module`` + ``optimizer`` in the engine ``train.engine`` names."""
+    if train.engine == "torch":
+        return TorchEngine(module, optimizer, train.grad_accum, env, train.precision, ddp=ddp)
+    from cgn_dist.distributed.deepspeed import initialize_deepspeed
+
+    return DeepSpeedEngine(initialize_deepspeed(module.to(env.device), optimizer, train, env))

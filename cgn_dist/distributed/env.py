@@ -1,0 +1,84 @@
+"""Where this process sits in a distributed job, read in one place.
+
+Launchers (torchrun, the deepspeed launcher, Ray Train) all export the same
+RANK / WORLD_SIZE / LOCAL_RANK variables; without them we are a single process
+and nothing else in cgn_dist needs to care.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(choice: str = "auto", local_rank: int = 0) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def read_env(device: str = "auto") -> DistEnv:
+    """Rank and world from the launcher's variables, or a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    else:
+        rank = int(os.environ.get("RANK", 0))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+    return DistEnv(rank, world, local, pick_device(device, local))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(env: DistEnv) -> None:
+    """Join the launcher's process group (gloo on CPU, nccl on GPU) if there is one to join."""
+    if not env.is_distributed or torch.distributed.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    backend = "nccl" if env.device.type == "cuda" else "gloo"
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+
+
+def set_single_process_env() -> None:
+    """DeepSpeed's initialize wants a process group or these variables (else it reaches for MPI)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def destroy_process_group() -> None:
+    # Without the barrier, 2-process gloo runs sometimes abort at exit.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
