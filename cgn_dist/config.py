@@ -31,7 +31,7 @@ class DataConfig:
     root: str = "data/mnist"  # where torchvision MNIST / the LNTL colored file live or download to
     download: bool = True  # let torchvision download MNIST when missing
     textures: str = ""  # folder with object/ and background/ <cls>_*.jpg; "" = built-in procedural textures
-    test_seed: int = 0  # fixes the test split's random colours/textures
+    seed: int = 0  # fixes the data sets' random colours/textures (test split: once and for all)
     num_workers: int = 0  # DataLoader workers
 
 

@@ -142,6 +142,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+def find_resume_checkpoint(run_dir: Path) -> Path | None:
+    """What to resume from: Ray Train's latest after a worker restart, else the run dir's latest."""
+    from cgn_dist.distributed.ray_train import ray_resume_checkpoint
+
+    return ray_resume_checkpoint() or latest_checkpoint(run_dir)
+
+
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
     for _, d in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(d, ignore_errors=True)

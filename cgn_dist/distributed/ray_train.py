@@ -1,0 +1,108 @@
+"""CGN training under Ray Train: the same loop in every worker, DeepSpeed or DDP inside.
+
+Ray Train starts the workers and their process group (gloo on CPU, nccl on
+GPU); our loop reads rank and world from it. Checkpoints are written to the
+run directory as usual and also reported to Ray Train, so when a worker dies
+Ray restarts the group (up to ``distributed.max_failures`` times) and every
+worker resumes from the latest reported checkpoint. Starting a job again with
+the same run name resumes as well.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cgn_dist.config import Config, config_from_dict, config_to_dict
+
+IN_RAY_TRAIN = "CGN_DIST_IN_RAY_TRAIN"
+
+
+def in_ray_train() -> bool:
+    return os.environ.get(IN_RAY_TRAIN) == "1"
+
+
+def ray_resume_checkpoint() -> Path | None:
+    """The latest checkpoint Ray Train holds for this run (after a restart), else None."""
+    if not in_ray_train():
+        return None
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    # Local or shared storage: the checkpoint is already a directory; remote storage downloads it.
+    return Path(ckpt.to_directory()) if not os.path.isdir(ckpt.path) else Path(ckpt.path)
+
+
+def ray_report(step: int, metrics: dict, checkpoint_dir: Path | None, is_main: bool) -> None:
+    """Report to Ray Train (every rank calls it; only rank 0 attaches the checkpoint)."""
+    if not in_ray_train():
+        return
+    import ray.train
+
+    ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if (checkpoint_dir and is_main) else None
+    ray.train.report({"step": step, **{k.replace("/", "_"): float(v) for k, v in metrics.items()}},
+                     checkpoint=ckpt)
+
+
+def _worker_loop(config: dict) -> None:
+    os.environ[IN_RAY_TRAIN] = "1"
+    import ray.train
+    import ray.train.torch
+
+    from cgn_dist.distributed.env import DistEnv
+
+    cfg = config_from_dict(config)
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device() if cfg.distributed.use_gpu else None
+    import torch
+
+    env = DistEnv(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(),
+                  device if device is not None else torch.device("cpu"))
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
+    torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
+    train_fn(cfg)(cfg, env)
+
+
+def train_fn(cfg: Config):
+    if cfg.task == "mnist":
+        from cgn_dist.train.mnist import train_mnist
+
+        return train_mnist
+    from cgn_dist.train.imagenet import train_imagenet
+
+    return train_imagenet
+
+
+def train_with_ray(cfg: Config) -> dict:
+    """Launch ``cfg`` on ``distributed.num_workers`` Ray Train workers; returns the final metrics."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cgn_dist.distributed.ray_utils import init_ray
+
+    init_ray(cfg.ray.address or None, num_cpus=cfg.ray.num_cpus or None)
+    storage = Path(cfg.ray.storage_path or Path(cfg.out_dir) / "ray").resolve()
+    d = cfg.distributed
+    resources = {"CPU": d.cpus_per_worker}
+    if d.use_gpu:
+        resources["GPU"] = 1
+    # The run dir must be reachable by every worker: absolute, and on shared storage on a real cluster.
+    config = config_to_dict(cfg)
+    config["out_dir"] = str(Path(cfg.out_dir).resolve())
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=cfg.name, storage_path=str(storage),
+                                       failure_config=ray.train.FailureConfig(max_failures=d.max_failures)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    out = dict(result.metrics or {})
+    out["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    out["run_dir"] = str(Path(config["out_dir"]) / cfg.name)
+    return out

@@ -1,0 +1,169 @@
+"""CGN-MNIST training: LSGAN + binary mask + Gram-only VGG16 style losses (spec §1.4).
+
+Every random draw of an update (batch order, colour jitter, generated labels,
+noise, shuffler crops, dropout) comes from the global RNG re-seeded from
+(seed, rank, update), so a resumed run equals an uninterrupted one bit for bit.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cgn_dist.config import Config
+from cgn_dist.data.mnist import build_mnist_dataset
+from cgn_dist.distributed.engine import build_engine
+from cgn_dist.distributed.env import DistEnv, read_env
+from cgn_dist.losses import VGG16Features, binary_entropy_loss, lsgan_loss, perceptual_loss
+from cgn_dist.models.cgn_mnist import CGNMnist, init_cgn_weights
+from cgn_dist.models.discriminator import DiscConv, DiscLin
+from cgn_dist.distributed.ray_train import ray_report
+from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from cgn_dist.train.metrics import build_logger, make_sheet, setup_logging
+
+
+def step_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_generator(cfg: Config) -> CGNMnist:
+    m = cfg.mnist
+    torch.manual_seed(cfg.seed)
+    g = CGNMnist(n_classes=m.n_classes, latent_dim=m.latent_dim, ngf=m.ngf, img_size=m.img_size)
+    init_cgn_weights(g, m.init_type, m.init_gain)
+    if m.init_from:
+        from cgn_dist.models.original_mnist import load_mnist_weights
+
+        load_mnist_weights(m.init_from, g)
+    return g
+
+
+def build_discriminator(cfg: Config) -> torch.nn.Module:
+    m = cfg.mnist
+    torch.manual_seed(cfg.seed + 1)
+    if m.disc == "linear":
+        return DiscLin(n_classes=m.n_classes, ndf=m.ndf)
+    return DiscConv(n_classes=m.n_classes, ndf=m.ndf)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class BatchStream:
+    """Seeded per-epoch permutation, split over ranks; batch k of an epoch is fixed by (seed, epoch, k)."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.ds, self.bs, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
+        self.per_rank = len(dataset) // world
+        self.batches_per_epoch = max(1, self.per_rank // batch_size)
+
+    def batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, j = divmod(k, self.batches_per_epoch)
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        perm = torch.randperm(len(self.ds), generator=g)[self.rank::self.world]
+        idx = perm[j * self.bs:(j + 1) * self.bs].tolist()
+        if hasattr(self.ds, "set_epoch"):
+            self.ds.set_epoch(epoch)  # train-time jitter/crops depend on (data seed, epoch, index)
+        xs, ys = zip(*(self.ds[i] for i in idx))
+        return torch.stack(xs), torch.as_tensor(ys, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- sheets
+
+
+@torch.no_grad()
+def class_sheet(gen: CGNMnist, n_classes: int, device, seed: int = 1234) -> torch.Tensor:
+    """One row per class: mask | foreground | background | composite, fixed noise."""
+    was_training = gen.training
+    gen.eval()
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_classes, device=device)
+    u = gen.sample_noise(n_classes, generator=g).to(device)
+    mask, fg, bg, x = gen(y, u=u, shuffle=False)
+    gen.train(was_training)
+    return make_sheet([mask, fg, bg, x], unit=[True, False, False, False], upsample=2)
+
+
+# --------------------------------------------------------------------------- loop
+
+
+def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
+    env = env or read_env(cfg.train.device)
+    t, m = cfg.train, cfg.mnist
+    run_dir = prepare_run_dir(cfg, env.is_main)
+    setup_logging(run_dir, env.is_main)
+    logger = build_logger(run_dir, env.is_main)
+
+    dataset = build_mnist_dataset(cfg.data.dataset, "train", source=cfg.data.source, root=cfg.data.root,
+                                  seed=cfg.data.seed, textures_dir=cfg.data.textures or None,
+                                  download=cfg.data.download)
+    stream = BatchStream(dataset, t.micro_batch_size, cfg.seed, env.rank, env.world_size)
+    total = t.max_steps or math.ceil(t.epochs * stream.batches_per_epoch / t.grad_accum)
+
+    gen, disc = build_generator(cfg), build_discriminator(cfg)
+    vgg = VGG16Features(m.vgg_weights).to(env.device)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=m.lr, betas=tuple(m.betas))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=m.lr, betas=tuple(m.betas))
+    eng_g = build_engine(gen, opt_g, t, env)
+    eng_d = build_engine(disc, opt_d, t, env)
+    engines = {"generator": eng_g, "discriminator": eng_d}
+
+    start = 0
+    ckpt = find_resume_checkpoint(run_dir) if t.resume else None
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, engines, rank=env.rank)["step"]
+        logger.info(f"resumed from {ckpt} at update {start}")
+
+    bar = tqdm(range(start, total), initial=start, total=total, disable=not (t.progress and env.is_main),
+               desc=f"cgn-mnist {cfg.data.dataset}", unit="it")
+    logs: dict[str, float] = {}
+    for step in bar:
+        for micro in range(t.grad_accum):
+            torch.manual_seed(step_seed(cfg.seed, env.rank, step, micro))
+            x_real, y_real = stream.batch(step * t.grad_accum + micro)
+            x_real, y_real = x_real.to(env.device), y_real.to(env.device)
+            b = x_real.shape[0]
+
+            # --- generator: labels independent of the real batch (spec §1.4)
+            y_gen = torch.randint(0, m.n_classes, (b,), device=env.device)
+            for p in disc.parameters():
+                p.requires_grad_(False)
+            with eng_g.autocast():
+                mask, fg, bg, x_gen = eng_g(y_gen)
+                # the raw module, not the engine: D is not being trained in this step
+                l_adv = lsgan_loss(eng_d.module(x_gen, y_gen), True)
+                l_bin = m.lambda_mask * binary_entropy_loss(mask)
+                l_perc = perceptual_loss(vgg, x_gen, x_real, m.style_weights)
+                loss_g = l_adv + l_bin + l_perc
+            eng_g.backward(loss_g)
+            eng_g.step()
+            for p in disc.parameters():
+                p.requires_grad_(True)
+
+            # --- discriminator
+            with eng_d.autocast():
+                loss_d = (lsgan_loss(eng_d(x_real, y_real), True)
+                          + lsgan_loss(eng_d(x_gen.detach(), y_gen), False)) / 2
+            eng_d.backward(loss_d)
+            eng_d.step()
+
+        logs = {"loss/g_adv": l_adv.item(), "loss/g_binary": l_bin.item(), "loss/g_perceptual": l_perc.item(),
+                "loss/g_total": loss_g.item(), "loss/d": loss_d.item(), "mask/mean": mask.mean().item()}
+        done = step + 1
+        if done % t.log_every == 0 or done == total:
+            logger.scalars(logs, done)
+            bar.set_postfix(g=f"{logs['loss/g_total']:.3f}", d=f"{logs['loss/d']:.3f}",
+                            samples_s=f"{bar.format_dict['rate'] or 0:.1f}x{b * t.grad_accum * env.world_size}")
+        if done % t.sample_every == 0 or done == total:
+            logger.image("sheet/classes", class_sheet(gen, m.n_classes, env.device), done)
+        if done % t.checkpoint_every == 0 or done == total:
+            path = save_checkpoint(run_dir, done, engines, cfg=cfg, keep_last=t.keep_last, rank=env.rank)
+            ray_report(done, logs, path, env.is_main)
+    logger.flush()
+    logger.close()
+    return {"run_dir": str(run_dir), "steps": total, **logs}
