@@ -72,6 +72,8 @@ class ImagenetConfig:
     w_texture: list[float] = field(default_factory=lambda: [0.0, 5.0, 5.0, 0.0])
     w_background: float = 2000.0
     init_from: str = ""  # authors' released cgn.pth to start from
+    spectral_norm_updates: bool = True  # power-iterate spectral norms on every training forward (authors' code);
+    # False keeps the pretrained estimates: training then does not depend on how the global batch is split
     sheet_classes: list[int] = field(
         default_factory=lambda: [15, 251, 330, 382, 385, 483, 559, 751, 938, 947, 999]
     )  # fixed-noise class sheet rows

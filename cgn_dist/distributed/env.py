@@ -55,15 +55,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(env: DistEnv) -> None:
-    """Join the launcher's process group (gloo on CPU, nccl on GPU) if there is one to join."""
+def init_process_group(env: DistEnv) -> bool:
+    """Join the launcher's process group (gloo on CPU, nccl on GPU); True if this call created it."""
     if not env.is_distributed or torch.distributed.is_initialized():
-        return
+        return False
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     backend = "nccl" if env.device.type == "cuda" else "gloo"
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+    return True
 
 
 def set_single_process_env() -> None:

@@ -81,7 +81,8 @@ def train_with_ray(cfg: Config) -> dict:
 
     from cgn_dist.distributed.ray_utils import init_ray
 
-    init_ray(cfg.ray.address or None, num_cpus=cfg.ray.num_cpus or None)
+    # Started by us (no address): an embedded cluster that talks to loopback only.
+    init_ray(cfg.ray.address or None, num_cpus=cfg.ray.num_cpus or None, loopback_only=not cfg.ray.address)
     storage = Path(cfg.ray.storage_path or Path(cfg.out_dir) / "ray").resolve()
     d = cfg.distributed
     resources = {"CPU": d.cpus_per_worker}

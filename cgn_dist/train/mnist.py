@@ -15,7 +15,7 @@ from tqdm import tqdm
 from cgn_dist.config import Config
 from cgn_dist.data.mnist import build_mnist_dataset
 from cgn_dist.distributed.engine import build_engine
-from cgn_dist.distributed.env import DistEnv, read_env
+from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
 from cgn_dist.losses import VGG16Features, binary_entropy_loss, lsgan_loss, perceptual_loss
 from cgn_dist.models.cgn_mnist import CGNMnist, init_cgn_weights
 from cgn_dist.models.discriminator import DiscConv, DiscLin
@@ -95,6 +95,7 @@ def class_sheet(gen: CGNMnist, n_classes: int, device, seed: int = 1234) -> torc
 def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
     env = env or read_env(cfg.train.device)
     t, m = cfg.train, cfg.mnist
+    owns_group = init_process_group(env)  # torchrun / deepspeed launchers; Ray Train made its own
     run_dir = prepare_run_dir(cfg, env.is_main)
     setup_logging(run_dir, env.is_main)
     logger = build_logger(run_dir, env.is_main)
@@ -166,4 +167,6 @@ def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
             ray_report(done, logs, path, env.is_main)
     logger.flush()
     logger.close()
+    if owns_group:
+        destroy_process_group()
     return {"run_dir": str(run_dir), "steps": total, **logs}

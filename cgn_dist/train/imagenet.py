@@ -1,0 +1,112 @@
+"""CGN-ImageNet training (spec §2.2–2.4): three BigGAN mechanisms as ONE engine.
+
+The frozen teacher, U²-Net and VGG16 stay outside the engine and out of the
+checkpoints. Each micro batch draws one class (shared by the three mechanisms
+and the batch, as in the authors' code) and per-sample noise from a generator
+seeded by (seed, update, j), where j = micro * world + rank is the micro batch's
+place in the global batch. So one process with accumulation 2 and two processes
+with accumulation 1 see exactly the same samples.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from cgn_dist.config import Config
+from cgn_dist.distributed.engine import build_engine
+from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
+from cgn_dist.distributed.ray_train import ray_report
+from cgn_dist.losses import VGG16Features
+from cgn_dist.models.biggan import truncated_noise
+from cgn_dist.models.cgn_imagenet import CGNImageNet, build_cgn_imagenet
+from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from cgn_dist.train.imagenet_step import ImagenetLossWeights, build_optimizer, imagenet_losses, sample_inputs
+from cgn_dist.train.metrics import build_logger, make_sheet, setup_logging
+from cgn_dist.train.mnist import step_seed
+
+
+def build_cgn(cfg: Config) -> CGNImageNet:
+    ic = cfg.imagenet
+    cgn = build_cgn_imagenet(ic.biggan, ic.u2net, cache_dir=ic.cache_dir or None, seed=cfg.seed)
+    if ic.init_from:
+        from cgn_dist.models.original_imagenet import load_original_cgn_checkpoint
+
+        load_original_cgn_checkpoint(ic.init_from, cgn)
+    return cgn
+
+
+@torch.no_grad()
+def class_sheet(cgn: CGNImageNet, classes: list[int], truncation: float, device, seed: int = 0) -> torch.Tensor:
+    """Rows = classes, one fixed noise vector: mask | premask | fg | bg | composite | teacher."""
+    from cgn_dist.models.biggan import class_vector
+
+    classes = [c % cgn.n_classes for c in classes]
+    u = truncated_noise(1, cgn.z_dim, truncation, seed=[seed]).expand(len(classes), -1).to(device)
+    y = class_vector(classes, cgn.n_classes).to(device)
+    out = cgn(u, y, truncation)
+    return make_sheet([out["mask"], out["premask"], out["foreground"], out["background"], out["composite"],
+                       out["x_gt"]], unit=[True, False, False, False, False, False])
+
+
+def train_imagenet(cfg: Config, env: DistEnv | None = None) -> dict:
+    env = env or read_env(cfg.train.device)
+    t, ic = cfg.train, cfg.imagenet
+    if t.max_steps <= 0:
+        raise ValueError("train.max_steps must be > 0 for ImageNet CGN (the number of optimizer updates)")
+    owns_group = init_process_group(env)  # torchrun / deepspeed launchers; Ray Train made its own
+    run_dir = prepare_run_dir(cfg, env.is_main)
+    setup_logging(run_dir, env.is_main)
+    logger = build_logger(run_dir, env.is_main)
+
+    cgn = build_cgn(cfg).to(env.device)
+    vgg = VGG16Features(ic.vgg_weights).to(env.device)
+    weights = ImagenetLossWeights.from_config(ic)
+    opt = build_optimizer(cgn.mechanisms, ic.lr_shape, ic.lr_text, ic.lr_bg, tuple(ic.betas))
+    engine = build_engine(cgn.mechanisms, opt, t, env)
+    engines = {"mechanisms": engine}
+
+    start = 0
+    ckpt = find_resume_checkpoint(run_dir) if t.resume else None
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, engines, rank=env.rank)["step"]
+        logger.info(f"resumed from {ckpt} at update {start}")
+
+    global_batch = t.micro_batch_size * t.grad_accum * env.world_size
+    bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, unit="update",
+               disable=not (t.progress and env.is_main), desc="cgn-imagenet")
+    sums: dict[str, float] = {}
+    for step in bar:
+        cgn.train()
+        if not ic.spectral_norm_updates:
+            # BigGAN has no dropout and never uses batch statistics: eval mode only stops the
+            # per-forward power iteration, whose buffers would otherwise drift apart per worker.
+            cgn.mechanisms.eval()
+        sums = {}
+        for micro in range(t.grad_accum):
+            g = torch.Generator().manual_seed(step_seed(cfg.seed, 0, step, micro * env.world_size + env.rank))
+            u, y, _ = sample_inputs(t.micro_batch_size, cgn.n_classes, cgn.z_dim, ic.truncation, g)
+            with engine.autocast():
+                out = cgn(u.to(env.device), y.to(env.device), ic.truncation, mechanisms=engine.forward_module)
+                losses = imagenet_losses(out, vgg, weights, generator=g)
+            engine.backward(losses["total"])
+            engine.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.item() / t.grad_accum
+            sums["mask_mean"] = sums.get("mask_mean", 0.0) + out["mask"].mean().item() / t.grad_accum
+        done = step + 1
+        logs = {f"loss/{k}": v for k, v in sums.items() if k != "mask_mean"} | {"mask/mean": sums["mask_mean"]}
+        if done % t.log_every == 0 or done == t.max_steps:
+            logger.scalars(logs, done)
+            rate = bar.format_dict.get("rate") or 0.0
+            bar.set_postfix(loss=f"{sums['total']:.2f}", samples_s=f"{rate * global_batch:.2f}")
+        if done % t.sample_every == 0 or done == t.max_steps:
+            cgn.eval()
+            logger.image("sheet/classes", class_sheet(cgn, ic.sheet_classes, ic.truncation, env.device, cfg.seed), done)
+        if done % t.checkpoint_every == 0 or done == t.max_steps:
+            path = save_checkpoint(run_dir, done, engines, cfg=cfg, keep_last=t.keep_last, rank=env.rank)
+            ray_report(done, logs, path, env.is_main)
+    logger.flush()
+    logger.close()
+    if owns_group:
+        destroy_process_group()
+    return {"run_dir": str(run_dir), "steps": t.max_steps, **{k: v for k, v in sums.items()}}
