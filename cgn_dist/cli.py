@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from cgn_dist.config import ConfigError, load_config
@@ -52,6 +53,13 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_bench_train(args) -> int:
+    from cgn_dist.bench import main_bench_train
+
+    main_bench_train(_cfg(args))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cgn-dist", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -65,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with_config("train", cmd_train, "train a CGN (MNIST or ImageNet; Ray Train when distributed.num_workers>0)")
     with_config("config", cmd_config, "print the resolved config", config_required=False)
+    with_config("bench-train", cmd_bench_train,
+                "time per sample: torch vs DeepSpeed at one process, then 1 vs 2 Ray Train workers")
     sp = sub.add_parser("import", help="convert the authors' released ckp.pth / cgn.pth into cgn_dist weights")
     sp.add_argument("src")
     sp.add_argument("dst")
@@ -76,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        if os.environ.get("CGN_DIST_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
         return 2
 
 

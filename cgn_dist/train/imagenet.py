@@ -21,7 +21,7 @@ from cgn_dist.models.biggan import truncated_noise
 from cgn_dist.models.cgn_imagenet import CGNImageNet, build_cgn_imagenet
 from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
 from cgn_dist.train.imagenet_step import ImagenetLossWeights, build_optimizer, imagenet_losses, sample_inputs
-from cgn_dist.train.metrics import build_logger, make_sheet, setup_logging
+from cgn_dist.train.metrics import Throughput, build_logger, make_sheet, setup_logging
 from cgn_dist.train.mnist import step_seed
 
 
@@ -74,7 +74,8 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None) -> dict:
     global_batch = t.micro_batch_size * t.grad_accum * env.world_size
     bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, unit="update",
                disable=not (t.progress and env.is_main), desc="cgn-imagenet")
-    sums: dict[str, float] = {}
+    logs: dict[str, float] = {}
+    meter = Throughput(global_batch)
     for step in bar:
         cgn.train()
         if not ic.spectral_norm_updates:
@@ -94,11 +95,11 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None) -> dict:
                 sums[k] = sums.get(k, 0.0) + v.item() / t.grad_accum
             sums["mask_mean"] = sums.get("mask_mean", 0.0) + out["mask"].mean().item() / t.grad_accum
         done = step + 1
-        logs = {f"loss/{k}": v for k, v in sums.items() if k != "mask_mean"} | {"mask/mean": sums["mask_mean"]}
+        logs = {f"loss/{k}": v for k, v in sums.items() if k != "mask_mean"} | {"mask/mean": sums["mask_mean"],
+                                                                                 "perf/samples_per_s": meter.update()}
         if done % t.log_every == 0 or done == t.max_steps:
             logger.scalars(logs, done)
-            rate = bar.format_dict.get("rate") or 0.0
-            bar.set_postfix(loss=f"{sums['total']:.2f}", samples_s=f"{rate * global_batch:.2f}")
+            bar.set_postfix(loss=f"{sums['total']:.2f}", samples_s=f"{logs['perf/samples_per_s']:.2f}")
         if done % t.sample_every == 0 or done == t.max_steps:
             cgn.eval()
             logger.image("sheet/classes", class_sheet(cgn, ic.sheet_classes, ic.truncation, env.device, cfg.seed), done)
@@ -109,4 +110,4 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None) -> dict:
     logger.close()
     if owns_group:
         destroy_process_group()
-    return {"run_dir": str(run_dir), "steps": t.max_steps, **{k: v for k, v in sums.items()}}
+    return {"run_dir": str(run_dir), "steps": t.max_steps, **logs}

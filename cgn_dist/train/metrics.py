@@ -95,13 +95,17 @@ def build_logger(run_dir: Path, is_main: bool) -> Logger | NullLogger:
 
 
 class Throughput:
-    """Samples per second over a sliding window, summed over all workers by the caller."""
+    """Samples/s over all workers, counted from the end of the first update (start-up excluded)."""
 
-    def __init__(self):
-        self.t0 = time.perf_counter()
-        self.n = 0
+    def __init__(self, samples_per_update: int):
+        self.samples_per_update = samples_per_update
+        self.t0: float | None = None
+        self.updates = 0
 
-    def add(self, n: int) -> float:
-        self.n += n
-        dt = time.perf_counter() - self.t0
-        return self.n / dt if dt > 0 else 0.0
+    def update(self) -> float:
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = now
+            return 0.0
+        self.updates += 1
+        return self.updates * self.samples_per_update / (now - self.t0)

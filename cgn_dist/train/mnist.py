@@ -21,7 +21,7 @@ from cgn_dist.models.cgn_mnist import CGNMnist, init_cgn_weights
 from cgn_dist.models.discriminator import DiscConv, DiscLin
 from cgn_dist.distributed.ray_train import ray_report
 from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
-from cgn_dist.train.metrics import build_logger, make_sheet, setup_logging
+from cgn_dist.train.metrics import Throughput, build_logger, make_sheet, setup_logging
 
 
 def step_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
@@ -123,6 +123,7 @@ def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
     bar = tqdm(range(start, total), initial=start, total=total, disable=not (t.progress and env.is_main),
                desc=f"cgn-mnist {cfg.data.dataset}", unit="it")
     logs: dict[str, float] = {}
+    meter = Throughput(t.micro_batch_size * t.grad_accum * env.world_size)
     for step in bar:
         for micro in range(t.grad_accum):
             torch.manual_seed(step_seed(cfg.seed, env.rank, step, micro))
@@ -154,12 +155,13 @@ def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
             eng_d.step()
 
         logs = {"loss/g_adv": l_adv.item(), "loss/g_binary": l_bin.item(), "loss/g_perceptual": l_perc.item(),
-                "loss/g_total": loss_g.item(), "loss/d": loss_d.item(), "mask/mean": mask.mean().item()}
+                "loss/g_total": loss_g.item(), "loss/d": loss_d.item(), "mask/mean": mask.mean().item(),
+                "perf/samples_per_s": meter.update()}
         done = step + 1
         if done % t.log_every == 0 or done == total:
             logger.scalars(logs, done)
             bar.set_postfix(g=f"{logs['loss/g_total']:.3f}", d=f"{logs['loss/d']:.3f}",
-                            samples_s=f"{bar.format_dict['rate'] or 0:.1f}x{b * t.grad_accum * env.world_size}")
+                            samples_s=f"{logs['perf/samples_per_s']:.1f}")
         if done % t.sample_every == 0 or done == total:
             logger.image("sheet/classes", class_sheet(gen, m.n_classes, env.device), done)
         if done % t.checkpoint_every == 0 or done == total:
