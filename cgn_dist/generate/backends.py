@@ -1,0 +1,380 @@
+"""Running shards: one signature, three ways (img2dataset's distributors).
+
+- ``backend="local", num_workers=1``: in this process; a Python error in the sampler is retried.
+- ``backend="local", num_workers>1``: worker processes (forkserver), each building the sampler once; a
+  process that dies takes only its own shard down: it is replaced and the shard retried.
+- ``backend="ray"``: one actor per worker (one GPU each where the cluster has GPUs), each building the
+  sampler once and pulling the next shard when it finishes one, so fast workers take more shards. An actor
+  lost with its process or node is replaced (Ray places it where resources are) and its shard retried.
+
+Every backend writes through ``write_shard``, so the bytes are the same whatever the backend, the worker
+count or the order; shards already committed are skipped, interrupted or corrupt ones are redone.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from cgn_dist.data.shards import remove_temp_files
+from cgn_dist.generate.plan import ShardSpec
+from cgn_dist.generate.progress import make_progress
+from cgn_dist.generate.sampler import close_sampler, sampler_info
+from cgn_dist.generate.writer import GenerationError, tar_path, verify_shard, write_shard
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("local", "ray")
+LOCK_NAME = ".generate.lock"
+
+
+def run_shards(sampler_factory: Callable[[], Any], shards: Iterable[ShardSpec], out_dir: str | os.PathLike,
+               backend: str = "local", num_workers: int = 1, batch_size: int = 16,
+               ray_address: str | None = None, max_retries: int = 3, progress: bool = True,
+               on_shard_done: Callable[[dict[str, Any]], None] | None = None, *, verify: str = "sha256",
+               shard_timeout_s: float | None = None, worker_resources: dict[str, float] | None = None,
+               ) -> list[dict[str, Any]]:
+    """Make sure every shard in ``shards`` is committed in ``out_dir``; returns their stats by shard id.
+
+    ``sampler_factory``: picklable zero-argument callable building a sampler (see generate.sampler).
+    ``max_retries``: further attempts per shard after a failure (error or lost worker).
+    ``on_shard_done(stats)``: called here, in the driver, after each newly written shard (stats carry
+    ``path``, the shard's file); not called for shards skipped as already committed.
+    ``verify``: "sha256" (re-hash committed shards before skipping them) or "size" (cheaper).
+    ``shard_timeout_s``: a shard running longer is abandoned and retried (ray only).
+    ``worker_resources``: Ray actor resources, e.g. {"num_gpus": 1, "num_cpus": 4}; default
+    ``ray_utils.default_worker_resources``. Only one run may write into ``out_dir`` at a time.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if num_workers < 1 or batch_size < 1 or max_retries < 0:
+        raise ValueError(f"need num_workers >= 1, batch_size >= 1, max_retries >= 0; got {num_workers}, "
+                         f"{batch_size}, {max_retries}")
+    if verify not in ("sha256", "size"):
+        raise ValueError(f"verify must be 'sha256' or 'size', got {verify!r}")
+    shards = sorted(shards, key=lambda s: s.shard_id)
+    if len({s.shard_id for s in shards}) != len(shards):
+        raise ValueError("shards holds a shard id twice")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out_dir):
+        return _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_size, ray_address,
+                           max_retries, progress, on_shard_done, verify, shard_timeout_s, worker_resources)
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: Path) -> Iterator[None]:
+    """An advisory lock on the output folder: a second run started by mistake on the same machine stops at
+    once instead of deleting the first one's temporary files. (Not reliable on every network file system:
+    there, one driver per folder stays the rule.)"""
+    import fcntl
+    with open(out_dir / LOCK_NAME, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GenerationError(f"another generation run is writing into {out_dir}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_size, ray_address, max_retries,
+                progress, on_shard_done, verify, shard_timeout_s, worker_resources) -> list[dict[str, Any]]:
+    for p in remove_temp_files(out_dir):
+        log.warning("removed %s, left by an interrupted writer", p.name)
+
+    done: dict[int, dict[str, Any]] = {}
+    todo: list[ShardSpec] = []
+    for spec in shards:
+        check = verify_shard(out_dir, spec, check_hash=(verify == "sha256"))
+        if check.ok:
+            done[spec.shard_id] = check.stats
+        else:
+            if check.status != "missing":
+                log.warning("shard %d is %s (%s): redoing it", spec.shard_id, check.status, check.reason)
+            todo.append(spec)
+
+    bar = make_progress(total=sum(s.n for s in shards), initial=sum(s["count"] for s in done.values()),
+                        n_shards=len(shards), shards_done=len(done), enabled=progress)
+    try:
+        if todo:
+            if backend == "ray":
+                results = _run_ray(sampler_factory, todo, out_dir, batch_size, num_workers, max_retries,
+                                   ray_address, shard_timeout_s, worker_resources)
+            elif num_workers == 1:
+                results = _run_in_process(sampler_factory, todo, out_dir, batch_size, max_retries)
+            else:
+                results = _run_process_pool(sampler_factory, todo, out_dir, batch_size, num_workers, max_retries)
+            with contextlib.closing(results):  # stops the workers at once if the caller's callback raises
+                for stats in results:
+                    done[stats["shard_id"]] = stats
+                    bar.update_shard(stats["count"])
+                    if on_shard_done is not None:
+                        on_shard_done(dict(stats, path=str(tar_path(out_dir, stats["shard_id"]))))
+    finally:
+        bar.close()
+        # Temporary files of attempts killed during this run (their shards were redone by the retry).
+        remove_temp_files(out_dir)
+    missing = [s.shard_id for s in shards if s.shard_id not in done]
+    if missing:
+        raise GenerationError(f"shards {missing} were not committed")
+    return [done[s.shard_id] for s in shards]
+
+
+def _give_up(spec: ShardSpec, attempts: int, error: str) -> GenerationError:
+    return GenerationError(f"shard {spec.shard_id} failed {attempts} time(s); last error: {error}")
+
+
+# --- local, in this process ---------------------------------------------------------------------------------
+
+def _run_in_process(factory, todo, out_dir, batch_size, max_retries) -> Iterator[dict[str, Any]]:
+    sampler = factory()
+    info = sampler_info(sampler)
+    try:
+        for spec in todo:
+            for attempt in range(1, max_retries + 2):
+                try:
+                    yield write_shard(sampler, spec, out_dir, batch_size, attempt=attempt, info=info)
+                    break
+                except Exception as e:  # a sampler error: retried like a lost worker
+                    if attempt > max_retries:
+                        raise _give_up(spec, attempt, repr(e)) from e
+                    log.warning("shard %d attempt %d failed (%r); retrying", spec.shard_id, attempt, e)
+    finally:
+        close_sampler(sampler)
+
+
+# --- local, pool of processes -------------------------------------------------------------------------------
+
+def _process_main(factory: Callable[[], Any], conn: Any) -> None:
+    """Body of one worker process: build the sampler once, then write the shards sent over ``conn``."""
+    import traceback
+    try:
+        sampler = factory()
+        info = sampler_info(sampler)
+    except BaseException:
+        conn.send(("fatal", traceback.format_exc(limit=5)))
+        return
+    try:
+        while (msg := conn.recv()) is not None:
+            spec, out_dir, batch_size, attempt = msg
+            try:
+                conn.send(("ok", write_shard(sampler, spec, out_dir, batch_size, attempt=attempt, info=info)))
+            except Exception as e:
+                conn.send(("error", repr(e)))
+    finally:
+        close_sampler(sampler)
+
+
+class _WorkerProcess:
+    def __init__(self, ctx: Any, factory: Callable[[], Any]):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_process_main, args=(factory, child), daemon=True)
+        self.process.start()
+        child.close()
+        self.spec: ShardSpec | None = None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        try:
+            if self.process.is_alive():
+                self.conn.send(None)
+        except (OSError, ValueError):
+            pass
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
+def _worker_context() -> Any:
+    # Not fork: a forked child of a process holding CUDA, Ray or torch threads can hang. forkserver forks
+    # workers from a clean server process that imported this module (and so numpy, PIL, torch...) once:
+    # a replacement worker starts in milliseconds instead of re-importing everything as spawn would.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def _run_process_pool(factory, todo, out_dir, batch_size, num_workers, max_retries) -> Iterator[dict[str, Any]]:
+    """Own worker processes rather than a ProcessPoolExecutor: when one dies, the executor breaks and fails
+    every shard in flight; here only the dead worker's shard is retried, on a replacement process."""
+    from multiprocessing.connection import wait as wait_ready
+
+    ctx = _worker_context()
+    pending = collections.deque(todo)
+    attempts: collections.Counter = collections.Counter()
+
+    def retry(spec: ShardSpec, error: str) -> None:
+        if attempts[spec.shard_id] > max_retries:
+            raise _give_up(spec, attempts[spec.shard_id], error)
+        log.warning("shard %d attempt %d failed (%s); retrying", spec.shard_id, attempts[spec.shard_id], error)
+        pending.appendleft(spec)
+
+    workers = [_WorkerProcess(ctx, factory) for _ in range(min(num_workers, len(todo)))]
+    try:
+        while pending or any(w.spec is not None for w in workers):
+            for w in workers:
+                if w.spec is None and pending:
+                    w.spec = pending.popleft()
+                    attempts[w.spec.shard_id] += 1
+                    w.conn.send((w.spec, str(out_dir), batch_size, attempts[w.spec.shard_id]))
+            busy = [w for w in workers if w.spec is not None]
+            wait_ready([w.conn for w in busy] + [w.process.sentinel for w in busy])
+            for i, w in enumerate(workers):
+                if w.spec is None:
+                    continue
+                spec, msg = w.spec, None
+                if w.conn.poll():  # a result sent just before dying still counts
+                    try:
+                        msg = w.conn.recv()
+                    except (EOFError, OSError):
+                        msg = None
+                if msg is not None and msg[0] == "ok":
+                    w.spec = None
+                    yield msg[1]
+                elif msg is not None and msg[0] == "error":
+                    w.spec = None
+                    retry(spec, msg[1])
+                elif msg is not None or not w.process.is_alive():
+                    reason = msg[1].strip().splitlines()[-1] if msg else f"exit code {w.process.exitcode}"
+                    w.spec = None
+                    w.stop(timeout=1.0)
+                    workers[i] = _WorkerProcess(ctx, factory)
+                    retry(spec, f"worker process died ({reason})")
+    finally:
+        for w in workers:
+            w.stop()
+
+
+# --- Ray ----------------------------------------------------------------------------------------------------
+
+class ShardWorker:
+    """Ray actor body: builds the sampler once, then writes whatever shards it is handed."""
+
+    def __init__(self, factory: Callable[[], Any]):
+        self.sampler = factory()
+        self.info = sampler_info(self.sampler)
+
+    def write(self, spec: ShardSpec, out_dir: str, batch_size: int, attempt: int) -> dict[str, Any]:
+        import ray
+        stats = write_shard(self.sampler, spec, out_dir, batch_size, attempt=attempt, info=self.info)
+        return dict(stats, ray_node_id=ray.get_runtime_context().get_node_id())  # for the driver, not on disk
+
+    def close(self) -> None:
+        close_sampler(self.sampler)
+
+
+def _run_ray(factory, todo, out_dir, batch_size, num_workers, max_retries, ray_address, shard_timeout_s,
+             worker_resources) -> Iterator[dict[str, Any]]:
+    import ray
+    from ray.exceptions import RayError, RayTaskError
+
+    from cgn_dist.distributed.ray_utils import default_worker_resources, init_ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        init_ray(address=ray_address)
+    resources = dict(worker_resources or default_worker_resources(num_workers))
+    # max_restarts=0: a dead actor is replaced by the loop below, which also owns the retry count.
+    # SPREAD: one worker per node first, so losing a node loses as few workers as possible.
+    actor_cls = ray.remote(ShardWorker).options(max_restarts=0, max_task_retries=0,
+                                                scheduling_strategy="SPREAD", **resources)
+    pending = collections.deque(todo)
+    attempts: collections.Counter = collections.Counter()
+    starting: dict[Any, Any] = {}  # ready ref -> actor still being placed or loading its model
+    idle: list[Any] = []
+    inflight: dict[Any, tuple[Any, ShardSpec, float]] = {}
+    start_failures = 0
+    last_progress = time.monotonic()
+
+    def start_actor() -> None:
+        actor = actor_cls.remote(factory)
+        starting[actor.__ray_ready__.remote()] = actor
+
+    def retry(spec: ShardSpec, error: str) -> None:
+        if attempts[spec.shard_id] > max_retries:
+            raise _give_up(spec, attempts[spec.shard_id], error)
+        log.warning("shard %d attempt %d failed (%s); retrying", spec.shard_id, attempts[spec.shard_id], error)
+        pending.appendleft(spec)
+
+    def replace(actor: Any) -> None:
+        ray.kill(actor, no_restart=True)
+        start_actor()
+
+    for _ in range(min(num_workers, len(todo))):
+        start_actor()
+    try:
+        while pending or inflight:
+            # Shards go only to actors that are up, so a shard's time limit never counts the wait for a node.
+            while idle and pending:
+                actor, spec = idle.pop(), pending.popleft()
+                attempts[spec.shard_id] += 1
+                ref = actor.write.remote(spec, str(out_dir), batch_size, attempts[spec.shard_id])
+                inflight[ref] = (actor, spec, time.monotonic())
+            ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=1.0)
+            now = time.monotonic()
+            for ref in ready:
+                if ref in starting:
+                    actor = starting.pop(ref)
+                    try:
+                        ray.get(ref, timeout=60)
+                    except RayError as e:  # the factory raised, or the process died while loading
+                        start_failures += 1
+                        if start_failures > max_retries:
+                            raise GenerationError(f"workers fail to start ({start_failures} times); last "
+                                                  f"error: {e}") from e
+                        log.warning("a worker failed to start (%s); starting another", type(e).__name__)
+                        replace(actor)
+                        continue
+                    idle.append(actor)
+                    continue
+                actor, spec, _ = inflight.pop(ref)
+                try:
+                    stats = ray.get(ref, timeout=60)
+                except RayTaskError as e:  # the sampler raised: the actor itself is fine
+                    idle.append(actor)
+                    retry(spec, str(e).splitlines()[0] if str(e) else repr(e))
+                    continue
+                except RayError as e:  # actor process or node lost
+                    retry(spec, f"worker lost: {type(e).__name__}")
+                    replace(actor)
+                    continue
+                idle.append(actor)
+                last_progress = now
+                yield stats
+            if shard_timeout_s is not None:
+                for ref, (actor, spec, t0) in list(inflight.items()):
+                    if now - t0 > shard_timeout_s:
+                        inflight.pop(ref)
+                        retry(spec, f"no result after {shard_timeout_s:.0f} s")
+                        replace(actor)
+                if not inflight and not idle and now - last_progress > max(shard_timeout_s, 60.0):
+                    raise GenerationError(
+                        f"no worker could start within {shard_timeout_s:.0f} s: each needs {resources}, the "
+                        f"cluster has {ray.available_resources()} free; lower num_workers or worker_resources")
+            if not inflight and not idle and now - last_progress > 60.0 and int(now - last_progress) % 60 == 0:
+                log.warning("waiting for Ray to place workers needing %s (free: %s)", resources,
+                            ray.available_resources())
+    finally:
+        for actor, _, _ in inflight.values():
+            ray.kill(actor, no_restart=True)
+        for actor in starting.values():
+            ray.kill(actor, no_restart=True)
+        if idle:  # let idle samplers release what they hold, but never wait long for it
+            try:
+                ray.wait([a.close.remote() for a in idle], num_returns=len(idle), timeout=10)
+            except RayError:
+                pass
+        for actor in idle:
+            ray.kill(actor, no_restart=True)
+        if started_here:
+            ray.shutdown()

@@ -1,0 +1,101 @@
+"""One call for a whole generation run, and a dry run that says what it would cost."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from cgn_dist.data.shards import encode_sample
+from cgn_dist.generate.backends import run_shards
+from cgn_dist.generate.manifest import (INDEX_NAME, build_manifest, build_plan_doc, check_or_write_plan,
+                                        write_outputs)
+from cgn_dist.generate.plan import ShardSpec, make_plan, sample_refs, shard_name
+from cgn_dist.generate.sampler import describe_factory
+
+log = logging.getLogger(__name__)
+
+
+def generate_dataset(sampler_factory: Callable[[], Any], out_dir: str | os.PathLike, n_samples: int,
+                     shard_size: int, run_seed: int, *, batch_size: int = 16, backend: str = "local",
+                     num_workers: int = 1, ray_address: str | None = None, max_retries: int = 3,
+                     progress: bool = True, on_shard_done: Callable[[dict[str, Any]], None] | None = None,
+                     config: dict[str, Any] | None = None, verify: str = "sha256",
+                     shard_timeout_s: float | None = None, worker_resources: dict[str, float] | None = None,
+                     ) -> dict[str, Any]:
+    """Plan, generate (skipping committed shards), then write manifest.json and index.json; returns the
+    manifest. Rerunning the same call after any interruption completes the run with identical bytes."""
+    shards = make_plan(n_samples, shard_size, run_seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan_doc = build_plan_doc(run_seed, shard_size, describe_factory(sampler_factory))
+    check_or_write_plan(out_dir, plan_doc)
+    planned = {f"{shard_name(s.shard_id)}.tar" for s in shards}
+    extra = sorted(p.name for p in out_dir.glob("shard-*.tar") if p.name not in planned)
+    if extra:
+        log.warning("%s holds shards outside this plan, left out of the manifest: %s", out_dir, extra[:5])
+    stats = run_shards(sampler_factory, shards, out_dir, backend=backend, num_workers=num_workers,
+                       batch_size=batch_size, ray_address=ray_address, max_retries=max_retries,
+                       progress=progress, on_shard_done=on_shard_done, verify=verify,
+                       shard_timeout_s=shard_timeout_s, worker_resources=worker_resources)
+    manifest = build_manifest(shards, stats, plan_doc, batch_size=batch_size, config=config)
+    write_outputs(out_dir, manifest)
+    return manifest
+
+
+def _tar_bytes(members: Sequence[tuple[str, bytes]]) -> int:
+    # One 512-byte header per member, data padded to 512.
+    return sum(512 + -(-len(data) // 512) * 512 for _, data in members)
+
+
+def describe_plan(shards: Sequence[ShardSpec], sampler: Any, batch_size: int = 16, num_workers: int = 1,
+                  probe_size: int | None = None) -> dict[str, Any]:
+    """Dry run: time one batch of real samples of the plan and extrapolate time and disk.
+
+    A first single sample warms the sampler up (lazy init, kernel selection) and is not timed. The estimate
+    assumes ``num_workers`` equally fast workers and ignores start-up.
+    """
+    if not shards:
+        raise ValueError("the plan has no shards")
+    n_samples = sum(s.n for s in shards)
+    probe_size = min(probe_size or batch_size, shards[0].n)
+    sampler.sample(sample_refs(shards[0], 0, 1))
+    refs = sample_refs(shards[0], 0, probe_size)
+    t0 = time.perf_counter()
+    samples = sampler.sample(refs)
+    seconds = time.perf_counter() - t0
+    tar_bytes = sum(_tar_bytes(encode_sample(r.key, s)) for r, s in zip(refs, samples))
+    per_sample_s, per_sample_bytes = seconds / len(refs), tar_bytes / len(refs)
+    # Per shard: end-of-archive blocks plus padding to tar's 10 KiB records, on average half a record.
+    est_bytes = int(per_sample_bytes * n_samples + len(shards) * (1024 + 5120))
+    return {
+        "n_shards": len(shards),
+        "n_samples": n_samples,
+        "shard_size": max(s.n for s in shards),
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "probe_samples": len(refs),
+        "seconds_per_sample": per_sample_s,
+        "samples_per_second_per_worker": (1.0 / per_sample_s) if per_sample_s > 0 else float("inf"),
+        "est_seconds": per_sample_s * n_samples / num_workers,
+        "bytes_per_sample": per_sample_bytes,
+        "est_bytes": est_bytes,
+        "extensions": sorted(k for k in samples[0] if not k.startswith("_")),
+    }
+
+
+def format_plan(desc: dict[str, Any]) -> str:
+    """describe_plan's dict as a few lines for a terminal."""
+    secs = desc["est_seconds"]
+    hours, rem = divmod(int(round(secs)), 3600)
+    return "\n".join([
+        f"plan: {desc['n_samples']} samples in {desc['n_shards']} shards of <= {desc['shard_size']} "
+        f"(batch {desc['batch_size']}, {desc['num_workers']} worker(s))",
+        f"speed: {desc['samples_per_second_per_worker']:.2f} samples/s per worker "
+        f"(timed on {desc['probe_samples']} samples)",
+        f"time: ~{hours}h{rem // 60:02d}m{rem % 60:02d}s",
+        f"disk: ~{desc['est_bytes'] / 1e9:.3f} GB ({desc['bytes_per_sample'] / 1e3:.1f} kB/sample; "
+        f"fields {', '.join(desc['extensions'])})",
+        f"output: {shard_name(0)}.tar .. {shard_name(desc['n_shards'] - 1)}.tar + manifest.json + {INDEX_NAME}",
+    ])

@@ -1,0 +1,156 @@
+"""Writing one shard exactly once, and checking whether a shard on disk is committed.
+
+Commit protocol (img2dataset-style, made atomic):
+1. ``shard-XXXXXX.tar`` is written batch by batch to a hidden temporary name in the same folder,
+   fsynced, then renamed into place (os.replace is atomic within a file system);
+2. ``shard-XXXXXX_stats.json`` is written last, atomically too. It is the commit marker: a tar without it,
+   or whose size / sha256 disagree with it, is not committed and gets redone.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+import os
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cgn_dist.data.shards import AtomicTarWriter, sha256_file, write_json_atomic
+from cgn_dist.generate.plan import ShardSpec, batch_bounds, sample_refs, shard_name
+from cgn_dist.generate.sampler import coverage_keys, sampler_info
+
+log = logging.getLogger(__name__)
+
+STATS_FORMAT = "cgn_dist.shard-stats/v1"
+
+
+class GenerationError(RuntimeError):
+    """A shard could not be generated (after its retries), or the output folder is inconsistent."""
+
+
+def tar_path(out_dir: str | os.PathLike, shard_id: int) -> Path:
+    return Path(out_dir) / f"{shard_name(shard_id)}.tar"
+
+
+def stats_path(out_dir: str | os.PathLike, shard_id: int) -> Path:
+    return Path(out_dir) / f"{shard_name(shard_id)}_stats.json"
+
+
+def _class_of(sample: dict[str, Any], key: str) -> Any:
+    meta = sample.get("json")
+    if isinstance(meta, (bytes, bytearray)):
+        meta = json.loads(meta)
+    if isinstance(meta, dict) and key in meta:
+        value = meta[key]
+        # numpy ints count as Integral too: a sampler may put them in its dict unconverted
+        return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+    return None
+
+
+def write_shard(sampler: Any, spec: ShardSpec, out_dir: str | os.PathLike, batch_size: int,
+                attempt: int = 1, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Generate the samples of ``spec`` with ``sampler``, write and commit the shard; returns its stats."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = sampler_info(sampler) if info is None else info
+    cov_keys = coverage_keys(sampler)
+    # Unmark first: from here until the new marker lands, the shard counts as not committed.
+    stats_path(out_dir, spec.shard_id).unlink(missing_ok=True)
+
+    class_counts: dict[str, Counter] = {k: Counter() for k in cov_keys}
+    sample_s = 0.0
+    with AtomicTarWriter(tar_path(out_dir, spec.shard_id)) as writer:
+        for start, stop in batch_bounds(spec.n, batch_size):
+            refs = sample_refs(spec, start, stop)
+            ts = time.perf_counter()
+            samples = sampler.sample(refs)
+            sample_s += time.perf_counter() - ts
+            if len(samples) != len(refs):
+                raise GenerationError(f"{type(sampler).__name__}.sample returned {len(samples)} samples for "
+                                      f"{len(refs)} refs (shard {spec.shard_id}, indices {start}..{stop - 1})")
+            for ref, sample in zip(refs, samples):
+                writer.add(ref.key, sample)
+                for k in cov_keys:
+                    c = _class_of(sample, k)
+                    if c is not None:
+                        class_counts[k][str(c)] += 1
+        sha, nbytes = writer.commit()
+        keys = writer.keys
+
+    stats = {
+        "format": STATS_FORMAT,
+        "shard_id": spec.shard_id,
+        "n": spec.n,
+        "seed": spec.seed,
+        "url": tar_path(out_dir, spec.shard_id).name,
+        "count": len(keys),
+        "sha256": sha,
+        "bytes": nbytes,
+        "first_key": keys[0],
+        "last_key": keys[-1],
+        "batch_size": batch_size,
+        "sampler_info": info,
+        "class_counts": {k: dict(sorted(v.items())) for k, v in class_counts.items() if v},
+        "attempt": attempt,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "durations_s": {"sample": round(sample_s, 4), "total": round(time.perf_counter() - t0, 4)},
+    }
+    write_json_atomic(stats_path(out_dir, spec.shard_id), stats)
+    return stats
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    """Outcome of verify_shard. status: committed | missing | uncommitted | corrupt | stale."""
+
+    shard_id: int
+    status: str
+    reason: str = ""
+    stats: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "committed"
+
+
+def read_stats(out_dir: str | os.PathLike, shard_id: int) -> dict[str, Any] | None:
+    p = stats_path(out_dir, shard_id)
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def verify_shard(out_dir: str | os.PathLike, spec: ShardSpec, check_hash: bool = True) -> ShardCheck:
+    """Is shard ``spec`` committed in ``out_dir``? Checks the marker, the plan it was made for, the tar's size
+    and (unless ``check_hash=False``) its sha256."""
+    sid = spec.shard_id
+    tar = tar_path(out_dir, sid)
+    try:
+        stats = read_stats(out_dir, sid)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        return ShardCheck(sid, "corrupt", f"unreadable stats file: {e}")
+    if stats is None:
+        if tar.exists():
+            return ShardCheck(sid, "uncommitted", f"{tar.name} has no stats file (interrupted before commit)")
+        return ShardCheck(sid, "missing")
+    if not isinstance(stats, dict) or stats.get("format") != STATS_FORMAT:
+        return ShardCheck(sid, "corrupt", "stats file of an unknown format")
+    made_for = (stats.get("shard_id"), stats.get("n"), stats.get("seed"))
+    if made_for != (sid, spec.n, spec.seed):
+        return ShardCheck(sid, "stale", f"made for (shard, n, seed)={made_for}, plan wants {(sid, spec.n, spec.seed)}",
+                          stats)
+    if not tar.exists():
+        return ShardCheck(sid, "corrupt", f"{tar.name} is missing but its stats exist", stats)
+    size = tar.stat().st_size
+    if size != stats.get("bytes"):
+        return ShardCheck(sid, "corrupt", f"{tar.name} has {size} bytes, its stats say {stats.get('bytes')}", stats)
+    if check_hash and sha256_file(tar) != stats.get("sha256"):
+        return ShardCheck(sid, "corrupt", f"{tar.name} sha256 differs from its stats", stats)
+    return ShardCheck(sid, "committed", "", stats)
