@@ -60,6 +60,21 @@ def cmd_bench_train(args) -> int:
     return 0
 
 
+def _drop_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a.startswith("--local_rank="):
+            continue
+        elif a == "--local_rank":
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cgn-dist", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -81,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--kind", choices=["auto", "mnist", "imagenet"], default="auto")
     sp.set_defaults(fn=cmd_import)
 
-    args = p.parse_args(argv)
+    args = p.parse_args(_drop_local_rank(sys.argv[1:] if argv is None else argv))
     try:
         return args.fn(args)
     except ConfigError as e:
