@@ -53,6 +53,31 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_mnist_pipeline(args) -> int:
+    from cgn_dist.pipeline import run_mnist_pipeline
+
+    summary = run_mnist_pipeline(_cfg(args))
+    print(f"table: {summary['table']['txt']} (+ .json .csv .png)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """Counterfactual data set (shards + manifest), a dry run, or an ImageNet interpolation sheet."""
+    from cgn_dist.generate.command import run_generate
+
+    print(json.dumps(run_generate(_cfg(args)), indent=1, default=str))
+    return 0
+
+
+def cmd_regenerate(args) -> int:
+    """Recompute one stored sample from its run's manifest; exit 1 unless it equals the stored bytes."""
+    from cgn_dist.generate.command import run_regenerate
+
+    report = run_regenerate(args.run_dir, args.key, out=args.out)
+    print(json.dumps(report, indent=1))
+    return 0 if report["identical"] else 1
+
+
 def cmd_bench_train(args) -> int:
     from cgn_dist.bench import main_bench_train
 
@@ -88,8 +113,18 @@ def main(argv: list[str] | None = None) -> int:
 
     with_config("train", cmd_train, "train a CGN (MNIST or ImageNet; Ray Train when distributed.num_workers>0)")
     with_config("config", cmd_config, "print the resolved config", config_required=False)
+    with_config("mnist-pipeline", cmd_mnist_pipeline,
+                "the MNIST experiment end to end: CGN (or the released ones) -> counterfactuals -> classifiers -> table")
     with_config("bench-train", cmd_bench_train,
                 "time per sample: torch vs DeepSpeed at one process, then 1 vs 2 Ray Train workers")
+    with_config("generate", cmd_generate,
+                "generate counterfactual shards (generate.dry_run=true: estimate; mode=interpolation: a sheet)")
+    sp = sub.add_parser("regenerate", help="recompute sample KEY of a generation run and check it against the shard")
+    sp.add_argument("run_dir", help="the generation run's folder (with manifest.json)")
+    sp.add_argument("key", help="sample key, e.g. 000000_000003")
+    sp.add_argument("--out", default=None, help="where to write the regenerated image "
+                    "(default RUN_DIR/regenerated/KEY.<ext>)")
+    sp.set_defaults(fn=cmd_regenerate)
     sp = sub.add_parser("import", help="convert the authors' released ckp.pth / cgn.pth into cgn_dist weights")
     sp.add_argument("src")
     sp.add_argument("dst")

@@ -134,6 +134,12 @@ class GenerateConfig:
     interp_target: int = -1  # interpolation target class (-1 = random)
     interp_mechanism: Literal["all", "shape", "text", "bg"] = "all"
     midpoints: int = 6
+    forward_batch: int = 16  # ImageNet model forward batch; shard samples [k*F, (k+1)*F) always run together (fixes bytes)
+    normalize: Literal["fixed", "minmax"] = "fixed"  # uint8 = round((x+1)*127.5), or per-image min-max (authors' files)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda where the worker has a GPU
+    num_threads: int = 1  # CPU threads per worker during a forward (CPU bytes depend on it); 0 = torch's setting
+    dry_run_samples: int = 0  # samples a dry run times (0 = one forward batch)
+    interp_noise: str = ""  # 1 x z_dim noise file for interpolation, used as stored (e.g. u_fixed.pth); "" = from seed
 
 
 @dataclass
@@ -144,6 +150,13 @@ class ClassifierConfig:
     lr: float = 1.0  # Adadelta
     gamma: float = 0.7  # StepLR(step 1)
     train_on: list[str] = field(default_factory=lambda: ["original", "counterfactual", "combined"])
+
+
+@dataclass
+class PipelineConfig:
+    released_dir: str = ""  # folder with the authors' cgn_<dataset>_MNIST.pth: use them, skip CGN training
+    datasets: list[str] = field(default_factory=list)  # with released_dir: data sets to run ([] = all three)
+    original_limit: int = 0  # use only the first N original train/test digits (0 = all; smoke runs)
 
 
 @dataclass
@@ -160,6 +173,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -199,7 +213,15 @@ def _check_values(cfg: Config) -> None:
     need(1 <= g.jpeg_quality <= 100, "generate.jpeg_quality", "must lie in 1..100")
     need(g.mode != "fixed_classes" or len(g.classes) == 3, "generate.classes",
          "fixed_classes mode needs three class ids [shape, texture, background]")
+    need(g.forward_batch >= 1, "generate.forward_batch", "must be >= 1")
+    need(g.num_threads >= 0, "generate.num_threads", "must be >= 0 (0 = torch's setting)")
+    need(g.dry_run_samples >= 0, "generate.dry_run_samples", "must be >= 0 (0 = one forward batch)")
     need(cfg.distributed.num_workers >= 0, "distributed.num_workers", "must be >= 0")
+    bad_ds = set(cfg.pipeline.datasets) - {"colored", "double_colored", "wildlife"}
+    need(not bad_ds, "pipeline.datasets", f"unknown {sorted(bad_ds)}; accepted: colored, double_colored, wildlife")
+    need(not cfg.pipeline.datasets or cfg.pipeline.released_dir, "pipeline.datasets",
+         "needs pipeline.released_dir=DIR (the authors' cgn_<dataset>_MNIST.pth files); without it the "
+         "pipeline trains one CGN on data.dataset")
     bad = set(cfg.classifier.train_on) - {"original", "counterfactual", "combined"}
     need(not bad, "classifier.train_on", f"unknown {sorted(bad)}; accepted: original, counterfactual, combined")
 
