@@ -18,18 +18,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    import ray
-    from ray.cluster_utils import Cluster
+    from cgn_dist.distributed.ray_utils import LoopbackCluster, shutdown_ray
 
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
-                                                          "include_dashboard": False})
-    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-    ray.init(address=cluster.address)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    shutdown_ray()
+    cluster = LoopbackCluster(num_nodes=2, cpus_per_node=1, object_store_mb=200).start()
+    try:
+        cluster.connect()
+        yield cluster
+    finally:
+        shutdown_ray()
+        cluster.shutdown()
 
 
 def _cfg(tmp_path, name, *extra):
@@ -69,6 +67,10 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted(two_no
         stop.set()
     assert killed, "no Ray Train worker was found to kill"
     assert faulty["step"] == 8
+    log_txt = (Path(faulty["run_dir"]) / "log.txt").read_text()
+    restarts = log_txt.count("resumed from")
+    print(f"killed worker pid {killed[0]}; restarts observed: {restarts}; final step {faulty['step']}")
+    assert restarts == 1, log_txt
     a, b = _generator(Path(clean["run_dir"]), 8), _generator(Path(faulty["run_dir"]), 8)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
@@ -76,3 +78,4 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted(two_no
     # The same run name again resumes (nothing left to do) instead of starting over.
     again = train_with_ray(cfg)
     assert again["step"] == 8
+    assert (Path(faulty["run_dir"]) / "log.txt").read_text().count("resumed from") == 2

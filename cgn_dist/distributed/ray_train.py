@@ -9,6 +9,7 @@ the same run name resumes as well.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -105,5 +106,7 @@ def train_with_ray(cfg: Config) -> dict:
         raise result.error
     out = dict(result.metrics or {})
     out["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    if result.checkpoint and "step" not in out:  # resumed at the end: nothing new was reported
+        out["step"] = json.loads((Path(result.checkpoint.path) / "meta.json").read_text())["step"]
     out["run_dir"] = str(Path(config["out_dir"]) / cfg.name)
     return out
