@@ -63,3 +63,17 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, en
     a, b = _mechanisms(one["run_dir"], 3, engine), _mechanisms(tmp_path / "two", 3, engine)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("precision,stage", [("bf16", 0), ("fp32", 1), ("bf16", 2)])
+def test_deepspeed_precisions_and_zero_stages_train_and_resume(tmp_path, precision, stage):
+    over = [f"train.engine=deepspeed", f"train.precision={precision}", f"train.zero_stage={stage}"]
+    out = train_imagenet(_cfg(tmp_path, "z", "train.max_steps=1", *over))
+    assert out["loss/total"] == out["loss/total"]  # finite, not NaN
+    again = train_imagenet(_cfg(tmp_path, "z", "train.max_steps=2", *over))  # resumes from step 1
+    assert again["steps"] == 2 and (Path(again["run_dir"]) / "checkpoints" / "step_0000002").is_dir()
+
+
+def test_fp16_on_cpu_is_refused_with_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="fp16 on CPU"):
+        train_imagenet(_cfg(tmp_path, "f", "train.engine=deepspeed", "train.precision=fp16"))

@@ -51,4 +51,11 @@ def initialize_deepspeed(module: torch.nn.Module, optimizer: torch.optim.Optimiz
         model=module, optimizer=optimizer, config=build_ds_config(train, env.world_size),
         dist_init_required=None,
     )
+    if train.precision in ("bf16", "fp16"):
+        # DeepSpeed casts parameters only; buffers that meet them in a matmul or a norm
+        # (spectral-norm u/v, BigGAN's stored BN statistics) must follow.
+        dtype = next(engine.module.parameters()).dtype
+        for buf in engine.module.buffers():
+            if buf.is_floating_point():
+                buf.data = buf.data.to(dtype)
     return engine

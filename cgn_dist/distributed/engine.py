@@ -36,6 +36,10 @@ class TorchEngine:
     def __call__(self, *args, **kwargs):
         return self.forward_module(*args, **kwargs)
 
+    def call_module(self, *args, **kwargs):
+        """The raw module, outside DDP's hooks: for a forward whose gradient this engine must not sync."""
+        return self.module(*args, **kwargs)
+
     def autocast(self):
         if self.dtype is None:
             return contextlib.nullcontext()
@@ -70,21 +74,46 @@ class TorchEngine:
         self.micro_steps, self.global_steps = state["micro_steps"], state["global_steps"]
 
 
+def _cast(obj, dtype):
+    if isinstance(obj, torch.Tensor) and obj.is_floating_point():
+        return obj.to(dtype)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cast(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj
+
+
 class DeepSpeedEngine:
-    """Thin adapter so a DeepSpeed engine offers the TorchEngine surface."""
+    """Thin adapter so a DeepSpeed engine offers the TorchEngine surface.
+
+    Under bf16/fp16 DeepSpeed casts the module's weights but not its inputs, and the frozen
+    networks around it (teacher, U²-Net, VGG16) stay fp32: floating inputs are cast to the
+    engine's dtype and outputs back to fp32 at this boundary.
+    """
 
     def __init__(self, engine):
         self.engine = engine
         self.module = engine.module
         self.optimizer = engine.optimizer
         self.env = None
+        self.dtype = next(engine.module.parameters()).dtype
 
     def __call__(self, *args, **kwargs):
-        return self.engine(*args, **kwargs)
+        return self._boundary(self.engine, args, kwargs)
+
+    def call_module(self, *args, **kwargs):
+        """The raw module, outside the engine's hooks (its parameters are frozen for this forward)."""
+        return self._boundary(self.module, args, kwargs)
+
+    def _boundary(self, fn, args, kwargs):
+        if self.dtype == torch.float32:
+            return fn(*args, **kwargs)
+        return _cast(fn(*_cast(args, self.dtype), **_cast(kwargs, self.dtype)), torch.float32)
 
     @property
     def forward_module(self):
-        return self.engine
+        return self
 
     def autocast(self):
         return contextlib.nullcontext()  # DeepSpeed casts the module itself

@@ -135,7 +135,8 @@ class CGNMnist(nn.Module):
         device = self.label_emb.weight.device
         gen_device = generator.device if generator is not None else device
         u = torch.randn(batch, self.latent_dim, generator=generator, device=gen_device)
-        return u.to(device)
+        # drawn in fp32 whatever the weights' precision, so a sample's noise never depends on it
+        return u.to(device=device, dtype=self.label_emb.weight.dtype)
 
     def mechanism_input(self, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return torch.cat([u, self.label_emb(y)], dim=-1)

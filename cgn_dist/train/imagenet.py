@@ -36,14 +36,15 @@ def build_cgn(cfg: Config) -> CGNImageNet:
 
 
 @torch.no_grad()
-def class_sheet(cgn: CGNImageNet, classes: list[int], truncation: float, device, seed: int = 0) -> torch.Tensor:
+def class_sheet(cgn: CGNImageNet, classes: list[int], truncation: float, device, seed: int = 0,
+                mechanisms=None) -> torch.Tensor:
     """Rows = classes, one fixed noise vector: mask | premask | fg | bg | composite | teacher."""
     from cgn_dist.models.biggan import class_vector
 
     classes = [c % cgn.n_classes for c in classes]
     u = truncated_noise(1, cgn.z_dim, truncation, seed=[seed]).expand(len(classes), -1).to(device)
     y = class_vector(classes, cgn.n_classes).to(device)
-    out = cgn(u, y, truncation)
+    out = cgn(u, y, truncation, mechanisms=mechanisms)
     return make_sheet([out["mask"], out["premask"], out["foreground"], out["background"], out["composite"],
                        out["x_gt"]], unit=[True, False, False, False, False, False])
 
@@ -102,7 +103,8 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None) -> dict:
             bar.set_postfix(loss=f"{sums['total']:.2f}", samples_s=f"{logs['perf/samples_per_s']:.2f}")
         if done % t.sample_every == 0 or done == t.max_steps:
             cgn.eval()
-            logger.image("sheet/classes", class_sheet(cgn, ic.sheet_classes, ic.truncation, env.device, cfg.seed), done)
+            logger.image("sheet/classes", class_sheet(cgn, ic.sheet_classes, ic.truncation, env.device, cfg.seed,
+                                                         engine.forward_module), done)
         if done % t.checkpoint_every == 0 or done == t.max_steps:
             path = save_checkpoint(run_dir, done, engines, cfg=cfg, keep_last=t.keep_last, rank=env.rank)
             ray_report(done, logs, path, env.is_main)

@@ -138,7 +138,7 @@ def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
             with eng_g.autocast():
                 mask, fg, bg, x_gen = eng_g(y_gen)
                 # the raw module, not the engine: D is not being trained in this step
-                l_adv = lsgan_loss(eng_d.module(x_gen, y_gen), True)
+                l_adv = lsgan_loss(eng_d.call_module(x_gen, y_gen), True)
                 l_bin = m.lambda_mask * binary_entropy_loss(mask)
                 l_perc = perceptual_loss(vgg, x_gen, x_real, m.style_weights)
                 loss_g = l_adv + l_bin + l_perc
