@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("run_dir", help="the generation run's folder (with manifest.json)")
     sp.add_argument("key", help="sample key, e.g. 000000_000003")
     sp.add_argument("--out", default=None, help="where to write the regenerated image "
-                    "(default RUN_DIR/regenerated/KEY.<ext>)")
+                    "(default ./KEY.<ext>)")
     sp.set_defaults(fn=cmd_regenerate)
     sp = sub.add_parser("import", help="convert the authors' released ckp.pth / cgn.pth into cgn_dist weights")
     sp.add_argument("src")
