@@ -157,6 +157,7 @@ class PipelineConfig:
     released_dir: str = ""  # folder with the authors' cgn_<dataset>_MNIST.pth: use them, skip CGN training
     datasets: list[str] = field(default_factory=list)  # with released_dir: data sets to run ([] = all three)
     original_limit: int = 0  # use only the first N original train/test digits (0 = all; smoke runs)
+    classifier_workers: int = 2  # classifiers trained side by side, one process and one thread each
 
 
 @dataclass

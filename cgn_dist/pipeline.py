@@ -63,6 +63,7 @@ def run_mnist_pipeline(cfg: Config) -> dict:
             source=cfg.data.source, root=cfg.data.root, textures=cfg.data.textures or None,
             classifier=cfg.classifier, download=cfg.data.download, backend=g.backend,
             num_workers=g.num_workers, original_limit=p.original_limit or None,
+            classifier_workers=p.classifier_workers,
             progress=cfg.train.progress, ray_address=cfg.ray.address or None)
         walls[f"{ds}/experiment"] = time.perf_counter() - t0 - walls[f"{ds}/cgn"]
     paths = save_mnist_table(results, run_dir)
