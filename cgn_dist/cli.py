@@ -87,15 +87,13 @@ def cmd_bench_train(args) -> int:
 
 def _drop_local_rank(argv: list[str]) -> list[str]:
     """The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same."""
-    out, skip = [], False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-        elif a.startswith("--local_rank="):
+    out, skip_next = [], False
+    for a in argv:
+        if skip_next or a.startswith("--local_rank="):
+            skip_next = False
             continue
-        elif a == "--local_rank":
-            skip = True
-        else:
+        skip_next = a == "--local_rank"
+        if not skip_next:
             out.append(a)
     return out
 
