@@ -32,7 +32,6 @@ class DataConfig:
     download: bool = True  # let torchvision download MNIST when missing
     textures: str = ""  # folder with object/ and background/ <cls>_*.jpg; "" = built-in procedural textures
     seed: int = 0  # fixes the data sets' random colours/textures (test split: once and for all)
-    num_workers: int = 0  # DataLoader workers
 
 
 @dataclass
@@ -103,7 +102,6 @@ class DistributedConfig:
     use_gpu: bool = False  # one GPU per Ray Train worker
     cpus_per_worker: float = 1.0
     max_failures: int = 0  # worker failures Ray Train tolerates (restart from the latest checkpoint)
-    timeout_s: float = 0.0  # give up after this long (0 = never)
 
 
 @dataclass

@@ -96,7 +96,6 @@ class DeepSpeedEngine:
         self.engine = engine
         self.module = engine.module
         self.optimizer = engine.optimizer
-        self.env = None
         self.dtype = next(engine.module.parameters()).dtype
 
     def __call__(self, *args, **kwargs):

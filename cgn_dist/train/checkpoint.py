@@ -57,7 +57,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def _as_python_state(s: Any) -> tuple:
-    # JSON-free round trip through torch.save turns the inner tuple into a list.
+    # Saved as lists (weights_only loading takes no nested tuples); random.setstate wants tuples.
     return (s[0], tuple(s[1]), s[2])
 
 

@@ -32,7 +32,7 @@ def setup_logging(run_dir: Path | None = None, is_main: bool = True) -> None:
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images (or [0, 1] masks, passed with already_unit) to [0, 1] for display."""
+    """[-1, 1] images to [0, 1] for display."""
     return ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
 
 
