@@ -50,6 +50,7 @@ class MnistConfig:
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     vgg_weights: str = "auto"  # "imagenet", "random" (documented fallback), "auto", or a state-dict path
     init_from: str = ""  # authors' released ckp.pth (or ours) to start from
+    fast_update: bool = False  # same losses, computed faster: tensor batches, bf16 VGG convs, one D pass where exact
 
 
 @dataclass

