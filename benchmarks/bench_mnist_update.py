@@ -9,7 +9,7 @@ Three steps on the same data set, the same model sizes and the same losses (spec
             also resizes each texture to 150 px and random-crops it with 3 px reflect padding per sample)
             through a DataLoader (workers 0: on the same 2 cores, worker processes would only compete with
             the update for them, so their cost is counted here), the mask repeated to 3 channels before the
-            losses, the texture shuffler as a crop of an unfold view, fp32 VGG16, and D run separately on
+            losses, the texture shuffler as a per-sample crop of the 2 x 2 tiled map, fp32 VGG16, and D run separately on
             the real and the fake batch;
   plain     cgn_dist with mnist.fast_update=false (BatchStream over the per-item dataset, fp32);
   fast      cgn_dist with mnist.fast_update=true (TensorBatches, bf16 VGG convolutions with fp32 Grams,
@@ -86,13 +86,12 @@ class AuthorsDataset(torch.utils.data.Dataset):
 
 
 def _authors_shuffle(x: torch.Tensor) -> torch.Tensor:
-    """2 x 2 tiling and a random 32 px window per sample, read from an unfold view of the tiled map."""
+    """2 x 2 tiling and a random 32 px window per sample, cut one sample at a time."""
     b, c, h, w = x.shape
     tiled = x.repeat(1, 1, 2, 2)
-    windows = tiled.unfold(2, h, 1).unfold(3, w, 1)  # B x C x (h+1) x (w+1) x h x w
-    dy = torch.randint(0, h + 1, (b,))
-    dx = torch.randint(0, w + 1, (b,))
-    return torch.stack([windows[k, :, dy[k], dx[k]] for k in range(b)])
+    dy = torch.randint(0, h + 1, (b,)).tolist()
+    dx = torch.randint(0, w + 1, (b,)).tolist()
+    return torch.stack([tiled[k, :, dy[k]:dy[k] + h, dx[k]:dx[k] + w] for k in range(b)])
 
 
 def _authors_forward(g, y):

