@@ -78,6 +78,17 @@ def cmd_regenerate(args) -> int:
     return 0 if report["identical"] else 1
 
 
+def cmd_eval(args) -> int:
+    """ImageNet evaluations of a classifier: shape bias, IN-9, top-1/5, Inception Score; tables beside the paper."""
+    from cgn_dist.classifier.eval_command import run_eval
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not os.path.isfile(config):  # no config file, only overrides
+        config, overrides = None, [config, *overrides]
+    print(json.dumps(run_eval(load_config(config, overrides), args.what), indent=1, default=str))
+    return 0
+
+
 def cmd_bench_train(args) -> int:
     from cgn_dist.bench import main_bench_train
 
@@ -117,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
                 "time per sample: torch vs DeepSpeed at one process, then 1 vs 2 Ray Train workers")
     with_config("generate", cmd_generate,
                 "generate counterfactual shards (generate.dry_run=true: estimate; mode=interpolation: a sheet)")
+    sp = sub.add_parser("eval", help="evaluate a classifier (eval.model): shape-bias | in9 | accuracy | inception "
+                        "| all; json/csv/png tables beside the paper's numbers")
+    sp.add_argument("what", choices=["shape-bias", "in9", "accuracy", "inception", "all"])
+    sp.add_argument("config", nargs="?", help="YAML config (overrides on the defaults)")
+    sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. eval.model=torchvision:resnet50")
+    sp.set_defaults(fn=cmd_eval)
     sp = sub.add_parser("regenerate", help="recompute sample KEY of a generation run and check it against the shard")
     sp.add_argument("run_dir", help="the generation run's folder (with manifest.json)")
     sp.add_argument("key", help="sample key, e.g. 000000_000003")
