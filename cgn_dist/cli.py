@@ -27,6 +27,10 @@ def cmd_train(args) -> int:
         from cgn_dist.train.mnist import train_mnist
 
         result = train_mnist(cfg)
+    elif cfg.task == "classifier":
+        from cgn_dist.train.classifier import train_classifier
+
+        result = train_classifier(cfg)
     else:
         from cgn_dist.train.imagenet import train_imagenet
 

@@ -169,6 +169,7 @@ class InvariantConfig:
     real_shards: str = ""  # real ImageNet train shards (folder with index.json, an index, or a tar)
     cf_shards: str = ""  # counterfactual train shards (a generation run folder)
     cf_ratio: float = 1.0  # counterfactual batch = int(cf_ratio * real batch)
+    num_workers: int = 0  # DataLoader workers per rank for the streams (part of what fixes the sample order)
     image_size: int = 224  # train crop / val centre crop (smoke runs and tests use less)
     epochs: int = 45
     steps_per_epoch: int = 0  # updates per epoch; 0 = real train images // global batch
