@@ -166,7 +166,7 @@ def train_classifier(cfg: Config, env: DistEnv | None = None, reporter=None) -> 
             n_real += len(y)
             n_cf += 0 if cf is None else len(cf["image"])
             for name, v in list(terms.items()) + list(top1.items()):
-                sums[name] = sums.get(name, 0.0) + float(v) / t.grad_accum
+                sums[name] = sums.get(name, 0.0) + (v.item() if torch.is_tensor(v) else v) / t.grad_accum
             if not boundary:
                 continue
             step += 1
