@@ -37,8 +37,7 @@ LOOPBACK_PROXY_ENV = {
 
 def package_root() -> Path:
     """The folder that holds the cgn_dist package (what PYTHONPATH needs for workers to import it)."""
-    import cgn_dist.generate  # a regular package: cgn_dist itself may be a namespace package
-    return Path(cgn_dist.generate.__file__).resolve().parents[2]
+    return Path(__file__).resolve().parents[2]  # <root>/cgn_dist/distributed/ray_utils.py
 
 
 @contextlib.contextmanager
