@@ -57,6 +57,7 @@ class ImagenetConfig:
     biggan: str = "biggan-deep-256"  # pretrained name, a local dir with config.json + weights, or "tiny"
     cache_dir: str = ""  # pytorch-pretrained-biggan cache directory ("" = package default)
     u2net: str = "weights/u2net.pth"  # U²-Net weights file, or "tiny" (random init, tests)
+    u2net_align_corners: bool = True  # bilinear align_corners of U²-Net: True = authors' CGN copy, False = upstream
     vgg_weights: str = "auto"
     truncation: float = 1.0  # BigGAN truncation in (0, 1] during training
     lr_shape: float = 8e-6

@@ -20,7 +20,8 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "reference"
+# ../shared next to the repo; CGN_DIST_SHARED points elsewhere (a checkout that lives in a subfolder).
+SHARED = Path(os.environ.get("CGN_DIST_SHARED", REPO.parent / "shared")) / "reference"
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,8 @@ from cgn_dist.train.metrics import Throughput, build_logger, make_sheet, setup_l
 
 def build_cgn(cfg: Config) -> CGNImageNet:
     ic = cfg.imagenet
-    cgn = build_cgn_imagenet(ic.biggan, ic.u2net, cache_dir=ic.cache_dir or None, seed=cfg.seed)
+    cgn = build_cgn_imagenet(ic.biggan, ic.u2net, cache_dir=ic.cache_dir or None, seed=cfg.seed,
+                             u2net_align_corners=ic.u2net_align_corners)
     if ic.init_from:
         from cgn_dist.models.original_imagenet import load_original_cgn_checkpoint
 
