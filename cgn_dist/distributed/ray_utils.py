@@ -190,3 +190,27 @@ class LoopbackCluster:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def stop_ray_under(temp_dir: str | os.PathLike, timeout_s: float = 10.0) -> list[int]:
+    """Stop the Ray daemons whose command line names ``temp_dir`` (what RAY_TMPDIR pointed at when they
+    started); returns their pids. Unlike ``ray stop``, the other Ray instances on the machine are left alone.
+    Their workers exit on their own once their raylet is gone."""
+    import psutil
+
+    needle = str(Path(temp_dir).resolve())
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.pid != os.getpid() and any(needle in part for part in (p.info["cmdline"] or [])):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in found:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(found, timeout=timeout_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    return [p.pid for p in found]
