@@ -105,10 +105,12 @@ class ImageTransform:
         import warnings
 
         import torch
+        from torchvision.io import ImageReadMode, decode_image
         from torchvision.transforms.v2 import functional as F
-        with warnings.catch_warnings():  # torchvision 0.29 flags its decoders as moving to torchcodec
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from torchvision.io import ImageReadMode, decode_image
+
+        # torchvision 0.29 warns on every decode that its decoders move to torchcodec; they still work.
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                                category=DeprecationWarning)
 
         x = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         _, full_h, full_w = x.shape
