@@ -93,6 +93,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_make_shards(args) -> int:
+    """An image tree (ILSVRC-2012 train/val, any ImageFolder tree) into WebDataset shards + manifest."""
+    from cgn_dist.data.make_shards import run_make_shards
+
+    print(json.dumps(run_make_shards(_cfg(args)), indent=1, default=str))
+    return 0
+
+
 def cmd_bench_train(args) -> int:
     from cgn_dist.bench import main_bench_train
 
@@ -138,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("config", nargs="?", help="YAML config (overrides on the defaults)")
     sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. eval.model=torchvision:resnet50")
     sp.set_defaults(fn=cmd_eval)
+    with_config("make-shards", cmd_make_shards,
+                "shard an image tree (ImageNet train/val, ImageFolder) into WebDataset tars (shards.dry_run=true: estimate)")
     sp = sub.add_parser("regenerate", help="recompute sample KEY of a generation run and check it against the shard")
     sp.add_argument("run_dir", help="the generation run's folder (with manifest.json)")
     sp.add_argument("key", help="sample key, e.g. 000000_000003")
