@@ -28,21 +28,12 @@ from cgn_dist.config import Config
 from cgn_dist.distributed.engine import build_engine
 from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
 from cgn_dist.models.invariant import HEADS, build_invariant_classifier
-from cgn_dist.train.checkpoint import latest_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from cgn_dist.train.common import NullReporter, Reporter
 from cgn_dist.train.metrics import Throughput, build_logger, setup_logging
 
 log = logging.getLogger(__name__)
 CF_KEYS = {"shape": "shape_cls", "texture": "texture_cls", "bg": "bg_cls"}
-
-
-class _NullReporter:
-    """Launcher interface: Ray Train passes one that reports checkpoints; a plain call gets this."""
-
-    def resume_checkpoint(self) -> Path | None:
-        return None
-
-    def report(self, step: int, metrics: dict, checkpoint_dir: Path | None, is_main: bool) -> None:
-        pass
 
 
 def lr_at(cfg: Config, epoch: int) -> float:
@@ -91,9 +82,9 @@ def classifier_losses(out: dict[str, torch.Tensor], y_real: torch.Tensor, cf: di
     return terms, top1
 
 
-def train_classifier(cfg: Config, env: DistEnv | None = None, reporter=None) -> dict:
+def train_classifier(cfg: Config, env: DistEnv | None = None, reporter: Reporter | None = None) -> dict:
     env = env or read_env(cfg.train.device)
-    reporter = reporter or _NullReporter()
+    reporter = reporter or NullReporter()
     t, ic = cfg.train, cfg.invariant
     owns_group = init_process_group(env)
     run_dir = prepare_run_dir(cfg, env.is_main)
@@ -114,7 +105,7 @@ def train_classifier(cfg: Config, env: DistEnv | None = None, reporter=None) -> 
     total = t.max_steps or ic.epochs * updates_per_epoch
 
     start = 0
-    ckpt = (reporter.resume_checkpoint() or latest_checkpoint(run_dir)) if t.resume else None
+    ckpt = find_resume_checkpoint(run_dir, reporter) if t.resume else None
     if ckpt is not None:
         start = load_checkpoint(ckpt, engines, rank=env.rank)["step"]
         logger.info(f"resumed from {ckpt} at update {start}")
