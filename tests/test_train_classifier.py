@@ -116,3 +116,64 @@ def test_two_process_ddp_and_deepspeed_agree(tmp_path, shards):
         runs[engine] = _weights(tmp_path / engine, 2, engine)
     for k in runs["torch"]:
         torch.testing.assert_close(runs["torch"][k].float(), runs["deepspeed"][k].float(), rtol=1e-5, atol=1e-6)
+
+
+def _ours(p) -> bool:
+    """A process of the Ray instance this test session started (its own RAY_TMPDIR), never anyone else's."""
+    try:
+        return p.environ().get("RAY_TMPDIR") == os.environ.get("RAY_TMPDIR")
+    except Exception:  # noqa: BLE001 - gone, or not ours to read
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_ray_train_killed_worker_resumes_and_matches_uninterrupted(tmp_path, shards):
+    import threading
+    import time
+
+    import psutil
+
+    from cgn_dist.distributed.ray_train import train_with_ray
+    from cgn_dist.distributed.ray_utils import LoopbackCluster, shutdown_ray
+    from cgn_dist.train.checkpoint import list_checkpoints
+
+    def cfg(name, *extra):
+        # DDP (torch engine) inside Ray Train: DeepSpeed's agreement with it is checked above
+        return _cfg(tmp_path, shards, name, "train.engine=torch", "distributed.num_workers=2",
+                    "distributed.cpus_per_worker=0.5", "train.micro_batch_size=2", "train.max_steps=4",
+                    "invariant.eval_every_epochs=0", *extra)
+
+    def kill_after_first_checkpoint(run_dir, killed, stop):
+        while not stop.is_set():
+            if list_checkpoints(run_dir):
+                for p in psutil.process_iter(["cmdline"]):
+                    if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])) and _ours(p):
+                        p.kill()
+                        killed.append(p.pid)
+                        return
+            time.sleep(0.05)
+
+    shutdown_ray()
+    cluster = LoopbackCluster(num_nodes=2, cpus_per_node=1, object_store_mb=200).start()
+    try:
+        cluster.connect()
+        clean = train_with_ray(cfg("clean"))
+        faulty_cfg = cfg("faulty", "distributed.max_failures=2")
+        killed, stop = [], threading.Event()
+        watcher = threading.Thread(target=kill_after_first_checkpoint,
+                                   args=(faulty_cfg.run_dir.resolve(), killed, stop), daemon=True)
+        watcher.start()
+        try:
+            faulty = train_with_ray(faulty_cfg)
+        finally:
+            stop.set()
+    finally:
+        shutdown_ray()
+        cluster.shutdown()
+    assert killed, "no Ray Train worker of this test's cluster was found to kill"
+    assert clean["step"] == faulty["step"] == 4
+    assert (Path(faulty["run_dir"]) / "log.txt").read_text().count("resumed from") == 1
+    a, b = _weights(clean["run_dir"], 4), _weights(faulty["run_dir"], 4)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
