@@ -93,6 +93,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_imagenet_pipeline(args) -> int:
+    from cgn_dist.classifier.imagenet_pipeline import run_imagenet_pipeline
+
+    summary = run_imagenet_pipeline(_cfg(args))
+    print(f"table: {summary['table']['txt']} (+ .json .csv .png)")
+    return 0
+
+
 def cmd_make_shards(args) -> int:
     """An image tree (ILSVRC-2012 train/val, any ImageFolder tree) into WebDataset shards + manifest."""
     from cgn_dist.data.make_shards import run_make_shards
@@ -140,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                 "time per sample: torch vs DeepSpeed at one process, then 1 vs 2 Ray Train workers")
     with_config("generate", cmd_generate,
                 "generate counterfactual shards (generate.dry_run=true: estimate; mode=interpolation: a sheet)")
+    with_config("imagenet-pipeline", cmd_imagenet_pipeline,
+                "ImageNet end to end: real shards -> counterfactuals -> invariant classifier -> evaluations -> table")
     sp = sub.add_parser("eval", help="evaluate a classifier (eval.model): shape-bias | in9 | accuracy | inception "
                         "| all; json/csv/png tables beside the paper's numbers")
     sp.add_argument("what", choices=["shape-bias", "in9", "accuracy", "inception", "all"])

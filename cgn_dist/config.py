@@ -225,6 +225,16 @@ class EvalConfig:
 
 
 @dataclass
+class ImagenetPipelineConfig:
+    """cgn-dist imagenet-pipeline: which stages make their own data (unset = use the configured shards)."""
+    train_root: str = ""  # ILSVRC train tree to shard ("" = invariant.real_shards as given)
+    val_root: str = ""  # ILSVRC val tree to shard ("" = eval.val_shards as given)
+    val_labels: str = ""  # flat val folder's ground truth (shards.val_labels)
+    cf_train_samples: int = 0  # counterfactual train images to generate with generate.checkpoint (0 = invariant.cf_shards)
+    cf_val_samples: int = 0  # counterfactual val images to generate (0 = eval.cf_val_shards as given)
+
+
+@dataclass
 class Config:
     name: str = ""  # run name; "" = derived from the config file name
     task: Literal["mnist", "imagenet", "classifier"] = "mnist"  # classifier = the ImageNet invariant classifier
@@ -242,6 +252,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     invariant: InvariantConfig = field(default_factory=InvariantConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    imagenet_pipeline: ImagenetPipelineConfig = field(default_factory=ImagenetPipelineConfig)
 
     @property
     def run_dir(self) -> Path:

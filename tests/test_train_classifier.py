@@ -1,5 +1,6 @@
 """The invariant classifier trains on real shards (the ILSVRC-layout photo fixture) + a tiny counterfactual
 set with both loss terms, resumes bit for bit mid-epoch, and its torch and DeepSpeed engines agree."""
+import json
 import math
 import os
 import subprocess
@@ -177,3 +178,22 @@ def test_ray_train_killed_worker_resumes_and_matches_uninterrupted(tmp_path, sha
     a, b = _weights(clean["run_dir"], 4), _weights(faulty["run_dir"], 4)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_imagenet_pipeline_runs_every_stage_then_skips_them(tmp_path, shared_ref):
+    from cgn_dist.classifier.imagenet_pipeline import run_imagenet_pipeline
+
+    tree = make_imagenet_tree(tmp_path / "ILSVRC2012", copies=2, bad=False)
+    over = [f"out_dir={tmp_path}", "name=pipe", f"imagenet_pipeline.train_root={tree.train}",
+            f"imagenet_pipeline.val_root={tree.val}", f"imagenet_pipeline.val_labels={tree.val_labels}",
+            "imagenet_pipeline.cf_train_samples=8", "imagenet_pipeline.cf_val_samples=4", "imagenet.biggan=tiny",
+            "imagenet.u2net=tiny", "generate.shard_size=4", "generate.batch_size=4", "generate.forward_batch=4",
+            "shards.shard_size=5", "train.max_steps=2", f"eval.cue_conflict={shared_ref / 'cue_conflict_sample'}"]
+    first = run_imagenet_pipeline(load_config(TINY, over))
+    assert [first["stages"][s] for s in ("real_train", "real_val", "cf_train", "cf_val", "eval")] == ["ran"] * 5
+    assert {"shape_bias/shape", "val/avg/top1", "cf_val/shape/top1"} <= set(first["metrics"])
+    doc = json.loads((tmp_path / "pipe" / "imagenet_table.json").read_text())
+    assert [r["paper"] for r in doc["rows"]][:5] == [54.8, 16.7, 22.9, 74.0, 91.7]
+    again = run_imagenet_pipeline(load_config(TINY, over))
+    assert [again["stages"][s] for s in ("real_train", "real_val", "cf_train", "cf_val", "eval")] == ["skipped"] * 5
+    assert again["metrics"] == first["metrics"]
