@@ -100,6 +100,15 @@ def test_deepspeed_zero0_fp32_agrees_with_torch(tmp_path, shards):
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6)
 
 
+def test_deepspeed_bf16_zero2_trains_and_evaluates(tmp_path, shards, shared_ref):
+    out = train_classifier(_cfg(tmp_path, shards, "bf", "train.max_steps=4", "train.engine=deepspeed",
+                                "train.precision=bf16", "train.zero_stage=2",
+                                f"eval.cue_conflict={shared_ref / 'cue_conflict_sample'}"))
+    assert math.isfinite(out["loss/total"])
+    doc = json.loads((Path(out["run_dir"]) / "eval" / "shape_bias_epoch001.json").read_text())
+    assert doc["details"]["result"]["per_output"]["shape"]["n"] == 32
+
+
 @pytest.mark.slow
 def test_two_process_ddp_and_deepspeed_agree(tmp_path, shards):
     from cgn_dist.distributed.env import free_port
