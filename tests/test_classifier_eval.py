@@ -171,7 +171,7 @@ def test_topk_against_a_hand_count():
 def test_topk_from_shards_counts_every_image(tmp_path):
     rng = np.random.default_rng(1)
     labels = [3, 7, 3, 1, 3, 0, 2]
-    samples = [(f"{i:06d}", {"png": encode_png(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)), "cls": labels[i]})
+    samples = [(f"{i:06d}", {"png": encode_png(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)), "json": {"label": labels[i]}})
                for i in range(len(labels))]
     write_tar(tmp_path / "val-000000.tar", samples[:4])
     write_tar(tmp_path / "val-000001.tar", samples[4:])
@@ -229,15 +229,36 @@ def test_samples_give_is_and_mask_mean(tmp_path):
 # --------------------------------------------------------------------------- distributed
 
 
-def _dist_worker(rank, world, port, root, in9_root, table_sb, table_in9, out):
+class _Constant(torch.nn.Module):
+    """Same logits for every image (class 3 first, then 1, 0, 2, ...)."""
+
+    def forward(self, x):
+        row = torch.tensor([8.0, 9, 7, 10, 6, 5, 4, 3, 2, 1])
+        return {h: row.expand(len(x), -1) for h in ("shape", "texture", "bg")}
+
+
+def _val_tars(d: Path) -> list[str]:
+    rng = np.random.default_rng(1)
+    labels = [3, 7, 3, 1, 3, 0, 2]
+    samples = [(f"{i:06d}", {"png": encode_png(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)), "json": {"label": labels[i]}})
+               for i in range(len(labels))]
+    d.mkdir(parents=True, exist_ok=True)
+    write_tar(d / "val-000000.tar", samples[:4])
+    write_tar(d / "val-000001.tar", samples[4:])
+    write_tar(d / "val-000002.tar", samples[6:])
+    return [str(d / f"val-00000{i}.tar") for i in range(3)]
+
+
+def _dist_worker(rank, world, port, root, in9_root, table_sb, table_in9, out, tars=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         sb = evaluate_shape_bias(FingerprintModel(table_sb), root, batch_size=3)
         in9 = evaluate_in9(FingerprintModel(table_in9), in9_root, batch_size=4)
+        topk = evaluate_topk(_Constant(), tars, "real", batch_size=3, image_size=32)
         if rank == 0:
-            torch.save({"sb": sb, "in9": in9}, out)
+            torch.save({"sb": sb, "in9": in9, "topk": topk}, out)
     finally:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -259,15 +280,19 @@ def test_two_processes_equal_one(tmp_path, shared_ref):
     in9_root, files = _in9_folder(tmp_path / "in9")
     tf9 = transforms.Compose([transforms.ToTensor(), transforms.Normalize(*IN9_NORM)])
     table_in9 = {"logits": [(_fingerprint(Image.open(p), tf9), int(rng.integers(1000))) for p, _ in files.values()]}
+    tars = _val_tars(tmp_path / "val")
     one = {"sb": evaluate_shape_bias(FingerprintModel(table_sb), root, batch_size=7),
-           "in9": evaluate_in9(FingerprintModel(table_in9), in9_root, batch_size=5)}
+           "in9": evaluate_in9(FingerprintModel(table_in9), in9_root, batch_size=5),
+           "topk": evaluate_topk(_Constant(), tars, "real", batch_size=2, image_size=32)}
     out = tmp_path / "two.pt"
-    torch.multiprocessing.spawn(_dist_worker, args=(2, free_port(), root, in9_root, table_sb, table_in9, out),
+    torch.multiprocessing.spawn(_dist_worker, args=(2, free_port(), root, in9_root, table_sb, table_in9, out, tars),
                                 nprocs=2, join=True)
     two = torch.load(out, weights_only=False)
     assert two["sb"]["per_output"] == one["sb"]["per_output"]
     assert two["sb"]["decisions"] == one["sb"]["decisions"]
     assert two["in9"]["accuracy"] == one["in9"]["accuracy"] and two["in9"]["bg_gap"] == one["in9"]["bg_gap"]
+    assert two["topk"]["per_output"] == one["topk"]["per_output"]
+    assert one["topk"]["per_output"]["shape"]["images"] == 8  # 3 shards, 2 ranks: 2 + 1 shards
     assert one["sb"]["per_output"]["shape"]["n"] == 32
 
 

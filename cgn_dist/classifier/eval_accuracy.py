@@ -1,20 +1,20 @@
 """Top-1 / top-5 from shards: ImageNet val (every output vs the label) and counterfactual val (each head vs
 its own class: shape head vs shape class, texture head vs texture class, bg head vs background class).
 
-Shards are split over ranks (rank r reads shards r, r+world, ...), hits and totals are summed, so the
-numbers do not depend on the world size. Images get the val transform (Resize 256, CenterCrop 224).
+Read with the data plane's val stream (cgn_dist.data.stream, train=False: every sample exactly once over all
+ranks and DataLoader workers); hits and totals are summed over ranks, so the numbers do not depend on the world
+size. Images get the val transform (Resize 256, CenterCrop 224).
 """
 from __future__ import annotations
 
 import io
-import json
-from typing import Any, Iterable, Iterator, Sequence
+import os
+from typing import Any, Iterable, Sequence
 
 import torch
 from PIL import Image
 
-from cgn_dist.classifier.evaluation import (forward_outputs, gather_rows, imagenet_eval_transform, rank_part,
-                                            sum_counts)
+from cgn_dist.classifier.evaluation import forward_outputs, gather_rows, sum_counts
 from cgn_dist.data.shards import iter_tar_samples
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -31,30 +31,6 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] =
     return {k: int(hit[:, :min(k, kmax)].any(dim=1).sum()) for k in ks}
 
 
-def sample_labels(sample: dict[str, Any]) -> dict[str, int]:
-    """Labels a shard sample carries: ``label`` (real ImageNet: .cls or json label/cls) and, for
-    counterfactuals, shape_cls / texture_cls / bg_cls from the json."""
-    out = {}
-    meta = sample.get("json")
-    if isinstance(meta, (bytes, bytearray)):
-        meta = json.loads(meta)
-    meta = meta or {}
-    for ext in ("cls", "label", "class"):
-        if ext in sample:
-            v = sample[ext]
-            out["label"] = int(v.decode() if isinstance(v, (bytes, bytearray)) else v)
-            break
-    else:
-        for k in ("label", "cls", "class"):
-            if k in meta:
-                out["label"] = int(meta[k])
-                break
-    for k in CF_LABELS.values():
-        if k in meta:
-            out[k] = int(meta[k])
-    return out
-
-
 def decode_image(sample: dict[str, Any]) -> Image.Image:
     for ext in IMAGE_EXTS:
         if ext in sample:
@@ -62,43 +38,41 @@ def decode_image(sample: dict[str, Any]) -> Image.Image:
     raise ValueError(f"sample {sample.get('__key__')} has no image ({', '.join(IMAGE_EXTS)})")
 
 
-def labelled_batches(urls: Sequence[str], transform, batch_size: int, limit: int = 0
-                     ) -> Iterator[tuple[torch.Tensor, list[dict[str, int]]]]:
-    xs, labels, n = [], [], 0
-    for url in urls:
-        for s in iter_tar_samples(url):
-            if limit and n >= limit:
-                break
-            xs.append(transform(decode_image(s)))
-            labels.append(sample_labels(s))
-            n += 1
-            if len(xs) == batch_size:
-                yield torch.stack(xs), labels
-                xs, labels = [], []
-    if xs:
-        yield torch.stack(xs), labels
+def shard_set_of(source):
+    """The data plane's ShardSet: a shard folder / index.json, (url, count) pairs, or plain tar paths (counted)."""
+    from cgn_dist.data.stream import load_shard_set
+
+    if isinstance(source, (str, os.PathLike)) and str(source).endswith(".tar"):
+        source = [source]
+    if isinstance(source, (list, tuple)) and source and isinstance(source[0], (str, os.PathLike)):
+        return load_shard_set([(str(u), sum(1 for _ in iter_tar_samples(u))) for u in source])
+    return load_shard_set(source)
 
 
-def count_topk(model: torch.nn.Module, batches: Iterable, kind: str = "real", device="cpu",
-               precision: str = "fp32", ks: Sequence[int] = (1, 5)) -> dict[str, int]:
-    """Counts ``<output>/top<k>`` and ``<output>/n`` over ``batches`` of (images, label dicts)."""
+def count_topk(model: torch.nn.Module, batches: Iterable[dict], kind: str = "real", device="cpu",
+               precision: str = "fp32", ks: Sequence[int] = (1, 5), limit: int = 0) -> dict[str, int]:
+    """Counts ``<output>/top<k>`` and ``<output>/n`` over the data plane's batches (image + label tensors)."""
     counts: dict[str, int] = {}
+    seen = 0
     was = model.training
     model.eval()
     try:
-        for x, labels in batches:
+        for batch in batches:
+            x = batch["image"]
+            if limit:
+                if seen >= limit:
+                    break
+                x = x[:limit - seen]
+            seen += len(x)
             out = forward_outputs(model, x, device, precision)
             for h, logits in out.items():
                 key = "label" if kind == "real" else CF_LABELS.get(h, "shape_cls" if h == "logits" else None)
                 if key is None:
                     continue
-                keep = [i for i, lab in enumerate(labels) if key in lab]
-                if not keep:
-                    continue
-                y = torch.tensor([labels[i][key] for i in keep])
-                for k, c in topk_correct(logits[keep], y, ks).items():
+                y = batch[key][:len(x)]
+                for k, c in topk_correct(logits, y, ks).items():
                     counts[f"{h}/top{k}"] = counts.get(f"{h}/top{k}", 0) + c
-                counts[f"{h}/n"] = counts.get(f"{h}/n", 0) + len(keep)
+                counts[f"{h}/n"] = counts.get(f"{h}/n", 0) + len(y)
     finally:
         model.train(was)
     return counts
@@ -106,23 +80,27 @@ def count_topk(model: torch.nn.Module, batches: Iterable, kind: str = "real", de
 
 def evaluate_topk(model: torch.nn.Module, source, kind: str = "real", batch_size: int = 64, device="cpu",
                   precision: str = "fp32", image_size: int = 224, limit_per_rank: int = 0,
-                  ks: Sequence[int] = (1, 5)) -> dict[str, Any]:
-    """Top-k % per output over the shards of ``source`` (folder with index.json, index, tar or list)."""
-    from cgn_dist.classifier.mnist import shard_urls_of
+                  ks: Sequence[int] = (1, 5), num_workers: int = 0) -> dict[str, Any]:
+    """Top-k % per output over the shards of ``source`` (folder with index.json, index, pairs or tars).
+
+    Read with the data plane's val stream (Resize 256 + CenterCrop 224, every sample once over all ranks).
+    """
+    from cgn_dist.data.stream import CF_LABELS as LABELS_CF, REAL_LABELS, make_loader
 
     if kind not in ("real", "counterfactual"):
         raise ValueError(f"kind must be 'real' or 'counterfactual', got {kind!r}")
-    urls = shard_urls_of(source)
-    mine = rank_part(urls)
-    counts = count_topk(model, labelled_batches(mine, imagenet_eval_transform(image_size), batch_size,
-                                                limit_per_rank), kind, device, precision, ks)
+    shards = shard_set_of(source)
+    loader = make_loader(shards, batch_size, train=False, num_workers=num_workers,
+                         labels=REAL_LABELS if kind == "real" else LABELS_CF, image_size=image_size,
+                         resize=round(image_size * 256 / 224))
+    counts = count_topk(model, loader, kind, device, precision, ks, limit_per_rank)
     heads = sorted(set(gather_rows(sorted({k.split("/")[0] for k in counts}))))
     keys = [f"{h}/{m}" for h in heads for m in ("n", *(f"top{k}" for k in ks))]
     s = sum_counts(counts, keys)
     result = {h: {"images": s[f"{h}/n"], **{f"top{k}": (100.0 * s[f"{h}/top{k}"] / s[f"{h}/n"]
                                                        if s[f"{h}/n"] else None) for k in ks},
                   **{f"top{k}_hits": s[f"{h}/top{k}"] for k in ks}} for h in heads}
-    return {"kind": kind, "per_output": result, "shards": len(urls)}
+    return {"kind": kind, "per_output": result, "shards": len(shards.urls), "images_listed": shards.n_samples}
 
 
 def accuracy_table(real: dict[str, Any] | None, cf: dict[str, Any] | None) -> dict[str, Any]:
@@ -145,4 +123,4 @@ def _r(v):
     return None if v is None else round(v, 2)
 
 
-__all__ = ["topk_correct", "count_topk", "evaluate_topk", "labelled_batches", "sample_labels", "accuracy_table"]
+__all__ = ["topk_correct", "count_topk", "evaluate_topk", "shard_set_of", "decode_image", "accuracy_table"]

@@ -118,9 +118,9 @@ def evaluate_classifier(model: torch.nn.Module, cfg: Config, what: str = "all", 
         from cgn_dist.classifier.eval_accuracy import accuracy_table, evaluate_topk
 
         real = (evaluate_topk(model, e.val_shards, "real", e.batch_size, image_size=e.image_size,
-                              limit_per_rank=e.limit, **kw) if e.val_shards else None)
+                              limit_per_rank=e.limit, num_workers=e.num_workers, **kw) if e.val_shards else None)
         cf = (evaluate_topk(model, e.cf_val_shards, "counterfactual", e.batch_size, image_size=e.image_size,
-                            limit_per_rank=e.limit, **kw) if e.cf_val_shards else None)
+                            limit_per_rank=e.limit, num_workers=e.num_workers, **kw) if e.cf_val_shards else None)
         for name, res in (("val", real), ("cf_val", cf)):
             for h, r in (res or {}).get("per_output", {}).items():
                 for k in ("top1", "top5"):
