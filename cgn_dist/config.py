@@ -85,7 +85,8 @@ class TrainConfig:
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
     micro_batch_size: int = 16  # per process, per forward
-    grad_accum: int = 1  # micro batches summed before one update
+    grad_accum: int = 1  # micro batches accumulated before one update
+    grad_reduction: Literal["mean", "sum"] = "mean"  # gradient over micro batches x processes: mean, or sum (authors' ImageNet)
     epochs: int = 15  # MNIST: passes over the train set (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer updates; 0 = derive from epochs
     log_every: int = 50  # scalar logging interval (updates)
