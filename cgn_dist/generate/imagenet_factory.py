@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from cgn_dist.generate.imagenet_labels import IMAGENET_CLASSES, MODES, check_classes
 from cgn_dist.generate.imagenet_sampler import NORMALIZE
+from cgn_dist.generate.precision import JPEG_ENCODERS, PRECISIONS, check_precision
 from cgn_dist.generate.imagenet_weights import (CHECKPOINT_HELP, biggan_num_classes, checkpoint_kind,
                                                 resolve_cgn_checkpoint)
 
@@ -40,6 +41,12 @@ class ImagenetCounterfactualFactory:
     device: str = "auto"  # auto = cuda when this worker has a GPU
     num_threads: int = 1  # CPU threads during a forward (CPU bytes depend on it); 0 = torch's setting
     png_compress_level: int = 6
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only): weights cast once, frozen parts included
+    channels_last: bool = True  # convolution weights (hence activations) in channels-last layout
+    compile: bool = False  # torch.compile the forward (warm-up at start; eager with a warning if it fails)
+    overlap: bool = True  # compute the next forward group while this one is encoded and written (same bytes)
+    encode_threads: int = 2  # threads encoding images (same bytes); <= 1 = in the caller's thread
+    jpeg_encoder: str = "pil"  # pil | nvjpeg (CUDA; other bytes than Pillow's, recorded in the provenance)
 
     def __post_init__(self) -> None:
         from cgn_dist.models.biggan import check_truncation
@@ -49,7 +56,9 @@ class ImagenetCounterfactualFactory:
         object.__setattr__(self, "classes", [int(c) for c in self.classes])
         object.__setattr__(self, "truncation", check_truncation(self.truncation))
         for name, value, accepted in (("mode", self.mode, MODES), ("image_format", self.image_format, IMAGE_FORMATS),
-                                      ("normalize", self.normalize, NORMALIZE), ("device", self.device, DEVICES)):
+                                      ("normalize", self.normalize, NORMALIZE), ("device", self.device, DEVICES),
+                                      ("precision", self.precision, PRECISIONS),
+                                      ("jpeg_encoder", self.jpeg_encoder, JPEG_ENCODERS)):
             if value not in accepted:
                 raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
         if self.mode == "fixed_classes" and len(self.classes) != 3:
@@ -61,6 +70,12 @@ class ImagenetCounterfactualFactory:
             raise ValueError(f"jpeg_quality must lie in 1..100, got {self.jpeg_quality}")
         if not 0 <= self.png_compress_level <= 9:
             raise ValueError(f"png_compress_level must lie in 0..9, got {self.png_compress_level}")
+        if self.precision == "fp16" and self.device == "cpu":
+            check_precision(self.precision, "cpu")  # raises, naming the config key
+        if self.jpeg_encoder == "nvjpeg" and self.device == "cpu":
+            raise ValueError("generate.jpeg_encoder=nvjpeg encodes on the GPU; with device=cpu use pil")
+        if self.encode_threads < 0:
+            raise ValueError(f"encode_threads must be >= 0, got {self.encode_threads}")
         if self.forward_batch < 1 or self.num_threads < 0:
             raise ValueError(f"need forward_batch >= 1 and num_threads >= 0, got {self.forward_batch}, "
                              f"{self.num_threads}")
