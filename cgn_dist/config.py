@@ -140,6 +140,13 @@ class GenerateConfig:
     num_threads: int = 1  # CPU threads per worker during a forward (CPU bytes depend on it); 0 = torch's setting
     dry_run_samples: int = 0  # samples a dry run times (0 = one forward batch)
     interp_noise: str = ""  # 1 x z_dim noise file for interpolation, used as stored (e.g. u_fixed.pth); "" = from seed
+    # ImageNet generation speed (precision, compile and jpeg_encoder change the bytes and are recorded):
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # forward precision; fp16 on CUDA only; bf16 ~3x fp32 on AMX CPUs
+    channels_last: bool = True  # channels-last convolutions
+    compile: bool = False  # torch.compile the forward (warm-up at worker start; eager with a warning if it fails)
+    overlap: bool = True  # next forward group computed while this one is encoded and written (same bytes)
+    encode_threads: int = 2  # image-encoding threads per worker (same bytes); <= 1 = none
+    jpeg_encoder: Literal["pil", "nvjpeg"] = "pil"  # nvjpeg: torchvision's GPU encoder (CUDA; other bytes than pil)
 
 
 @dataclass
