@@ -149,3 +149,12 @@ def test_index_with_wrong_count_is_a_clear_error(tmp_path):
         list(make_loader([(str(root / "shard-000000.tar"), 5)], 5, train=False, rank=0, world_size=1,
                          image_size=16, resize=20))
     assert load_shard_set(root).n_samples == 3
+
+
+def test_normalize_images_is_imagenet_mean_std():
+    from cgn_dist.data.transforms import normalize_images
+
+    x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert torch.allclose(normalize_images(x), (x.float() / 255 - mean) / std, atol=1e-5)

@@ -259,9 +259,19 @@ class ShardStream(torch.utils.data.IterableDataset):
         return out
 
     def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        images = torch.stack([b["image"] for b in batch])
-        out: dict[str, Any] = {"image": normalize_images(images) if self.normalize else images,
-                               "__key__": [b["__key__"] for b in batch]}
+        shape = (len(batch), *batch[0]["image"].shape)
+        in_worker = torch.utils.data.get_worker_info() is not None
+        # In a worker, the batch goes straight into shared memory: the DataLoader then passes a handle
+        # instead of copying the batch there (what its default collate does too).
+        uint8 = torch.empty(shape, dtype=torch.uint8)
+        if in_worker and not self.normalize:
+            uint8.share_memory_()
+        torch.stack([b["image"] for b in batch], out=uint8)
+        images = uint8
+        if self.normalize:
+            dest = torch.empty(shape, dtype=torch.float32)
+            images = normalize_images(uint8, out=dest.share_memory_() if in_worker else dest)
+        out: dict[str, Any] = {"image": images, "__key__": [b["__key__"] for b in batch]}
         for k in self.labels:
             out[k] = torch.tensor([b[k] for b in batch], dtype=torch.int64)
         return out

@@ -1,0 +1,150 @@
+"""Real-image data plane throughput, in one run on the same JPEGs:
+
+1. the shard writer (``cgn-dist make-shards`` in-process, original bytes kept): images/s;
+2. images/s per DataLoader worker of torchvision ``ImageFolder`` + ``DataLoader`` (PIL loader,
+   RandomResizedCrop(224) + flip + ToTensor + Normalize, per sample) against the WebDataset reader
+   (cgn_dist.data.stream, same crop/flip/normalise) with each decoder: PIL, PIL draft mode,
+   torchvision.io.decode_image. Same batch size, same worker count; the passes alternate so machine noise
+   falls on all of them alike; the median pass counts.
+
+The JPEGs are made from the real photos shipped in scikit-image / scikit-learn / matplotlib, cropped and
+scaled to ImageNet-like sizes (long side 500 for most, a tail up to 1200 px; quality 96: ~100 kB mean, like
+ILSVRC-2012 train).
+
+    python benchmarks/bench_reader.py --n 1200 --workers 1 --repeats 3 --out bench_reader.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def make_jpegs(root: Path, n: int, seed: int = 0) -> dict:
+    """ImageFolder tree of ``n`` realistic-size JPEGs (9 classes, one per photo)."""
+    from PIL import Image
+
+    from imagenet_fixture import PHOTO_WNIDS, photo_arrays
+
+    rng = np.random.default_rng(seed)
+    photos = list(photo_arrays().items())
+    sizes, nbytes = [], 0
+    for i in range(n):
+        name, arr = photos[i % len(photos)]
+        h, w = arr.shape[:2]
+        f = rng.uniform(0.75, 1.0)  # a random crop of 75-100 % of the photo...
+        ch, cw = int(h * f), int(w * f)
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        img = Image.fromarray(arr[y:y + ch, x:x + cw])
+        long_side = 500 if rng.random() < 0.85 else int(rng.integers(700, 1201))  # ...scaled like ILSVRC's
+        s = long_side / max(cw, ch)
+        img = img.resize((max(1, round(cw * s)), max(1, round(ch * s))), Image.BICUBIC)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        d = root / PHOTO_WNIDS[name]
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{PHOTO_WNIDS[name]}_{i}.JPEG"
+        img.save(path, format="JPEG", quality=96)
+        sizes.append(img.size)
+        nbytes += path.stat().st_size
+    w, h = np.mean([s[0] for s in sizes]), np.mean([s[1] for s in sizes])
+    return {"n": n, "mean_width": round(float(w)), "mean_height": round(float(h)), "mean_kB": round(nbytes / n / 1e3, 1)}
+
+
+def bench_writer(tree: Path, out: Path, workers: int) -> dict:
+    from cgn_dist.config import load_config
+    from cgn_dist.data.make_shards import run_make_shards
+
+    cfg = load_config(None, [f"shards.root={tree}", f"shards.out={out}", "shards.labels=imagenet",
+                             "shards.shard_size=250", f"shards.num_workers={workers}", "train.progress=false"])
+    s = run_make_shards(cfg)
+    return {"workers": workers, "images": s["written"], "seconds": s["seconds"], "images_per_s": s["images_per_s"],
+            "MB_per_s": round(s["total_bytes"] / 1e6 / s["seconds"], 1)}
+
+
+def imagefolder_loader(tree: Path, batch: int, workers: int):
+    import torch
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(),
+                             transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    ds = datasets.ImageFolder(str(tree), transform=tf)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
+                                       persistent_workers=False)
+
+
+def shard_loader(shards: Path, batch: int, workers: int, decoder: str, epoch: int):
+    from cgn_dist.data.stream import make_loader
+
+    return make_loader(shards, batch, train=True, rank=0, world_size=1, num_workers=workers, seed=0, epoch=epoch,
+                       decoder=decoder, shuffle_buffer=500)
+
+
+def timed_pass(loader) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    n = 0
+    for b in loader:
+        x = b["image"] if isinstance(b, dict) else b[0]
+        n += x.shape[0]
+    return time.perf_counter() - t0, n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=1200, help="JPEGs to make")
+    ap.add_argument("--workers", type=int, default=1, help="DataLoader workers (per-core figures: 1)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--writer-workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--decoders", nargs="+", default=["pil", "pil_draft", "torchvision"])
+    ap.add_argument("--out", default="", help="also write the figures as JSON here")
+    args = ap.parse_args()
+
+    import torch
+    torch.set_num_threads(1)
+    res: dict = {"cpu_count": os.cpu_count(), "workers": args.workers, "batch": args.batch}
+    with tempfile.TemporaryDirectory(prefix="bench_reader_") as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        res["jpegs"] = make_jpegs(tmp / "tree", args.n)
+        print(f"made {args.n} JPEGs in {time.perf_counter() - t0:.1f} s: {res['jpegs']}")
+        res["writer"] = [bench_writer(tmp / "tree", tmp / f"shards{w}", w) for w in args.writer_workers]
+        for r in res["writer"]:
+            print(f"shard writer, {r['workers']} worker(s): {r['images_per_s']:.0f} images/s ({r['MB_per_s']} MB/s)")
+        shards = tmp / f"shards{args.writer_workers[0]}"
+
+        variants = ["imagefolder"] + [f"wds_{d}" for d in args.decoders]
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for rep in range(args.repeats):
+            for v in variants:  # alternating passes: noise hits every variant alike
+                loader = (imagefolder_loader(tmp / "tree", args.batch, args.workers) if v == "imagefolder" else
+                          shard_loader(shards, args.batch, args.workers, v[4:], rep))
+                secs, n = timed_pass(loader)
+                times[v].append(n / secs)
+                print(f"  pass {rep}: {v:16s} {n / secs:7.1f} images/s ({n} in {secs:.2f} s)", flush=True)
+    base = statistics.median(times["imagefolder"])
+    res["reader"] = {v: {"images_per_s": round(statistics.median(t), 1),
+                         "per_worker": round(statistics.median(t) / max(1, args.workers), 1),
+                         "ratio_vs_imagefolder": round(statistics.median(t) / base, 3), "passes": [round(x, 1) for x in t]}
+                     for v, t in times.items()}
+    print(f"\nreader, {args.workers} worker(s), batch {args.batch}, median of {args.repeats} passes:")
+    for v, r in res["reader"].items():
+        print(f"  {v:16s} {r['images_per_s']:7.1f} images/s  ({r['per_worker']:.1f} per worker)  "
+              f"x{r['ratio_vs_imagefolder']:.2f} ImageFolder")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
