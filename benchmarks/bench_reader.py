@@ -5,7 +5,9 @@
    RandomResizedCrop(224) + flip + ToTensor + Normalize, per sample) against the WebDataset reader
    (cgn_dist.data.stream, same crop/flip/normalise) with each decoder: PIL, PIL draft mode,
    torchvision.io.decode_image. Same batch size, same worker count; the passes alternate so machine noise
-   falls on all of them alike; the median pass counts.
+   falls on all of them alike; the median pass counts. Per core = images per CPU-second (user + system
+   time of the main process and its joined DataLoader workers): on a shared machine wall-clock figures
+   swing with the neighbours' load, CPU time much less.
 
 The JPEGs are made from the real photos shipped in scikit-image / scikit-learn / matplotlib, cropped and
 scaled to ImageNet-like sizes (long side 500 for most, a tail up to 1200 px; quality 96: ~100 kB mean, like
@@ -16,8 +18,10 @@ ILSVRC-2012 train).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -67,9 +71,13 @@ def bench_writer(tree: Path, out: Path, workers: int) -> dict:
 
     cfg = load_config(None, [f"shards.root={tree}", f"shards.out={out}", "shards.labels=imagenet",
                              "shards.shard_size=250", f"shards.num_workers={workers}", "train.progress=false"])
+    c0 = cpu_seconds()
     s = run_make_shards(cfg)
-    return {"workers": workers, "images": s["written"], "seconds": s["seconds"], "images_per_s": s["images_per_s"],
-            "MB_per_s": round(s["total_bytes"] / 1e6 / s["seconds"], 1)}
+    out = {"workers": workers, "images": s["written"], "seconds": s["seconds"], "images_per_s": s["images_per_s"],
+           "MB_per_s": round(s["total_bytes"] / 1e6 / s["seconds"], 1)}
+    if workers == 1:  # in this process: its CPU time is the writer's (pool workers are not our children)
+        out["images_per_cpu_s"] = round(s["written"] / (cpu_seconds() - c0), 1)
+    return out
 
 
 def imagefolder_loader(tree: Path, batch: int, workers: int):
@@ -91,13 +99,23 @@ def shard_loader(shards: Path, batch: int, workers: int, decoder: str, epoch: in
                        decoder=decoder, shuffle_buffer=500)
 
 
-def timed_pass(loader) -> tuple[float, int]:
-    t0 = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished (joined) children, user + system."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed_pass(loader) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of this process + its DataLoader workers, images) of one epoch."""
+    c0, t0 = cpu_seconds(), time.perf_counter()
     n = 0
-    for b in loader:
+    it = iter(loader)
+    for b in it:
         x = b["image"] if isinstance(b, dict) else b[0]
         n += x.shape[0]
-    return time.perf_counter() - t0, n
+    del it  # exhausted: the workers are joined, so their CPU time is in RUSAGE_CHILDREN
+    gc.collect()
+    return time.perf_counter() - t0, cpu_seconds() - c0, n
 
 
 def main() -> None:
@@ -121,27 +139,34 @@ def main() -> None:
         print(f"made {args.n} JPEGs in {time.perf_counter() - t0:.1f} s: {res['jpegs']}")
         res["writer"] = [bench_writer(tmp / "tree", tmp / f"shards{w}", w) for w in args.writer_workers]
         for r in res["writer"]:
-            print(f"shard writer, {r['workers']} worker(s): {r['images_per_s']:.0f} images/s ({r['MB_per_s']} MB/s)")
+            per_cpu = f", {r['images_per_cpu_s']:.0f} images per CPU-second" if "images_per_cpu_s" in r else ""
+            print(f"shard writer, {r['workers']} worker(s): {r['images_per_s']:.0f} images/s wall "
+                  f"({r['MB_per_s']} MB/s){per_cpu}")
         shards = tmp / f"shards{args.writer_workers[0]}"
 
         variants = ["imagefolder"] + [f"wds_{d}" for d in args.decoders]
-        times: dict[str, list[float]] = {v: [] for v in variants}
+        wall: dict[str, list[float]] = {v: [] for v in variants}
+        cpu: dict[str, list[float]] = {v: [] for v in variants}
         for rep in range(args.repeats):
             for v in variants:  # alternating passes: noise hits every variant alike
                 loader = (imagefolder_loader(tmp / "tree", args.batch, args.workers) if v == "imagefolder" else
                           shard_loader(shards, args.batch, args.workers, v[4:], rep))
-                secs, n = timed_pass(loader)
-                times[v].append(n / secs)
-                print(f"  pass {rep}: {v:16s} {n / secs:7.1f} images/s ({n} in {secs:.2f} s)", flush=True)
-    base = statistics.median(times["imagefolder"])
-    res["reader"] = {v: {"images_per_s": round(statistics.median(t), 1),
-                         "per_worker": round(statistics.median(t) / max(1, args.workers), 1),
-                         "ratio_vs_imagefolder": round(statistics.median(t) / base, 3), "passes": [round(x, 1) for x in t]}
-                     for v, t in times.items()}
-    print(f"\nreader, {args.workers} worker(s), batch {args.batch}, median of {args.repeats} passes:")
+                secs, cpu_s, n = timed_pass(loader)
+                wall[v].append(n / secs)
+                cpu[v].append(n / cpu_s)
+                print(f"  pass {rep}: {v:16s} {n / secs:7.1f} images/s wall, {n / cpu_s:7.1f} images per CPU-second "
+                      f"({n} images, {secs:.2f} s, {cpu_s:.2f} CPU-s)", flush=True)
+    med = statistics.median
+    base_wall, base_cpu = med(wall["imagefolder"]), med(cpu["imagefolder"])
+    res["reader"] = {v: {"images_per_s_wall": round(med(wall[v]), 1), "images_per_cpu_s": round(med(cpu[v]), 1),
+                         "ratio_wall": round(med(wall[v]) / base_wall, 3), "ratio_cpu": round(med(cpu[v]) / base_cpu, 3),
+                         "passes_wall": [round(x, 1) for x in wall[v]], "passes_cpu": [round(x, 1) for x in cpu[v]]}
+                     for v in variants}
+    print(f"\nreader, {args.workers} worker(s), batch {args.batch}, median of {args.repeats} passes "
+          "(per core = images per CPU-second of the loader's processes):")
     for v, r in res["reader"].items():
-        print(f"  {v:16s} {r['images_per_s']:7.1f} images/s  ({r['per_worker']:.1f} per worker)  "
-              f"x{r['ratio_vs_imagefolder']:.2f} ImageFolder")
+        print(f"  {v:16s} {r['images_per_cpu_s']:7.1f} images/CPU-s  x{r['ratio_cpu']:.2f} ImageFolder per core   "
+              f"| wall {r['images_per_s_wall']:7.1f} images/s  x{r['ratio_wall']:.2f}")
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
 

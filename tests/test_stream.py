@@ -158,3 +158,17 @@ def test_normalize_images_is_imagenet_mean_std():
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     assert torch.allclose(normalize_images(x), (x.float() / 255 - mean) / std, atol=1e-5)
+
+
+def test_resume_mid_epoch_gives_the_remaining_batches(shards):
+    kw = dict(train=True, rank=1, world_size=2, num_workers=2, seed=9, epoch=4, image_size=16, resize=20)
+    full = list(make_loader(shards, 2, **kw))
+    assert len(full) == 7
+    for start in (1, 3, 4):
+        loader = make_loader(shards, 2, **kw)
+        loader.set_epoch(4, start_step=start)
+        rest = list(loader)
+        assert [b["__key__"] for b in rest] == [b["__key__"] for b in full[start:]]
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(rest, full[start:]))
+    with pytest.raises(ValueError, match="start_step"):
+        make_loader(shards, 2, train=False, rank=0, world_size=1).set_epoch(0, start_step=1)
