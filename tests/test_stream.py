@@ -172,3 +172,14 @@ def test_resume_mid_epoch_gives_the_remaining_batches(shards):
         assert all(torch.equal(a["image"], b["image"]) for a, b in zip(rest, full[start:]))
     with pytest.raises(ValueError, match="start_step"):
         make_loader(shards, 2, train=False, rank=0, world_size=1).set_epoch(0, start_step=1)
+
+
+def test_mixed_loader_resumes_both_streams(tmp_path, shards):
+    cf = _make_shards(tmp_path / "cf", [5, 6], cf=True, seed=2)
+    kw = dict(rank=0, world_size=1, num_workers=2, seed=1, image_size=16, resize=20)
+    full = list(make_mixed_loader(shards, cf, 4, 0.5, **kw))
+    resumed = make_mixed_loader(shards, cf, 4, 0.5, **kw)
+    resumed.set_epoch(0, start_step=2)
+    rest = list(resumed)
+    assert [(r["__key__"], c["__key__"]) for r, c in rest] == [(r["__key__"], c["__key__"]) for r, c in full[2:]]
+    assert resumed.counts["steps"] == len(full) - 2
