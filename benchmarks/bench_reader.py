@@ -3,8 +3,9 @@
 1. the shard writer (``cgn-dist make-shards`` in-process, original bytes kept): images/s;
 2. images/s per DataLoader worker of torchvision ``ImageFolder`` + ``DataLoader`` (PIL loader,
    RandomResizedCrop(224) + flip + ToTensor + Normalize, per sample) against the WebDataset reader
-   (cgn_dist.data.stream, same crop/flip/normalise) with each decoder: PIL, PIL draft mode,
-   torchvision.io.decode_image. Same batch size, same worker count; the passes alternate so machine noise
+   (cgn_dist.data.stream, same crop/flip/normalise, normalising per batch) with each decoder: PIL, PIL draft
+   mode, torchvision.io.decode_image; with ``--uint8`` also both sides handing out uint8 batches (mean/std
+   then applied on the accelerator, which this CPU benchmark does not count). Same batch size, same worker count; the passes alternate so machine noise
    falls on all of them alike; the median pass counts. Per core = images per CPU-second (user + system
    time of the main process and its joined DataLoader workers): on a shared machine wall-clock figures
    swing with the neighbours' load, CPU time much less.
@@ -80,23 +81,32 @@ def bench_writer(tree: Path, out: Path, workers: int) -> dict:
     return out
 
 
-def imagefolder_loader(tree: Path, batch: int, workers: int):
+def imagefolder_loader(tree: Path, batch: int, workers: int, uint8: bool = False):
+    """The PyTorch ImageNet example's loader (what the authors' classifier script derives from)."""
     import torch
     from torchvision import datasets, transforms
 
-    tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
-                             transforms.ToTensor(),
-                             transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    tail = [transforms.PILToTensor()] if uint8 else [
+        transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), *tail])
     ds = datasets.ImageFolder(str(tree), transform=tf)
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
                                        persistent_workers=False)
 
 
-def shard_loader(shards: Path, batch: int, workers: int, decoder: str, epoch: int):
+def shard_loader(shards: Path, batch: int, workers: int, decoder: str, epoch: int, uint8: bool = False):
     from cgn_dist.data.stream import make_loader
 
     return make_loader(shards, batch, train=True, rank=0, world_size=1, num_workers=workers, seed=0, epoch=epoch,
-                       decoder=decoder, shuffle_buffer=500)
+                       decoder=decoder, shuffle_buffer=500, normalize=not uint8)
+
+
+def make_variant(name: str, tree: Path, shards: Path, batch: int, workers: int, epoch: int):
+    uint8 = name.endswith("_uint8")
+    base = name[: -len("_uint8")] if uint8 else name
+    if base == "imagefolder":
+        return imagefolder_loader(tree, batch, workers, uint8)
+    return shard_loader(shards, batch, workers, base[len("wds_"):], epoch, uint8)
 
 
 def cpu_seconds() -> float:
@@ -126,6 +136,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--writer-workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--decoders", nargs="+", default=["pil", "pil_draft", "torchvision"])
+    ap.add_argument("--uint8", action="store_true", help="also: uint8 batches (mean/std left to the accelerator), "
+                    "for ImageFolder (PILToTensor) and the reader (normalize=False)")
     ap.add_argument("--out", default="", help="also write the figures as JSON here")
     args = ap.parse_args()
 
@@ -145,12 +157,13 @@ def main() -> None:
         shards = tmp / f"shards{args.writer_workers[0]}"
 
         variants = ["imagefolder"] + [f"wds_{d}" for d in args.decoders]
+        if args.uint8:
+            variants += ["imagefolder_uint8"] + [f"wds_{d}_uint8" for d in args.decoders]
         wall: dict[str, list[float]] = {v: [] for v in variants}
         cpu: dict[str, list[float]] = {v: [] for v in variants}
         for rep in range(args.repeats):
             for v in variants:  # alternating passes: noise hits every variant alike
-                loader = (imagefolder_loader(tmp / "tree", args.batch, args.workers) if v == "imagefolder" else
-                          shard_loader(shards, args.batch, args.workers, v[4:], rep))
+                loader = make_variant(v, tmp / "tree", shards, args.batch, args.workers, rep)
                 secs, cpu_s, n = timed_pass(loader)
                 wall[v].append(n / secs)
                 cpu[v].append(n / cpu_s)

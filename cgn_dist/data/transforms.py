@@ -115,14 +115,16 @@ class ImageTransform:
 
         x = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         _, full_h, full_w = x.shape
+        # torch's antialiased uint8 resize has a vectorised kernel for channels-last images (about 2x faster)
+        x = x.unsqueeze(0).contiguous(memory_format=torch.channels_last)
         if self.train:
             top, left, h, w, flip = self.crop_box(full_w, full_h, rng)
             x = F.resized_crop(x, top, left, h, w, [self.size, self.size], antialias=True)
             if flip:
                 x = F.horizontal_flip(x)
-            return x
+            return x[0]
         x = F.resize(x, [self.resize], antialias=True)
-        return F.center_crop(x, [self.size, self.size])
+        return F.center_crop(x, [self.size, self.size])[0]
 
 
 def random_resized_crop_box(width: int, height: int, rng: random.Random, scale=(0.08, 1.0),
