@@ -20,7 +20,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "reference"
+SHARED = Path(os.environ.get("CGN_DIST_SHARED_REF") or REPO.parent / "shared" / "reference")
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ TINY_U2NET_WIDTH = 1 / 16
 U2NET_WEIGHTS_HELP = (
     "Get the full U^2-Net weights 'u2net.pth' (176 MB) from the upstream U-2-Net project "
     "(github.com/xuebinqin/U-2-Net, README 'u2net.pth' download, Google Drive id "
-    "1ao1ovG1Qtx4b7EoskHXmi2E9rp5CHLcZ); the link in the CGN README is dead."
+    "1ao1ovG1Qtx4b7EoskHXmi2E9rp5CHLcZ; `cgn-dist weights fetch u2net`); the link in the CGN README is dead."
 )
 
 
@@ -221,14 +221,17 @@ def check_state_dict(module: nn.Module, state_dict: dict, what: str) -> None:
 
 def build_u2net(source: str | Path = "u2net.pth", seed: int = 0) -> U2Net:
     """"tiny" -> random small U^2-Net (deterministic from `seed`); "random" -> random
-    full-size; anything else is a path to the upstream `u2net.pth`. Returned in eval mode."""
+    full-size; "u2net" -> the weights cache's file (cgn_dist.weights); anything else is a path to the
+    upstream `u2net.pth`. Returned in eval mode."""
     if str(source) in ("tiny", "random"):
         width = TINY_U2NET_WIDTH if str(source) == "tiny" else 1.0
         with torch.random.fork_rng(devices=[]):  # leave the global RNG untouched
             torch.manual_seed(seed)
             net = U2Net(width=width)
         return net.eval()
-    return load_u2net(source)
+    from cgn_dist import weights
+
+    return load_u2net(weights.resolve(str(source), "imagenet.u2net"))
 
 
 def load_u2net(path: str | Path, map_location: str | torch.device = "cpu") -> U2Net:

@@ -31,7 +31,9 @@ def build_cgn(cfg: Config) -> CGNImageNet:
     if ic.init_from:
         from cgn_dist.models.original_imagenet import load_original_cgn_checkpoint
 
-        load_original_cgn_checkpoint(ic.init_from, cgn)
+        from cgn_dist import weights
+
+        load_original_cgn_checkpoint(weights.resolve(ic.init_from, "imagenet.init_from"), cgn)
     return cgn
 
 

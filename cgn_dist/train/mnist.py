@@ -39,7 +39,9 @@ def build_generator(cfg: Config) -> CGNMnist:
     if m.init_from:
         from cgn_dist.models.original_mnist import load_mnist_weights
 
-        load_mnist_weights(m.init_from, g)
+        from cgn_dist import weights
+
+        load_mnist_weights(weights.resolve(m.init_from, "mnist.init_from"), g)
     return g
 
 
