@@ -181,6 +181,31 @@ def format_listing() -> str:
     return "\n".join(lines)
 
 
+# --- reading -----------------------------------------------------------------------------------------------
+
+def unreadable_reason(path: str | os.PathLike, err: BaseException) -> str:
+    """Why torch could not load ``path``, in one short clause (torch's own messages run to paragraphs)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512).lstrip().lower()
+    except OSError:
+        head = b""
+    text = str(err)
+    if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head")) or b"<html" in head:
+        return "it is a web page, not a checkpoint (a download that got a login or warning page?)"
+    if "Unsupported global" in text:
+        what = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), "")
+        return f"it holds pickled Python objects beyond tensors, refused because loading them could run code ({what})"
+    if "central directory" in text or isinstance(err, EOFError) or "Ran out of input" in text:
+        return "it is truncated or corrupt (an interrupted download or copy?)"
+    if "Weights only load failed" in text or "invalid load key" in text or "Unsupported operand" in text:
+        return "it is not a torch checkpoint"
+    if "unpack requires" in text:
+        return "it is too short: truncated, or not a torch checkpoint"
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+    return f"torch cannot read it ({first if len(first) <= 160 else type(err).__name__})"
+
+
 # --- fetching ----------------------------------------------------------------------------------------------
 
 def sha256_file(path: str | os.PathLike) -> str:

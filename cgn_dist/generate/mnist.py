@@ -165,11 +165,12 @@ def load_mnist_generator(path: str | os.PathLike, device: str | torch.device = "
     file = resolve_generator_file(path)
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise GeneratorCheckpointError(f"{file} holds pickled objects beyond tensors and plain containers; "
-                                       f"it is refused (weights_only loading): {err}") from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise GeneratorCheckpointError(f"{file} is not a readable torch checkpoint: {err}") from err
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        from cgn_dist.weights import unreadable_reason
+
+        raise GeneratorCheckpointError(f"{file} is not a CGN-MNIST checkpoint: {unreadable_reason(file, err)}; the "
+                                       "authors' files: `cgn-dist weights fetch cgn-mnist-colored` (or "
+                                       "-double-colored, -wildlife)") from err
     if not isinstance(obj, Mapping):
         raise GeneratorCheckpointError(f"{file} holds a {type(obj).__name__}, not a state dict")
     if "module" in obj and isinstance(obj["module"], Mapping):

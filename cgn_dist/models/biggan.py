@@ -183,7 +183,10 @@ def load_biggan_files(
     try:
         state = torch.load(weights_file, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"'{weights_file}' is not a readable torch state dict ({e}). {WEIGHTS_HELP}") from e
+        from cgn_dist.weights import unreadable_reason
+
+        raise ValueError(f"'{weights_file}' is not BigGAN weights: {unreadable_reason(weights_file, e)}. "
+                         f"{WEIGHTS_HELP}") from e
     if not isinstance(state, Mapping):
         raise ValueError(f"'{weights_file}' does not hold a state dict. {WEIGHTS_HELP}")
     model = BigGAN(config)

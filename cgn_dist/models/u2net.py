@@ -242,7 +242,9 @@ def load_u2net(path: str | Path, map_location: str | torch.device = "cpu") -> U2
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle / zip errors: not a torch state dict
-        raise ValueError(f"'{path}' is not a readable torch state dict ({e}). {U2NET_WEIGHTS_HELP}") from e
+        from cgn_dist.weights import unreadable_reason
+
+        raise ValueError(f"'{path}' is not U^2-Net weights: {unreadable_reason(path, e)}. {U2NET_WEIGHTS_HELP}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"'{path}' does not hold a U^2-Net state dict. {U2NET_WEIGHTS_HELP}")
     state = _strip_prefix(state, "module.")
