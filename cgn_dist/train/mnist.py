@@ -21,7 +21,7 @@ from cgn_dist.models.cgn_mnist import CGNMnist, init_cgn_weights
 from cgn_dist.models.discriminator import DiscConv, DiscLin
 from cgn_dist.distributed.ray_train import ray_report
 from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
-from cgn_dist.train.metrics import Throughput, build_logger, make_sheet, setup_logging
+from cgn_dist.train.metrics import Throughput, build_logger, engine_scalars, make_sheet, setup_logging
 
 
 def step_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
@@ -78,6 +78,9 @@ class BatchStream:
 # --------------------------------------------------------------------------- sheets
 
 
+SHEET_COLUMNS = ("mask", "foreground", "background", "composite")
+
+
 @torch.no_grad()
 def class_sheet(gen: CGNMnist, n_classes: int, device, seed: int = 1234) -> torch.Tensor:
     """One row per class: mask | foreground | background | composite, fixed noise."""
@@ -88,7 +91,8 @@ def class_sheet(gen: CGNMnist, n_classes: int, device, seed: int = 1234) -> torc
     u = gen.sample_noise(n_classes, generator=g).to(device)
     mask, fg, bg, x = gen(y, u=u, shuffle=False)
     gen.train(was_training)
-    return make_sheet([mask, fg, bg, x], unit=[True, False, False, False], upsample=2)
+    return make_sheet([mask, fg, bg, x], unit=[True, False, False, False], upsample=2, titles=list(SHEET_COLUMNS),
+                      row_labels=[str(c) for c in range(n_classes)])
 
 
 # --------------------------------------------------------------------------- loop
@@ -158,7 +162,7 @@ def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
 
         logs = {"loss/g_adv": l_adv.item(), "loss/g_binary": l_bin.item(), "loss/g_perceptual": l_perc.item(),
                 "loss/g_total": loss_g.item(), "loss/d": loss_d.item(), "mask/mean": mask.mean().item(),
-                "perf/samples_per_s": meter.update()}
+                "perf/samples_per_s": meter.update()} | engine_scalars(engines)
         done = step + 1
         if done % t.log_every == 0 or done == total:
             logger.scalars(logs, done)
