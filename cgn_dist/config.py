@@ -324,10 +324,28 @@ def _read_yaml(path: Path, seen: tuple = ()) -> list[dict]:
     return chain + [data]
 
 
+# The checkout cgn_dist runs from (quickstart installs it editable): its configs/ serve every directory.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_config(path: str | Path) -> Path:
+    """``path`` as given if it exists, else the same relative path under the project root, so
+    ``cgn-dist train configs/mnist/colored.yaml`` works from any directory."""
+    p = Path(path).expanduser()
+    if p.is_file() or p.is_absolute():
+        return p
+    for candidate in (PROJECT_ROOT / p, PROJECT_ROOT / "configs" / p):
+        if candidate.is_file() and (PROJECT_ROOT / "configs").is_dir():
+            return candidate
+    raise ConfigError(f"config file {str(path)!r} does not exist here ({Path.cwd()}) nor under the project root "
+                      f"{PROJECT_ROOT} (whose configs/ any directory can use: e.g. configs/mnist/colored.yaml)")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build the config: defaults, then the YAML chain at ``path``, then ``key=value`` overrides."""
+    """Build the config: defaults, then the YAML chain at ``path`` (relative paths: the current directory,
+    else the project root), then ``key=value`` overrides."""
     cfg = Config()
-    layers = _read_yaml(Path(path)) if path else []
+    layers = _read_yaml(find_config(path)) if path else []
     for layer in layers + _dotted_to_nested(list(overrides or [])):
         _merge(cfg, layer)
     if not cfg.name:
