@@ -96,6 +96,14 @@ def cmd_regenerate(args) -> int:
     return 0 if report["identical"] else 1
 
 
+def cmd_make_shards(args) -> int:
+    """An image tree (ILSVRC-2012 train/val, any ImageFolder tree) into WebDataset shards + manifest."""
+    from cgn_dist.data.make_shards import run_make_shards
+
+    print(json.dumps(run_make_shards(_cfg(args)), indent=1, default=str))
+    return 0
+
+
 def cmd_bench_train(args) -> int:
     from cgn_dist.bench import main_bench_train
 
@@ -153,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 "time per sample: torch vs DeepSpeed at one process, then 1 vs 2 Ray Train workers")
     with_config("generate", cmd_generate,
                 "generate counterfactual shards (generate.dry_run=true: estimate; mode=interpolation: a sheet)")
+    with_config("make-shards", cmd_make_shards,
+                "shard an image tree (ImageNet train/val, ImageFolder) into WebDataset tars (shards.dry_run=true: estimate)")
     sp = sub.add_parser("regenerate", help="recompute sample KEY of a generation run and check it against the shard")
     sp.add_argument("run_dir", help="the generation run's folder (with manifest.json)")
     sp.add_argument("key", help="sample key, e.g. 000000_000003")

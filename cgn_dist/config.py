@@ -57,6 +57,7 @@ class ImagenetConfig:
     biggan: str = "biggan-deep-256"  # "biggan-deep-256" (weights cache, else download), a dir with config.json + weights, or "tiny"
     cache_dir: str = ""  # pytorch-pretrained-biggan cache directory ("" = package default)
     u2net: str = "u2net"  # U²-Net weights: "u2net" (the weights cache, `cgn-dist weights`), a file, or "tiny" (tests)
+    u2net_align_corners: bool = True  # bilinear align_corners of U²-Net: True = authors' CGN copy, False = upstream
     vgg_weights: str = "auto"  # VGG16 for the perceptual and texture losses: "imagenet", "random", "auto" or a path
     truncation: float = 1.0  # BigGAN truncation in (0, 1] during training
     lr_shape: float = 8e-6  # Adam lr of f_shape
@@ -141,6 +142,26 @@ class GenerateConfig:
 
 
 @dataclass
+class ShardsConfig:
+    root: str = ""  # image tree: ILSVRC train/ or val/ (class folders, or flat val + val_labels), or any <root>/<class>/<image> tree
+    out: str = ""  # output folder ("" = <out_dir>/<name>)
+    labels: Literal["imagenet", "folders"] = "imagenet"  # imagenet: WNID index in the standard 1000 order; folders: sorted folder order
+    val_labels: str = ""  # flat val folder: devkit ILSVRC2012_validation_ground_truth.txt, LOC_val_solution.csv or '<file> <wnid>' lines
+    devkit_meta: str = ""  # devkit data/meta.mat (ground-truth IDs -> WNIDs); "" = meta.mat beside val_labels
+    shard_size: int = 1000  # images per shard (at most)
+    shard_bytes: int = 0  # also cap the source bytes per shard (0 = no cap), e.g. 100000000 for ~100 MB shards
+    shuffle: bool = True  # seeded (top-level seed) shuffle of the file order, so every shard mixes classes
+    resize: int = 0  # resize the short side to this (never up) and re-encode; 0 = keep the original bytes
+    jpeg_quality: int = 95  # quality of re-encoded images (conversions, resizes)
+    batch_size: int = 64  # files per read call in a worker
+    backend: Literal["local", "ray"] = "local"  # ray: workers on every node (ray.address); paths must be shared
+    num_workers: int = 1  # worker processes / Ray actors
+    max_retries: int = 3  # further attempts per failed shard
+    dry_run: bool = False  # list the tree, time a probe, print shards / time / disk; write nothing
+    dry_run_samples: int = 64  # files the dry run reads
+
+
+@dataclass
 class ClassifierConfig:
     epochs: int = 10  # classifier epochs
     batch_size: int = 64  # classifier training batch
@@ -171,6 +192,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)  # cgn-dist make-shards
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
@@ -216,6 +238,11 @@ def _check_values(cfg: Config) -> None:
     need(g.num_threads >= 0, "generate.num_threads", "must be >= 0 (0 = torch's setting)")
     need(g.dry_run_samples >= 0, "generate.dry_run_samples", "must be >= 0 (0 = one forward batch)")
     need(cfg.distributed.num_workers >= 0, "distributed.num_workers", "must be >= 0")
+    sh = cfg.shards
+    need(1 <= sh.shard_size <= 999_999, "shards.shard_size", "must lie in 1..999999")
+    need(sh.shard_bytes >= 0 and sh.resize >= 0, "shards", "shard_bytes and resize must be >= 0")
+    need(1 <= sh.jpeg_quality <= 100, "shards.jpeg_quality", "must lie in 1..100")
+    need(sh.batch_size >= 1 and sh.num_workers >= 1, "shards", "batch_size and num_workers must be >= 1")
     bad_ds = set(cfg.pipeline.datasets) - {"colored", "double_colored", "wildlife"}
     need(not bad_ds, "pipeline.datasets", f"unknown {sorted(bad_ds)}; accepted: colored, double_colored, wildlife")
     need(not cfg.pipeline.datasets or cfg.pipeline.released_dir, "pipeline.datasets",

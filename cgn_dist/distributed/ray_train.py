@@ -14,40 +14,31 @@ import os
 from pathlib import Path
 
 from cgn_dist.config import Config, config_from_dict, config_to_dict
-
-IN_RAY_TRAIN = "CGN_DIST_IN_RAY_TRAIN"
-
-
-def in_ray_train() -> bool:
-    return os.environ.get(IN_RAY_TRAIN) == "1"
+from cgn_dist.train.common import Reporter
 
 
-def ray_resume_checkpoint() -> Path | None:
-    """The latest checkpoint Ray Train holds for this run (after a restart), else None."""
-    if not in_ray_train():
-        return None
-    import ray.train
+class RayReporter(Reporter):
+    """Hands a loop's checkpoints to Ray Train and, after a restart, Ray Train's latest back to the loop."""
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    # Local or shared storage: the checkpoint is already a directory; remote storage downloads it.
-    return Path(ckpt.to_directory()) if not os.path.isdir(ckpt.path) else Path(ckpt.path)
+    def resume_checkpoint(self) -> Path | None:
+        import ray.train
 
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        # Local or shared storage: the checkpoint is already a directory; remote storage downloads it.
+        return Path(ckpt.to_directory()) if not os.path.isdir(ckpt.path) else Path(ckpt.path)
 
-def ray_report(step: int, metrics: dict, checkpoint_dir: Path | None, is_main: bool) -> None:
-    """Report to Ray Train (every rank calls it; only rank 0 attaches the checkpoint)."""
-    if not in_ray_train():
-        return
-    import ray.train
+    def report(self, step: int, metrics: dict, checkpoint_dir: Path | None, is_main: bool) -> None:
+        # Every rank reports; only rank 0 attaches the checkpoint.
+        import ray.train
 
-    ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if (checkpoint_dir and is_main) else None
-    ray.train.report({"step": step, **{k.replace("/", "_"): float(v) for k, v in metrics.items()}},
-                     checkpoint=ckpt)
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if (checkpoint_dir and is_main) else None
+        ray.train.report({"step": step, **{k.replace("/", "_"): float(v) for k, v in metrics.items()}},
+                         checkpoint=ckpt)
 
 
 def _worker_loop(config: dict) -> None:
-    os.environ[IN_RAY_TRAIN] = "1"
     import ray.train
     import ray.train.torch
 
@@ -62,7 +53,7 @@ def _worker_loop(config: dict) -> None:
                   device if device is not None else torch.device("cpu"))
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
     torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
-    train_fn(cfg)(cfg, env)
+    train_fn(cfg)(cfg, env, reporter=RayReporter())
 
 
 def train_fn(cfg: Config):

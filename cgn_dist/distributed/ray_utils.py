@@ -37,8 +37,7 @@ LOOPBACK_PROXY_ENV = {
 
 def package_root() -> Path:
     """The folder that holds the cgn_dist package (what PYTHONPATH needs for workers to import it)."""
-    import cgn_dist.generate  # a regular package: cgn_dist itself may be a namespace package
-    return Path(cgn_dist.generate.__file__).resolve().parents[2]
+    return Path(__file__).resolve().parents[2]  # <root>/cgn_dist/distributed/ray_utils.py
 
 
 @contextlib.contextmanager
@@ -191,3 +190,27 @@ class LoopbackCluster:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def stop_ray_under(temp_dir: str | os.PathLike, timeout_s: float = 10.0) -> list[int]:
+    """Stop the Ray daemons whose command line names ``temp_dir`` (what RAY_TMPDIR pointed at when they
+    started); returns their pids. Unlike ``ray stop``, the other Ray instances on the machine are left alone.
+    Their workers exit on their own once their raylet is gone."""
+    import psutil
+
+    needle = str(Path(temp_dir).resolve())
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.pid != os.getpid() and any(needle in part for part in (p.info["cmdline"] or [])):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in found:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(found, timeout=timeout_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    return [p.pid for p in found]

@@ -57,6 +57,9 @@ def imagenet_factory(cfg: Config):
     g, ic = cfg.generate, cfg.imagenet
     if g.mode not in IMAGENET_MODES:
         raise ValueError(f"generate.mode={g.mode!r} is not an ImageNet mode; accepted: {', '.join(IMAGENET_MODES)}")
+    if not ic.u2net_align_corners:
+        raise ValueError("imagenet.u2net_align_corners=false (upstream U²-Net upsampling) is a training option; "
+                         "generation always uses the CGN authors' upsampling: drop the override")
     # A run directory means its latest checkpoint NOW: every worker must load the same one.
     checkpoint = str(resolve_cgn_checkpoint(_checkpoint(g.checkpoint)).resolve()) if g.checkpoint else ""
     mode = "random" if g.mode == "interpolation" else g.mode

@@ -23,10 +23,16 @@ def generate_dataset(sampler_factory: Callable[[], Any], out_dir: str | os.PathL
                      progress: bool = True, on_shard_done: Callable[[dict[str, Any]], None] | None = None,
                      config: dict[str, Any] | None = None, verify: str = "sha256",
                      shard_timeout_s: float | None = None, worker_resources: dict[str, float] | None = None,
-                     ) -> dict[str, Any]:
+                     shards: Sequence[ShardSpec] | None = None) -> dict[str, Any]:
     """Plan, generate (skipping committed shards), then write manifest.json and index.json; returns the
-    manifest. Rerunning the same call after any interruption completes the run with identical bytes."""
-    shards = make_plan(n_samples, shard_size, run_seed)
+    manifest. Rerunning the same call after any interruption completes the run with identical bytes.
+
+    ``shards``: a ready plan of shards of varying sizes (e.g. sized by bytes) instead of
+    ``make_plan(n_samples, shard_size, run_seed)``; ids 0..len-1, each with ``n <= shard_size``."""
+    if shards is None:
+        shards = make_plan(n_samples, shard_size, run_seed)
+    elif [s.shard_id for s in shards] != list(range(len(shards))) or any(not 1 <= s.n <= shard_size for s in shards):
+        raise ValueError("shards must have ids 0..len-1 in order and sizes within 1..shard_size")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan_doc = build_plan_doc(run_seed, shard_size, describe_factory(sampler_factory))
@@ -65,8 +71,13 @@ def describe_plan(shards: Sequence[ShardSpec], sampler: Any, batch_size: int = 1
     t0 = time.perf_counter()
     samples = sampler.sample(refs)
     seconds = time.perf_counter() - t0
+    n_timed = len(refs)
+    kept = [(r, s) for r, s in zip(refs, samples) if "__reject__" not in s]
+    if not kept:
+        raise ValueError(f"every one of the {len(refs)} probed samples was rejected: {samples[0]['__reject__']}")
+    refs, samples = [r for r, _ in kept], [s for _, s in kept]
     tar_bytes = sum(_tar_bytes(encode_sample(r.key, s)) for r, s in zip(refs, samples))
-    per_sample_s, per_sample_bytes = seconds / len(refs), tar_bytes / len(refs)
+    per_sample_s, per_sample_bytes = seconds / n_timed, tar_bytes / len(refs)
     # Per shard: end-of-archive blocks plus padding to tar's 10 KiB records, on average half a record.
     est_bytes = int(per_sample_bytes * n_samples + len(shards) * (1024 + 5120))
     return {
@@ -75,7 +86,7 @@ def describe_plan(shards: Sequence[ShardSpec], sampler: Any, batch_size: int = 1
         "shard_size": max(s.n for s in shards),
         "batch_size": batch_size,
         "num_workers": num_workers,
-        "probe_samples": len(refs),
+        "probe_samples": n_timed,
         "seconds_per_sample": per_sample_s,
         "samples_per_second_per_worker": (1.0 / per_sample_s) if per_sample_s > 0 else float("inf"),
         "est_seconds": per_sample_s * n_samples / num_workers,

@@ -142,11 +142,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def find_resume_checkpoint(run_dir: Path) -> Path | None:
-    """What to resume from: Ray Train's latest after a worker restart, else the run dir's latest."""
-    from cgn_dist.distributed.ray_train import ray_resume_checkpoint
-
-    return ray_resume_checkpoint() or latest_checkpoint(run_dir)
+def find_resume_checkpoint(run_dir: Path, reporter=None) -> Path | None:
+    """What to resume from: the launcher's pick (Ray Train's latest after a worker restart), else the run
+    dir's latest."""
+    return (reporter.resume_checkpoint() if reporter is not None else None) or latest_checkpoint(run_dir)
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:

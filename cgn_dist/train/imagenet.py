@@ -15,19 +15,19 @@ from tqdm import tqdm
 from cgn_dist.config import Config
 from cgn_dist.distributed.engine import build_engine
 from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
-from cgn_dist.distributed.ray_train import ray_report
 from cgn_dist.losses import VGG16Features
 from cgn_dist.models.biggan import truncated_noise
 from cgn_dist.models.cgn_imagenet import CGNImageNet, build_cgn_imagenet
 from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from cgn_dist.train.common import NullReporter, Reporter, step_seed
 from cgn_dist.train.imagenet_step import ImagenetLossWeights, build_optimizer, imagenet_losses, sample_inputs
 from cgn_dist.train.metrics import Throughput, build_logger, engine_scalars, make_sheet, setup_logging
-from cgn_dist.train.mnist import step_seed
 
 
 def build_cgn(cfg: Config) -> CGNImageNet:
     ic = cfg.imagenet
-    cgn = build_cgn_imagenet(ic.biggan, ic.u2net, cache_dir=ic.cache_dir or None, seed=cfg.seed)
+    cgn = build_cgn_imagenet(ic.biggan, ic.u2net, cache_dir=ic.cache_dir or None, seed=cfg.seed,
+                             u2net_align_corners=ic.u2net_align_corners)
     if ic.init_from:
         from cgn_dist.models.original_imagenet import load_original_cgn_checkpoint
 
@@ -57,8 +57,9 @@ def class_sheet(cgn: CGNImageNet, classes: list[int], truncation: float, device,
                       row_labels=[f"{c} {class_name(c)}" for c in classes])
 
 
-def train_imagenet(cfg: Config, env: DistEnv | None = None) -> dict:
+def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter | None = None) -> dict:
     env = env or read_env(cfg.train.device)
+    reporter = reporter or NullReporter()
     t, ic = cfg.train, cfg.imagenet
     if t.max_steps <= 0:
         raise ValueError("train.max_steps must be > 0 for ImageNet CGN (the number of optimizer updates)")
@@ -75,7 +76,7 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None) -> dict:
     engines = {"mechanisms": engine}
 
     start = 0
-    ckpt = find_resume_checkpoint(run_dir) if t.resume else None
+    ckpt = find_resume_checkpoint(run_dir, reporter) if t.resume else None
     if ckpt is not None:
         start = load_checkpoint(ckpt, engines, rank=env.rank)["step"]
         logger.info(f"resumed from {ckpt} at update {start}")
@@ -116,7 +117,7 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None) -> dict:
                                                          engine.forward_module), done)
         if done % t.checkpoint_every == 0 or done == t.max_steps:
             path = save_checkpoint(run_dir, done, engines, cfg=cfg, keep_last=t.keep_last, rank=env.rank)
-            ray_report(done, logs, path, env.is_main)
+            reporter.report(done, logs, path, env.is_main)
     logger.flush()
     logger.close()
     if owns_group:

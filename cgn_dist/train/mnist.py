@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -19,13 +18,9 @@ from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_proces
 from cgn_dist.losses import VGG16Features, binary_entropy_loss, lsgan_loss, perceptual_loss
 from cgn_dist.models.cgn_mnist import CGNMnist, init_cgn_weights
 from cgn_dist.models.discriminator import DiscConv, DiscLin
-from cgn_dist.distributed.ray_train import ray_report
 from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from cgn_dist.train.common import NullReporter, Reporter, step_seed
 from cgn_dist.train.metrics import Throughput, build_logger, engine_scalars, make_sheet, setup_logging
-
-
-def step_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
-    return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0])
 
 
 # --------------------------------------------------------------------------- models
@@ -98,8 +93,9 @@ def class_sheet(gen: CGNMnist, n_classes: int, device, seed: int = 1234) -> torc
 # --------------------------------------------------------------------------- loop
 
 
-def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
+def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | None = None) -> dict:
     env = env or read_env(cfg.train.device)
+    reporter = reporter or NullReporter()
     t, m = cfg.train, cfg.mnist
     owns_group = init_process_group(env)  # torchrun / deepspeed launchers; Ray Train made its own
     run_dir = prepare_run_dir(cfg, env.is_main)
@@ -121,7 +117,7 @@ def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
     engines = {"generator": eng_g, "discriminator": eng_d}
 
     start = 0
-    ckpt = find_resume_checkpoint(run_dir) if t.resume else None
+    ckpt = find_resume_checkpoint(run_dir, reporter) if t.resume else None
     if ckpt is not None:
         start = load_checkpoint(ckpt, engines, rank=env.rank)["step"]
         logger.info(f"resumed from {ckpt} at update {start}")
@@ -172,7 +168,7 @@ def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
             logger.image("sheet/classes", class_sheet(gen, m.n_classes, env.device), done)
         if done % t.checkpoint_every == 0 or done == total:
             path = save_checkpoint(run_dir, done, engines, cfg=cfg, keep_last=t.keep_last, rank=env.rank)
-            ray_report(done, logs, path, env.is_main)
+            reporter.report(done, logs, path, env.is_main)
     logger.flush()
     logger.close()
     if owns_group:

@@ -1,0 +1,151 @@
+"""The streaming reader and the real + counterfactual mix on real WebDataset tars (2 ranks x 2 DataLoader
+workers, shards of unequal sizes that divide evenly over nothing)."""
+from __future__ import annotations
+
+import collections
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cgn_dist.data.mix import make_mixed_loader
+from cgn_dist.data.shards import build_wids_index, encode_jpeg, write_json_atomic, write_tar
+from cgn_dist.data.stream import CF_LABELS, load_shard_set, make_loader, steps_per_epoch
+from cgn_dist.data.transforms import ImageTransform, random_resized_crop_box
+
+SIZES = [7, 5, 9, 3, 6]  # 30 samples
+
+
+def _make_shards(root, sizes, cf=False, seed=0):
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    entries, k = [], 0
+    for s, n in enumerate(sizes):
+        samples = []
+        for i in range(n):
+            meta = {"label": k} if not cf else {"shape_cls": k, "texture_cls": k + 1000, "bg_cls": k + 2000}
+            img = rng.integers(0, 256, (40 + 3 * i, 52, 3), dtype=np.uint8)
+            samples.append((f"{s:06d}_{i:06d}", {"jpg": encode_jpeg(img), "json": meta}))
+            k += 1
+        name = f"shard-{s:06d}.tar"
+        write_tar(root / name, samples)
+        entries.append({"url": name, "nsamples": n})
+    write_json_atomic(root / "index.json", build_wids_index(entries))
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return _make_shards(tmp_path_factory.mktemp("real"), SIZES)
+
+
+def _epoch(shards, train, epoch, world=2, workers=2, batch=3, **kw):
+    per_rank, lengths = [], []
+    for rank in range(world):
+        loader = make_loader(shards, batch, train=train, rank=rank, world_size=world, num_workers=workers,
+                             seed=5, epoch=epoch, image_size=16, resize=20, **kw)
+        batches = list(loader)
+        lengths.append((len(batches), len(loader)))
+        for b in batches:
+            assert b["image"].shape[1:] == (3, 16, 16) and b["image"].dtype == torch.float32
+            assert b["label"].dtype == torch.int64 and len(b["__key__"]) == len(b["label"])
+        per_rank.append([x for b in batches for x in b["label"].tolist()])
+    return per_rank, lengths
+
+
+def test_eval_epoch_sees_every_sample_once_on_2_nodes_x_2_workers(shards):
+    per_rank, lengths = _epoch(shards, train=False, epoch=0)
+    seen = per_rank[0] + per_rank[1]
+    assert sorted(seen) == list(range(sum(SIZES)))  # exactly once, nothing else
+    assert all(n == length for n, length in lengths)
+    assert abs(len(per_rank[0]) - len(per_rank[1])) <= 2  # at most one sample per worker apart
+
+
+def test_train_epoch_exactly_once_same_steps_and_new_order_next_epoch(shards):
+    orders = []
+    for epoch in (0, 1):
+        per_rank, lengths = _epoch(shards, train=True, epoch=epoch)
+        steps = sum(SIZES) // (3 * 2)  # 5 full global batches: drop_last keeps 30 of 30
+        assert [n for n, _ in lengths] == [steps, steps] and [m for _, m in lengths] == [steps, steps]
+        seen = per_rank[0] + per_rank[1]
+        assert len(seen) == len(set(seen)) == steps * 3 * 2
+        orders.append(per_rank)
+    assert orders[0] != orders[1]
+    again, _ = _epoch(shards, train=True, epoch=1)  # and the same order when epoch 1 is replayed
+    assert again == orders[1]
+
+
+def test_train_drops_under_one_global_batch_and_a_different_set_each_epoch(shards):
+    dropped = []
+    for epoch in range(3):
+        per_rank, lengths = _epoch(shards, train=True, epoch=epoch, batch=4)
+        seen = per_rank[0] + per_rank[1]
+        assert len(seen) == len(set(seen)) == (30 // 8) * 8  # 24 read, 6 left over
+        dropped.append(frozenset(range(30)) - set(seen))
+    assert len(set(dropped)) > 1
+
+
+def test_steps_per_epoch_formula():
+    assert steps_per_epoch(1_281_167, 256, world=8, workers=8) == 1_281_167 // 2048
+    # eval: partial batches per worker
+    assert steps_per_epoch(10, 4, rank=0, world=1, workers=2, drop_last=False) == 4  # 5 + 5 -> 2 + 2
+
+
+def test_resampled_stream_is_sized_and_draws_with_replacement(shards):
+    loader = make_loader(shards, 4, rank=0, world_size=1, num_workers=0, resampled=True, samples_per_epoch=80,
+                         image_size=16, resize=20)
+    labels = [x for b in loader for x in b["label"].tolist()]
+    assert len(loader) == 20 and len(labels) == 80
+    assert max(collections.Counter(labels).values()) > 1
+
+
+def test_mix_gives_the_asked_ratio_and_resamples_the_cf_stream(tmp_path, shards):
+    cf = _make_shards(tmp_path / "cf", [4, 4], cf=True, seed=1)  # 8 cf samples: tiled to fill the epoch
+    for ratio, cf_b in ((1.0, 4), (0.5, 2), (0.75, 3)):
+        loader = make_mixed_loader(shards, cf, 4, ratio, rank=0, world_size=1, num_workers=2, seed=3,
+                                   image_size=16, resize=20)
+        pairs = list(loader)
+        assert len(pairs) == len(loader) == 30 // 4
+        for real_b, cf_batch in pairs:
+            assert real_b["image"].shape[0] == 4 and cf_batch["image"].shape[0] == cf_b
+            assert set(cf_batch) >= set(CF_LABELS)
+            assert (cf_batch["texture_cls"] == cf_batch["shape_cls"] + 1000).all()
+        assert loader.counts["real"] == 28 and loader.counts["cf"] == 7 * cf_b
+        assert loader.counts["ratio"] == pytest.approx(cf_b / 4)
+    zero = make_mixed_loader(shards, cf, 4, 0.0, rank=0, world_size=1, image_size=16, resize=20)
+    assert all(c is None for _, c in zero)
+
+
+def test_val_transform_matches_torchvision_resize_centercrop():
+    from torchvision.transforms import v2
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)
+    data = encode_jpeg(img)
+    pil = Image.open(io.BytesIO(data)).convert("RGB")
+    ref = v2.Compose([v2.Resize(256), v2.CenterCrop(224), v2.PILToTensor()])(pil)
+    ours = ImageTransform(train=False)(data, random.Random(0))
+    assert torch.equal(ours, ref)
+    tv = ImageTransform(train=False, decoder="torchvision")(data, random.Random(0))
+    assert tv.shape == (3, 224, 224) and (tv.float() - ref.float()).abs().mean() < 3.0
+
+
+def test_random_resized_crop_box_stays_inside_and_in_range():
+    rng = random.Random(0)
+    areas = []
+    for _ in range(500):
+        top, left, h, w = random_resized_crop_box(400, 350, rng)
+        assert 0 <= top and top + h <= 350 and 0 <= left and left + w <= 400
+        areas.append(h * w / (400 * 350))
+    assert 0.07 < min(areas) and max(areas) <= 1.0 and 0.4 < np.mean(areas) < 0.7  # uniform(0.08, 1) ~ 0.54
+
+
+def test_index_with_wrong_count_is_a_clear_error(tmp_path):
+    root = _make_shards(tmp_path / "s", [3])
+    with pytest.raises(RuntimeError, match="index is stale"):
+        list(make_loader([(str(root / "shard-000000.tar"), 5)], 5, train=False, rank=0, world_size=1,
+                         image_size=16, resize=20))
+    assert load_shard_set(root).n_samples == 3
