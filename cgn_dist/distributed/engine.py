@@ -26,6 +26,7 @@ class TorchEngine:
         self.grad_accum = grad_accum
         self.micro_steps = 0
         self.global_steps = 0
+        self.grad_norm: float | None = None  # L2 norm of all gradients at the last update (for TensorBoard)
         self.env = env
         self.dtype = torch.bfloat16 if precision == "bf16" else None
         use_ddp = env.is_distributed if ddp is None else ddp
@@ -64,6 +65,9 @@ class TorchEngine:
 
     def step(self) -> None:
         if self.is_boundary():
+            grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            self.grad_norm = float(torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_steps += 1
@@ -137,6 +141,12 @@ class DeepSpeedEngine:
 
     def is_boundary(self) -> bool:
         return self.engine.is_gradient_accumulation_boundary()
+
+    @property
+    def grad_norm(self) -> float | None:
+        """DeepSpeed's global gradient norm of the last update (None where it does not compute one)."""
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.grad_sum:  # DeepSpeed divides by the accumulation steps and averages over processes
