@@ -2,6 +2,8 @@
 
 Each subcommand loads the config (file + dotted overrides) and makes one call.
 Config fields are never mirrored as flags: overrides are the only way in.
+A mistake in the input or the environment (config, missing weights, offline, disk full) ends with one
+line on stderr and exit code 2; ``--debug`` (or CGN_DIST_DEBUG=1) shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -42,9 +44,25 @@ def cmd_train(args) -> int:
 def cmd_config(args) -> int:
     import yaml
 
-    from cgn_dist.config import config_to_dict
+    from cgn_dist.config import config_to_dict, format_config_docs
 
-    print(yaml.safe_dump(config_to_dict(_cfg(args)), sort_keys=False))
+    cfg = _cfg(args)
+    print(format_config_docs(cfg) if args.doc else yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return 0
+
+
+def cmd_weights(args) -> int:
+    """List every weight file cgn_dist can use, or fetch some."""
+    from cgn_dist import weights
+
+    if args.action == "list":
+        print(weights.format_listing())
+        return 0
+    if not args.names:
+        raise weights.WeightsError(f"weights fetch needs a NAME: one of {', '.join(weights.REGISTRY)}")
+    for name in args.names:
+        path = weights.fetch(name, progress=True, force=args.force)
+        print(f"{name}: {path} (sha256 checked)")
     return 0
 
 
@@ -129,19 +147,37 @@ def _drop_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+DEBUG_ENV = "CGN_DIST_DEBUG"
+CONFIG_EPILOG = ("Every key, its value and its one-line doc: cgn-dist config --doc [CONFIG] [key=value ...]. "
+                 "Add --debug to see a traceback.")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the input or the environment is wrong, not cgn_dist: one line, no traceback."""
+    from cgn_dist.generate.writer import GenerationError
+
+    return (FileNotFoundError, ValueError, OSError, GenerationError)
+
+
+def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
+    return [a for a in argv if a != "--debug"], "--debug" in argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cgn-dist", description=__doc__)
+    p = argparse.ArgumentParser(prog="cgn-dist", description=__doc__, epilog=CONFIG_EPILOG)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def with_config(name: str, fn, help: str, config_required: bool = True):
-        sp = sub.add_parser(name, help=help)
+        sp = sub.add_parser(name, help=help, description=help, epilog=CONFIG_EPILOG)
         sp.add_argument("config", nargs=None if config_required else "?", help="YAML config (overrides on the defaults)")
         sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
         sp.set_defaults(fn=fn)
         return sp
 
     with_config("train", cmd_train, "train a CGN (MNIST or ImageNet; Ray Train when distributed.num_workers>0)")
-    with_config("config", cmd_config, "print the resolved config", config_required=False)
+    sp = with_config("config", cmd_config, "print the resolved config (--doc: with each key's doc)",
+                     config_required=False)
+    sp.add_argument("--doc", action="store_true", help="print every key as key: value  # its one-line doc")
     with_config("mnist-pipeline", cmd_mnist_pipeline,
                 "the MNIST experiment end to end: CGN (or the released ones) -> counterfactuals -> classifiers -> table")
     with_config("bench-train", cmd_bench_train,
@@ -169,18 +205,32 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("dst")
     sp.add_argument("--kind", choices=["auto", "mnist", "imagenet"], default="auto")
     sp.set_defaults(fn=cmd_import)
+    sp = sub.add_parser("weights", help="list the weight files cgn_dist uses (source, size, sha256, where, "
+                        "present?); `weights fetch NAME` downloads one", epilog=CONFIG_EPILOG)
+    sp.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
+    sp.add_argument("names", nargs="*", help="weights to fetch (names from the listing)")
+    sp.add_argument("--force", action="store_true", help="download again even when present")
+    sp.set_defaults(fn=cmd_weights)
 
-    args = p.parse_args(_drop_local_rank(sys.argv[1:] if argv is None else argv))
+    argv, debug = _pop_debug(_drop_local_rank(sys.argv[1:] if argv is None else argv))
+    debug = debug or bool(os.environ.get(DEBUG_ENV) or os.environ.get("CGN_DIST_TRACEBACK"))
+    args = p.parse_args(argv)
     try:
         return args.fn(args)
     except ConfigError as e:
+        if debug:
+            raise
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
-        if os.environ.get("CGN_DIST_TRACEBACK"):
+    except _user_errors() as e:
+        if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    return str(e).strip() or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -149,3 +149,37 @@ def test_index_with_wrong_count_is_a_clear_error(tmp_path):
         list(make_loader([(str(root / "shard-000000.tar"), 5)], 5, train=False, rank=0, world_size=1,
                          image_size=16, resize=20))
     assert load_shard_set(root).n_samples == 3
+
+
+def test_normalize_images_is_imagenet_mean_std():
+    from cgn_dist.data.transforms import normalize_images
+
+    x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert torch.allclose(normalize_images(x), (x.float() / 255 - mean) / std, atol=1e-5)
+
+
+def test_resume_mid_epoch_gives_the_remaining_batches(shards):
+    kw = dict(train=True, rank=1, world_size=2, num_workers=2, seed=9, epoch=4, image_size=16, resize=20)
+    full = list(make_loader(shards, 2, **kw))
+    assert len(full) == 7
+    for start in (1, 3, 4):
+        loader = make_loader(shards, 2, **kw)
+        loader.set_epoch(4, start_step=start)
+        rest = list(loader)
+        assert [b["__key__"] for b in rest] == [b["__key__"] for b in full[start:]]
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(rest, full[start:]))
+    with pytest.raises(ValueError, match="start_step"):
+        make_loader(shards, 2, train=False, rank=0, world_size=1).set_epoch(0, start_step=1)
+
+
+def test_mixed_loader_resumes_both_streams(tmp_path, shards):
+    cf = _make_shards(tmp_path / "cf", [5, 6], cf=True, seed=2)
+    kw = dict(rank=0, world_size=1, num_workers=2, seed=1, image_size=16, resize=20)
+    full = list(make_mixed_loader(shards, cf, 4, 0.5, **kw))
+    resumed = make_mixed_loader(shards, cf, 4, 0.5, **kw)
+    resumed.set_epoch(0, start_step=2)
+    rest = list(resumed)
+    assert [(r["__key__"], c["__key__"]) for r, c in rest] == [(r["__key__"], c["__key__"]) for r, c in full[2:]]
+    assert resumed.counts["steps"] == len(full) - 2

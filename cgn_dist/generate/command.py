@@ -27,8 +27,27 @@ IMAGENET_MODES = ("random", "best_classes", "fixed_classes", "interpolation")
 # --- sampler factories from the config ------------------------------------------------------------------
 
 def _abs(path: str) -> str:
-    """Absolute form of a file path (workers and regenerate may run elsewhere); names pass through."""
+    """Absolute form of a file path (workers and regenerate may run elsewhere); a weights file name becomes
+    its cached file's path when present; other names (biggan-deep-256: build_biggan looks it up) pass through."""
+    from cgn_dist import weights
+
+    if weights.is_name(path) and not weights.get(path).subdir and weights.path_of(path).is_file():
+        path = str(weights.path_of(path))
     return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
+
+
+def _checkpoint(value: str) -> str:
+    """generate.checkpoint: a weights name (cgn-imagenet, cgn-mnist-colored, ...) or a path."""
+    from cgn_dist import weights
+
+    return weights.resolve(value, "generate.checkpoint")
+
+
+def image_format(cfg: Config) -> str:
+    """generate.image_format with "auto" decided: jpg for ImageNet, png for MNIST."""
+    if cfg.generate.image_format != "auto":
+        return cfg.generate.image_format
+    return "png" if cfg.task == "mnist" else "jpg"
 
 
 def imagenet_factory(cfg: Config):
@@ -42,13 +61,15 @@ def imagenet_factory(cfg: Config):
         raise ValueError("imagenet.u2net_align_corners=false (upstream U²-Net upsampling) is a training option; "
                          "generation always uses the CGN authors' upsampling: drop the override")
     # A run directory means its latest checkpoint NOW: every worker must load the same one.
-    checkpoint = str(resolve_cgn_checkpoint(g.checkpoint).resolve()) if g.checkpoint else ""
+    checkpoint = str(resolve_cgn_checkpoint(_checkpoint(g.checkpoint)).resolve()) if g.checkpoint else ""
     mode = "random" if g.mode == "interpolation" else g.mode
     return ImagenetCounterfactualFactory(
         checkpoint=checkpoint, biggan=_abs(ic.biggan), u2net=_abs(ic.u2net), cache_dir=_abs(ic.cache_dir),
         model_seed=cfg.seed, mode=mode, classes=list(g.classes) if mode == "fixed_classes" else [],
-        truncation=g.truncation, image_format=g.image_format, jpeg_quality=g.jpeg_quality, normalize=g.normalize,
-        save_layers=g.save_layers, forward_batch=g.forward_batch, device=g.device, num_threads=g.num_threads)
+        truncation=g.truncation, image_format=image_format(cfg), jpeg_quality=g.jpeg_quality, normalize=g.normalize,
+        save_layers=g.save_layers, forward_batch=g.forward_batch, device=g.device, num_threads=g.num_threads,
+        precision=g.precision, channels_last=g.channels_last, compile=g.compile, overlap=g.overlap,
+        encode_threads=g.encode_threads, jpeg_encoder=g.jpeg_encoder)
 
 
 def mnist_factory(cfg: Config):
@@ -60,14 +81,20 @@ def mnist_factory(cfg: Config):
     g = cfg.generate
     if g.mode == "interpolation":
         raise ValueError("generate.mode=interpolation exists for task=imagenet only")
+    if g.precision != "fp32" or g.compile or g.jpeg_encoder != "pil":
+        raise ValueError("generate.precision, generate.compile and generate.jpeg_encoder apply to task=imagenet; "
+                         "the MNIST generator runs in fp32 with Pillow: leave them at fp32 / false / pil")
+    if g.image_format == "jpg":
+        raise ValueError("generate.image_format=jpg: MNIST counterfactuals are stored as lossless png (the "
+                         "classifiers read back exact values); set generate.image_format=png or auto")
     if not g.checkpoint:
         raise ValueError("generate.checkpoint is empty: pass an MNIST training run directory, a checkpoint, or "
                          "the authors' cgn_<dataset>_MNIST.pth")
     # Resolved now (a clear error here, not in a worker); a run directory means its latest checkpoint NOW.
-    checkpoint = str(resolve_generator_file(g.checkpoint).resolve())
+    checkpoint = str(resolve_generator_file(_checkpoint(g.checkpoint)).resolve())
     device = g.device if g.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     factory = MnistCounterfactualFactory(checkpoint=checkpoint, no_cfs=g.no_cfs, device=device,
-                                         num_threads=g.num_threads)
+                                         num_threads=g.num_threads, save_layers=g.save_layers)
     if g.shard_size % factory.group_len:
         log.warning("generate.shard_size=%d is not a multiple of %d (group_size x no_cfs): the last group of each "
                     "shard is computed whole and cut", g.shard_size, factory.group_len)
@@ -251,7 +278,7 @@ def run_interpolation(cfg: Config, factory: Any = None) -> dict[str, Any]:
     finally:
         sampler.close()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    out = write_interpolation(cfg.run_dir, result, image_format=g.image_format, jpeg_quality=g.jpeg_quality,
+    out = write_interpolation(cfg.run_dir, result, image_format=image_format(cfg), jpeg_quality=g.jpeg_quality,
                               meta=meta)
     return {"interpolation": str(out), "sheet": str(out / "sheet.png"), "start": result["start"],
             "target": result["target"], "mechanism": result["mechanism"], "steps": result["steps"]}

@@ -155,10 +155,17 @@ def write_outputs(out_dir: str | os.PathLike, manifest: dict[str, Any], name: st
 def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """Read a manifest; ``path`` may be the file or the output folder holding it."""
     path = Path(path)
+    folder = path if path.suffix != ".json" else path.parent
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no manifest at {path}: the generation run has not finished there")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no generation run at {folder}: the folder does not exist (a run's folder is "
+                                    "<out_dir>/<name> of its config)")
+        if (folder / PLAN_NAME).is_file():
+            raise FileNotFoundError(f"the generation run in {folder} has not finished (no {MANIFEST_NAME} yet): "
+                                    "rerun `cgn-dist generate` with its config to complete it")
+        raise FileNotFoundError(f"{folder} is not a generation run folder (no {MANIFEST_NAME}, no {PLAN_NAME})")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path} is not a generation manifest ({MANIFEST_FORMAT})")

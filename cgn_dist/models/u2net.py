@@ -30,7 +30,7 @@ TINY_U2NET_WIDTH = 1 / 16
 U2NET_WEIGHTS_HELP = (
     "Get the full U^2-Net weights 'u2net.pth' (176 MB) from the upstream U-2-Net project "
     "(github.com/xuebinqin/U-2-Net, README 'u2net.pth' download, Google Drive id "
-    "1ao1ovG1Qtx4b7EoskHXmi2E9rp5CHLcZ); the link in the CGN README is dead."
+    "1ao1ovG1Qtx4b7EoskHXmi2E9rp5CHLcZ; `cgn-dist weights fetch u2net`); the link in the CGN README is dead."
 )
 
 
@@ -229,14 +229,17 @@ def check_state_dict(module: nn.Module, state_dict: dict, what: str) -> None:
 
 def build_u2net(source: str | Path = "u2net.pth", seed: int = 0, align_corners: bool = True) -> U2Net:
     """"tiny" -> random small U^2-Net (deterministic from `seed`); "random" -> random
-    full-size; anything else is a path to the upstream `u2net.pth`. Returned in eval mode."""
+    full-size; "u2net" -> the weights cache's file (cgn_dist.weights); anything else is a path to the
+    upstream `u2net.pth`. Returned in eval mode."""
     if str(source) in ("tiny", "random"):
         width = TINY_U2NET_WIDTH if str(source) == "tiny" else 1.0
         with torch.random.fork_rng(devices=[]):  # leave the global RNG untouched
             torch.manual_seed(seed)
             net = U2Net(width=width, align_corners=align_corners)
         return net.eval()
-    return load_u2net(source, align_corners=align_corners)
+    from cgn_dist import weights
+
+    return load_u2net(weights.resolve(str(source), "imagenet.u2net"), align_corners=align_corners)
 
 
 def load_u2net(path: str | Path, map_location: str | torch.device = "cpu", align_corners: bool = True) -> U2Net:
@@ -247,7 +250,9 @@ def load_u2net(path: str | Path, map_location: str | torch.device = "cpu", align
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle / zip errors: not a torch state dict
-        raise ValueError(f"'{path}' is not a readable torch state dict ({e}). {U2NET_WEIGHTS_HELP}") from e
+        from cgn_dist.weights import unreadable_reason
+
+        raise ValueError(f"'{path}' is not U^2-Net weights: {unreadable_reason(path, e)}. {U2NET_WEIGHTS_HELP}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"'{path}' does not hold a U^2-Net state dict. {U2NET_WEIGHTS_HELP}")
     state = _strip_prefix(state, "module.")

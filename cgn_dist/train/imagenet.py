@@ -21,7 +21,7 @@ from cgn_dist.models.cgn_imagenet import CGNImageNet, build_cgn_imagenet
 from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
 from cgn_dist.train.common import NullReporter, Reporter, step_seed
 from cgn_dist.train.imagenet_step import ImagenetLossWeights, build_optimizer, imagenet_losses, sample_inputs
-from cgn_dist.train.metrics import Throughput, build_logger, make_sheet, setup_logging
+from cgn_dist.train.metrics import Throughput, build_logger, engine_scalars, make_sheet, setup_logging
 
 
 def build_cgn(cfg: Config) -> CGNImageNet:
@@ -31,8 +31,13 @@ def build_cgn(cfg: Config) -> CGNImageNet:
     if ic.init_from:
         from cgn_dist.models.original_imagenet import load_original_cgn_checkpoint
 
-        load_original_cgn_checkpoint(ic.init_from, cgn)
+        from cgn_dist import weights
+
+        load_original_cgn_checkpoint(weights.resolve(ic.init_from, "imagenet.init_from"), cgn)
     return cgn
+
+
+SHEET_COLUMNS = ("mask", "premask", "foreground", "background", "composite", "teacher")
 
 
 @torch.no_grad()
@@ -45,8 +50,11 @@ def class_sheet(cgn: CGNImageNet, classes: list[int], truncation: float, device,
     u = truncated_noise(1, cgn.z_dim, truncation, seed=[seed]).expand(len(classes), -1).to(device)
     y = class_vector(classes, cgn.n_classes).to(device)
     out = cgn(u, y, truncation, mechanisms=mechanisms)
+    from cgn_dist.generate.imagenet import class_name
+
     return make_sheet([out["mask"], out["premask"], out["foreground"], out["background"], out["composite"],
-                       out["x_gt"]], unit=[True, False, False, False, False, False])
+                       out["x_gt"]], unit=[True, False, False, False, False, False], titles=list(SHEET_COLUMNS),
+                      row_labels=[f"{c} {class_name(c)}" for c in classes])
 
 
 def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter | None = None) -> dict:
@@ -99,6 +107,7 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter |
         done = step + 1
         logs = {f"loss/{k}": v for k, v in sums.items() if k != "mask_mean"} | {"mask/mean": sums["mask_mean"],
                                                                                  "perf/samples_per_s": meter.update()}
+        logs |= engine_scalars(engines)
         if done % t.log_every == 0 or done == t.max_steps:
             logger.scalars(logs, done)
             bar.set_postfix(loss=f"{sums['total']:.2f}", samples_s=f"{logs['perf/samples_per_s']:.2f}")

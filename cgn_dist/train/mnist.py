@@ -20,7 +20,7 @@ from cgn_dist.models.cgn_mnist import CGNMnist, init_cgn_weights
 from cgn_dist.models.discriminator import DiscConv, DiscLin
 from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
 from cgn_dist.train.common import NullReporter, Reporter, step_seed
-from cgn_dist.train.metrics import Throughput, build_logger, make_sheet, setup_logging
+from cgn_dist.train.metrics import Throughput, build_logger, engine_scalars, make_sheet, setup_logging
 
 
 # --------------------------------------------------------------------------- models
@@ -34,7 +34,9 @@ def build_generator(cfg: Config) -> CGNMnist:
     if m.init_from:
         from cgn_dist.models.original_mnist import load_mnist_weights
 
-        load_mnist_weights(m.init_from, g)
+        from cgn_dist import weights
+
+        load_mnist_weights(weights.resolve(m.init_from, "mnist.init_from"), g)
     return g
 
 
@@ -71,6 +73,9 @@ class BatchStream:
 # --------------------------------------------------------------------------- sheets
 
 
+SHEET_COLUMNS = ("mask", "foreground", "background", "composite")
+
+
 @torch.no_grad()
 def class_sheet(gen: CGNMnist, n_classes: int, device, seed: int = 1234) -> torch.Tensor:
     """One row per class: mask | foreground | background | composite, fixed noise."""
@@ -81,7 +86,8 @@ def class_sheet(gen: CGNMnist, n_classes: int, device, seed: int = 1234) -> torc
     u = gen.sample_noise(n_classes, generator=g).to(device)
     mask, fg, bg, x = gen(y, u=u, shuffle=False)
     gen.train(was_training)
-    return make_sheet([mask, fg, bg, x], unit=[True, False, False, False], upsample=2)
+    return make_sheet([mask, fg, bg, x], unit=[True, False, False, False], upsample=2, titles=list(SHEET_COLUMNS),
+                      row_labels=[str(c) for c in range(n_classes)])
 
 
 # --------------------------------------------------------------------------- loop
@@ -152,7 +158,7 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
 
         logs = {"loss/g_adv": l_adv.item(), "loss/g_binary": l_bin.item(), "loss/g_perceptual": l_perc.item(),
                 "loss/g_total": loss_g.item(), "loss/d": loss_d.item(), "mask/mean": mask.mean().item(),
-                "perf/samples_per_s": meter.update()}
+                "perf/samples_per_s": meter.update()} | engine_scalars(engines)
         done = step + 1
         if done % t.log_every == 0 or done == total:
             logger.scalars(logs, done)
