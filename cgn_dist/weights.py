@@ -74,12 +74,14 @@ REGISTRY: dict[str, WeightFile] = {w.name: w for w in [
     WeightFile("vgg16", "vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth",
                "torchvision VGG16 IMAGENET1K_V1 (style and perceptual losses)",
                "mnist.vgg_weights, imagenet.vgg_weights", sha256_prefix="397923af", cache="torch"),
-    WeightFile("resnet50", "resnet50-11ad3fa6.pth", "https://download.pytorch.org/models/resnet50-11ad3fa6.pth",
-               "torchvision ResNet-50 IMAGENET1K_V2 (invariant classifier trunk)", "classifier",
-               sha256_prefix="11ad3fa6", cache="torch"),
+    # V1 (76.13 % top-1): torchvision's `pretrained=True` in the authors' torchvision 0.8, and the network
+    # behind the published shape-bias baselines; V2 (the DEFAULT today) is a different, retrained model.
+    WeightFile("resnet50", "resnet50-0676ba61.pth", "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+               "torchvision ResNet-50 IMAGENET1K_V1 (invariant classifier trunk)",
+               "invariant.weights, eval.weights", sha256_prefix="0676ba61", cache="torch"),
     WeightFile("inception-v3", "inception_v3_google-0cc3c7bd.pth",
                "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth",
-               "torchvision Inception v3 IMAGENET1K_V1 (image statistics)", "evaluation",
+               "torchvision Inception v3 IMAGENET1K_V1 (Inception Score)", "eval.inception_weights",
                sha256_prefix="0cc3c7bd", cache="torch"),
 ]}
 BIGGAN_CONFIG_URL = _HF + "-config.json"

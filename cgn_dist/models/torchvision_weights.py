@@ -6,7 +6,8 @@ Inception v3 of the Inception Score, any baseline classifier):
               an error when neither works.
   "auto":     "imagenet" when it works, otherwise random init with ONE warning in the log.
   "random":   the architecture's own init (seeded by the caller).
-  a path:     a state dict file (a bare state dict, or a dict holding one under "state_dict"/"model"/"module").
+  a path:     a state dict file (a bare state dict, or a dict holding one under "state_dict"/"model"/"module"),
+              or a `cgn-dist weights` registry name (resnet50, inception-v3: the file in torch's hub cache).
 """
 from __future__ import annotations
 
@@ -70,4 +71,7 @@ def resolve_weights(spec: str, weights_enum, what: str) -> tuple[dict | None, st
             return None, "random"
     if spec == "random":
         return None, "random"
-    return read_state_file(spec), str(spec)
+    from cgn_dist import weights as registry
+
+    path = registry.resolve(spec) if registry.is_name(spec) else spec  # a `cgn-dist weights` name, or a path
+    return read_state_file(path), str(path)
