@@ -8,11 +8,13 @@ every 15 epochs, 45 epochs). The two batches go through ONE forward, concatenate
 and DDP sees a single forward per backward.
 
 Resume: checkpoints hold the engine (model + optimizer), RNG and the update count. The streams are
-deterministic given (seed, epoch, world size, loader workers), so a run resumed at update k of epoch e
-restarts epoch e's stream and discards its first k x grad_accum micro batches (decoded, never forwarded):
-it continues at exactly the sample where the checkpoint was taken, provided world size and
-invariant.num_workers are unchanged (otherwise the stream splits differently: the epoch still completes,
-in another order). The learning rate is a function of the epoch, so no scheduler state is needed.
+deterministic given (seed, epoch, world size, loader workers, batch size), so a run resumed at update k of
+epoch e restarts epoch e's streams with ``set_epoch(e, start_step=k x grad_accum)``: the real and the
+counterfactual stream yield exactly the batches an uninterrupted run would have from there on (the skipped
+samples are read but not decoded; crops and flips come from (seed, epoch, shard, key)), so training continues
+at the next sample and the weights equal an uninterrupted run's bit for bit. With another world size,
+invariant.num_workers or batch size the epoch splits differently. The learning rate is a function of the
+epoch, so no scheduler state is needed.
 """
 from __future__ import annotations
 
@@ -134,14 +136,12 @@ def train_classifier(cfg: Config, env: DistEnv | None = None, reporter: Reporter
         lr = lr_at(cfg, epoch)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        streams.set_epoch(epoch)
-        skip = (step - epoch * updates_per_epoch) * t.grad_accum  # resumed mid-epoch: replay, do not train
+        # resumed mid-epoch: both streams continue after the micro batches already trained on
+        streams.set_epoch(epoch, start_step=(step - epoch * updates_per_epoch) * t.grad_accum)
         last = min(total, (epoch + 1) * updates_per_epoch)
         sums: dict[str, float] = {}
         n_real = n_cf = 0
-        for k, (real, cf) in enumerate(streams):
-            if k < skip:
-                continue
+        for real, cf in streams:
             if step >= last:
                 break
             x = real["image"] if cf is None else torch.cat([real["image"], cf["image"]])
