@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
