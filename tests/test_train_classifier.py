@@ -214,3 +214,10 @@ def test_imagenet_pipeline_runs_every_stage_then_skips_them(tmp_path, shared_ref
     again = run_imagenet_pipeline(load_config(TINY, over))
     assert [again["stages"][s] for s in ("real_train", "real_val", "cf_train", "cf_val", "eval")] == ["skipped"] * 5
     assert again["metrics"] == first["metrics"]
+
+
+def test_bad_data_paths_fail_before_a_run_directory_exists(tmp_path):
+    with pytest.raises(FileNotFoundError, match="invariant.real_shards"):
+        train_classifier(load_config(TINY, [f"out_dir={tmp_path}", "name=bad",
+                                            f"invariant.real_shards={tmp_path / 'nowhere'}"]))
+    assert not (tmp_path / "bad").exists()

@@ -149,6 +149,9 @@ def run_eval(cfg: Config, what: str) -> dict[str, Any]:
     e = cfg.eval
     needs = {"shape-bias": e.cue_conflict or e.decisions_csv, "in9": e.in9, "accuracy": e.val_shards or e.cf_val_shards,
              "inception": e.samples}
+    if what == "all" and not any(needs.values()):
+        raise ValueError("cgn-dist eval all: no evaluation data set; give any of eval.cue_conflict, "
+                         "eval.decisions_csv, eval.in9, eval.val_shards, eval.cf_val_shards, eval.samples")
     if what != "all" and not needs[what]:
         keys = {"shape-bias": "eval.cue_conflict or eval.decisions_csv", "in9": "eval.in9",
                 "accuracy": "eval.val_shards or eval.cf_val_shards", "inception": "eval.samples"}[what]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,14 @@ def build_streams(cfg: Config, env: DistEnv):
     if not ic.real_shards:
         raise ValueError("invariant.real_shards is empty: point it at the real ImageNet train shards "
                          "(cgn-dist make-shards output, a folder with index.json)")
+    if not ic.cf_shards or ic.cf_ratio == 0:
+        log.warning("no counterfactual stream (invariant.cf_shards empty or invariant.cf_ratio=0): training on "
+                    "real images only, CE(avg, y)")
+    for key, value in (("invariant.real_shards", ic.real_shards), ("invariant.cf_shards", ic.cf_shards)):
+        if value and not (Path(value).is_dir() and (Path(value) / "index.json").is_file()) and \
+                not (Path(value).is_file() and value.endswith(".json")):
+            raise FileNotFoundError(f"{key}={value}: not a shard folder with index.json (cgn-dist make-shards / "
+                                    "cgn-dist generate write one) nor an index.json file")
     return make_mixed_loader(ic.real_shards, ic.cf_shards or None, t.micro_batch_size, ic.cf_ratio,
                              rank=env.rank, world_size=env.world_size, num_workers=ic.num_workers, seed=cfg.seed,
                              train=True, image_size=ic.image_size, resize=round(ic.image_size * 256 / 224))
@@ -88,6 +97,7 @@ def train_classifier(cfg: Config, env: DistEnv | None = None, reporter: Reporter
     reporter = reporter or NullReporter()
     t, ic = cfg.train, cfg.invariant
     owns_group = init_process_group(env)
+    streams = build_streams(cfg, env)  # bad data paths fail here, before a run directory exists
     run_dir = prepare_run_dir(cfg, env.is_main)
     setup_logging(run_dir, env.is_main)
     logger = build_logger(run_dir, env.is_main)
@@ -96,7 +106,6 @@ def train_classifier(cfg: Config, env: DistEnv | None = None, reporter: Reporter
     opt = torch.optim.SGD(model.parameters(), lr=ic.lr, momentum=ic.momentum, weight_decay=ic.weight_decay)
     engine = build_engine(model, opt, t, env)
     engines = {"classifier": engine}
-    streams = build_streams(cfg, env)
     updates_per_epoch = len(streams) // t.grad_accum
     if ic.steps_per_epoch:
         updates_per_epoch = min(updates_per_epoch, ic.steps_per_epoch)
