@@ -84,11 +84,19 @@ def test_trains_with_both_terms_and_resumes_bitwise_mid_epoch(tmp_path, shards):
 
 
 def test_evaluations_run_before_training_and_after_each_epoch(tmp_path, shards, shared_ref):
-    out = train_classifier(_cfg(tmp_path, shards, "ev", "train.max_steps=5",
-                                f"eval.cue_conflict={shared_ref / 'cue_conflict_sample'}"))
+    from cgn_dist.cli import main
+
+    cue = shared_ref / "cue_conflict_sample"
+    out = train_classifier(_cfg(tmp_path, shards, "ev", "train.max_steps=4", f"eval.cue_conflict={cue}"))
     ev = Path(out["run_dir"]) / "eval"
     for tag in ("epoch000", "epoch001"):
         assert (ev / f"shape_bias_{tag}.json").is_file() and (ev / f"shape_bias_{tag}.png").is_file()
+    # the trained run evaluated later from its run dir (architecture read from the checkpoint: resnet18)
+    assert main(["eval", "shape-bias", f"eval.model={out['run_dir']}", f"eval.cue_conflict={cue}",
+                 "eval.image_size=32", "eval.batch_size=8", f"eval.out={tmp_path / 'later'}"]) == 0
+    later = json.loads((tmp_path / "later" / "shape_bias.json").read_text())["details"]["result"]["per_output"]
+    at_4 = json.loads((ev / "shape_bias_epoch001.json").read_text())["details"]["result"]["per_output"]
+    assert later == at_4  # the last checkpoint (update 4) is the model evaluated at the end of epoch 1
 
 
 def test_deepspeed_zero0_fp32_agrees_with_torch(tmp_path, shards):

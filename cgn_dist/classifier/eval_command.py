@@ -64,7 +64,12 @@ def load_eval_model(cfg: Config) -> torch.nn.Module:
         return TorchvisionClassifier(spec.split(":", 1)[1], cfg.eval.weights, cfg.seed)
     path = resolve_model_path(spec)
     ic = cfg.invariant
-    model = InvariantClassifier(ic.backbone, ic.n_classes, "random", cfg.seed, ic.freeze_bn)
+    backbone, n_classes = ic.backbone, ic.n_classes
+    meta = path / "meta.json" if path.is_dir() else None
+    if meta is not None and meta.is_file():  # our checkpoint knows its own architecture
+        trained = (json.loads(meta.read_text()).get("config") or {}).get("invariant") or {}
+        backbone, n_classes = trained.get("backbone", backbone), trained.get("n_classes", n_classes)
+    model = InvariantClassifier(backbone, n_classes, "random", cfg.seed, ic.freeze_bn)
     model.load_state_dict(_state_of_checkpoint(path))
     model.weights_source = str(path)
     return model
