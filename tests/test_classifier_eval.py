@@ -249,7 +249,25 @@ def _val_tars(d: Path) -> list[str]:
     return [str(d / f"val-00000{i}.tar") for i in range(3)]
 
 
-def _dist_worker(rank, world, port, root, in9_root, table_sb, table_in9, out, tars=None):
+class _ColourProbs(torch.nn.Module):
+    """Class probabilities from the mean colour: different per image, fixed weights."""
+
+    def forward(self, x):
+        w = torch.linspace(-3, 3, 30).view(3, 10)
+        return torch.softmax(x.mean(dim=(2, 3)) @ w * 5, dim=1)
+
+
+def _generated_tars(d: Path) -> list[str]:
+    rng = np.random.default_rng(4)
+    d.mkdir(parents=True, exist_ok=True)
+    for s in range(3):
+        write_tar(d / f"shard-{s:06d}.tar",
+                  [(f"{s:06d}_{i:06d}", {"jpg": encode_jpeg(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)),
+                                         "json": {"mask_mean": float(rng.random())}}) for i in range(4 + s)])
+    return [str(d / f"shard-{s:06d}.tar") for s in range(3)]
+
+
+def _dist_worker(rank, world, port, root, in9_root, table_sb, table_in9, out, tars=None, gen=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -257,8 +275,9 @@ def _dist_worker(rank, world, port, root, in9_root, table_sb, table_in9, out, ta
         sb = evaluate_shape_bias(FingerprintModel(table_sb), root, batch_size=3)
         in9 = evaluate_in9(FingerprintModel(table_in9), in9_root, batch_size=4)
         topk = evaluate_topk(_Constant(), tars, "real", batch_size=3, image_size=32)
+        is_ = evaluate_samples(_ColourProbs(), gen, splits=3, batch_size=2)
         if rank == 0:
-            torch.save({"sb": sb, "in9": in9, "topk": topk}, out)
+            torch.save({"sb": sb, "in9": in9, "topk": topk, "is": is_}, out)
     finally:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -280,18 +299,21 @@ def test_two_processes_equal_one(tmp_path, shared_ref):
     in9_root, files = _in9_folder(tmp_path / "in9")
     tf9 = transforms.Compose([transforms.ToTensor(), transforms.Normalize(*IN9_NORM)])
     table_in9 = {"logits": [(_fingerprint(Image.open(p), tf9), int(rng.integers(1000))) for p, _ in files.values()]}
-    tars = _val_tars(tmp_path / "val")
+    tars, gen = _val_tars(tmp_path / "val"), _generated_tars(tmp_path / "gen")
     one = {"sb": evaluate_shape_bias(FingerprintModel(table_sb), root, batch_size=7),
            "in9": evaluate_in9(FingerprintModel(table_in9), in9_root, batch_size=5),
-           "topk": evaluate_topk(_Constant(), tars, "real", batch_size=2, image_size=32)}
+           "topk": evaluate_topk(_Constant(), tars, "real", batch_size=2, image_size=32),
+           "is": evaluate_samples(_ColourProbs(), gen, splits=3, batch_size=5)}
     out = tmp_path / "two.pt"
-    torch.multiprocessing.spawn(_dist_worker, args=(2, free_port(), root, in9_root, table_sb, table_in9, out, tars),
+    torch.multiprocessing.spawn(_dist_worker, args=(2, free_port(), root, in9_root, table_sb, table_in9, out, tars, gen),
                                 nprocs=2, join=True)
     two = torch.load(out, weights_only=False)
     assert two["sb"]["per_output"] == one["sb"]["per_output"]
     assert two["sb"]["decisions"] == one["sb"]["decisions"]
     assert two["in9"]["accuracy"] == one["in9"]["accuracy"] and two["in9"]["bg_gap"] == one["in9"]["bg_gap"]
     assert two["topk"]["per_output"] == one["topk"]["per_output"]
+    assert one["is"]["samples"] == 15 and one["is"]["inception_score"] > 1.0
+    assert two["is"] == one["is"]
     assert one["topk"]["per_output"]["shape"]["images"] == 8  # 3 shards, 2 ranks: 2 + 1 shards
     assert one["sb"]["per_output"]["shape"]["n"] == 32
 
