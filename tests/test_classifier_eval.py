@@ -171,7 +171,8 @@ def test_topk_against_a_hand_count():
 def test_topk_from_shards_counts_every_image(tmp_path):
     rng = np.random.default_rng(1)
     labels = [3, 7, 3, 1, 3, 0, 2]
-    samples = [(f"{i:06d}", {"png": encode_png(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)), "json": {"label": labels[i]}})
+    samples = [(f"{i:06d}", {"png": encode_png(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)),
+                             "json": {"label": labels[i]}})
                for i in range(len(labels))]
     write_tar(tmp_path / "val-000000.tar", samples[:4])
     write_tar(tmp_path / "val-000001.tar", samples[4:])
@@ -240,7 +241,8 @@ class _Constant(torch.nn.Module):
 def _val_tars(d: Path) -> list[str]:
     rng = np.random.default_rng(1)
     labels = [3, 7, 3, 1, 3, 0, 2]
-    samples = [(f"{i:06d}", {"png": encode_png(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)), "json": {"label": labels[i]}})
+    samples = [(f"{i:06d}", {"png": encode_png(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)),
+                             "json": {"label": labels[i]}})
                for i in range(len(labels))]
     d.mkdir(parents=True, exist_ok=True)
     write_tar(d / "val-000000.tar", samples[:4])
@@ -305,8 +307,8 @@ def test_two_processes_equal_one(tmp_path, shared_ref):
            "topk": evaluate_topk(_Constant(), tars, "real", batch_size=2, image_size=32),
            "is": evaluate_samples(_ColourProbs(), gen, splits=3, batch_size=5)}
     out = tmp_path / "two.pt"
-    torch.multiprocessing.spawn(_dist_worker, args=(2, free_port(), root, in9_root, table_sb, table_in9, out, tars, gen),
-                                nprocs=2, join=True)
+    torch.multiprocessing.spawn(_dist_worker, nprocs=2, join=True,
+                                args=(2, free_port(), root, in9_root, table_sb, table_in9, out, tars, gen))
     two = torch.load(out, weights_only=False)
     assert two["sb"]["per_output"] == one["sb"]["per_output"]
     assert two["sb"]["decisions"] == one["sb"]["decisions"]

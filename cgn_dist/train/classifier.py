@@ -172,8 +172,8 @@ def train_classifier(cfg: Config, env: DistEnv | None = None, reporter: Reporter
             bar.update(1)
             logs = {f"loss/{k2}": v for k2, v in sums.items() if k2 in terms}
             logs |= {f"train_top1/{k2}": 100 * v for k2, v in sums.items() if k2 not in terms}
-            logs |= {"mix/cf_per_real": n_cf / max(1, n_real), "mix/cf_fraction": n_cf / max(1, n_real + n_cf), "perf/images_per_s": meter.update(),
-                     "lr": lr, "epoch": epoch}
+            logs |= {"mix/cf_per_real": n_cf / max(1, n_real), "mix/cf_fraction": n_cf / max(1, n_real + n_cf),
+                     "perf/images_per_s": meter.update(), "lr": lr, "epoch": epoch}
             sums = {}
             if step % t.log_every == 0 or step == total:
                 logger.scalars(logs, step)
