@@ -7,7 +7,8 @@ Stages, all under the run directory <out_dir>/<name>/, each resumable and skippe
 2. cf_train/, cf_val/: ``generate`` of imagenet_pipeline.cf_train_samples / cf_val_samples counterfactuals
    with the CGN of generate.checkpoint (imagenet.* model settings); exactly-once shards, so an interrupted
    run continues; done = index.json present.
-3. classifier/: the invariant classifier (resumes from its latest checkpoint; nothing left = no work).
+3. classifier/: the invariant classifier (resumes from its latest checkpoint; nothing left = no work), under
+   Ray Train when distributed.num_workers > 0.
 4. eval/: every configured evaluation of the final model; done = eval/final_done.json.
 5. imagenet_table.{json,csv,txt,png}: shape bias per head, top-1/5, IN-9 and BG-gap beside the paper's.
 """
@@ -107,8 +108,14 @@ def run_imagenet_pipeline(cfg: Config) -> dict[str, Any]:
 
     c.task, c.out_dir, c.name = "classifier", str(run_dir), "classifier"
     t0 = time.perf_counter()
-    result = train_classifier(c)
-    stages["classifier"], walls["classifier"] = f"{result['steps']} updates", round(time.perf_counter() - t0, 2)
+    if c.distributed.num_workers > 0:  # the cluster config: Ray Train workers, fault tolerant
+        from cgn_dist.distributed.ray_train import train_with_ray
+
+        result = train_with_ray(c)
+    else:
+        result = train_classifier(c)
+    stages["classifier"] = f"{result.get('steps', result.get('step'))} updates"
+    walls["classifier"] = round(time.perf_counter() - t0, 2)
 
     done = run_dir / "eval" / "final_done.json"
     if done.is_file():
