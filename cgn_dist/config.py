@@ -95,6 +95,7 @@ class TrainConfig:
     resume: bool = True  # resume from the latest checkpoint when the run directory exists
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when visible
     progress: bool = True  # tqdm progress bars
+    allow_config_change: bool = False  # resume a run whose training settings changed (earlier config kept beside)
 
 
 @dataclass

@@ -74,6 +74,7 @@ def test_offline_biggan_is_one_line_naming_the_config_key(tmp_path, monkeypatch,
     line = _one_line(capsys.readouterr().err)
     assert "cannot download BigGAN 'biggan-deep-256'" in line and "imagenet.biggan=biggan-deep-256" in line
     assert "cgn-dist weights fetch biggan-deep-256" in line and "biggan_source" not in line
+    assert not (tmp_path / "imagenet_tiny").exists()  # failed before its first checkpoint: nothing left
 
 
 def test_debug_shows_the_traceback(tmp_path):
