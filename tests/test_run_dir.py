@@ -56,10 +56,15 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(tmp_path, c
     assert not (tmp_path / "f").exists()
 
 
-def test_generation_rerun_says_complete(tmp_path):
+def test_generation_rerun_says_complete_and_the_dry_run_counts_tar_overhead(tmp_path, capsys):
     args = ["generate", "configs/debug/generate_tiny.yaml", f"out_dir={tmp_path}", "generate.grid_every=0",
             "train.progress=false"]
+    assert main(args + ["generate.dry_run=true"]) == 0
+    out = capsys.readouterr().out
+    est = json.loads(out[out.index("\n{") + 1:])["est_bytes"]  # the summary after the plan's lines
     assert main(args) == 0
+    written = sum(p.stat().st_size for p in (tmp_path / "gen_tiny").glob("shard-*.tar"))
+    assert abs(est - written) <= 0.1 * written, (est, written)
     assert main(args) == 0
     log_txt = (tmp_path / "gen_tiny" / "log.txt").read_text()
     assert "wrote 2 of 2 shards" in log_txt
