@@ -87,3 +87,21 @@ def test_help_says_how_to_see_every_key(capsys):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         assert "cgn-dist config --doc" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_mistake_in_a_ray_train_worker_reads_as_in_process(tmp_path, monkeypatch, capsys):
+    from cgn_dist.distributed.ray_utils import shutdown_ray
+
+    monkeypatch.setenv("CGN_DIST_CACHE", str(tmp_path / "cache"))  # inherited by the workers Ray starts here
+    try:
+        assert main(["train", "configs/debug/imagenet_tiny.yaml", f"out_dir={tmp_path}", "ray.num_cpus=1",
+                     "distributed.num_workers=1", "imagenet.biggan=biggan-deep-256"]) == 2
+    finally:
+        shutdown_ray()
+    err = capsys.readouterr().err
+    ours = [ln for ln in err.splitlines() if ln.startswith("error: ")]  # Ray forwards its workers' stderr too
+    assert len(ours) == 1 and ours[0].startswith("error: cannot download BigGAN 'biggan-deep-256'"), ours
+    assert "imagenet.biggan=" in ours[0]
+    assert not (tmp_path / "imagenet_tiny").exists() and not (tmp_path / "ray" / "imagenet_tiny").exists()

@@ -101,6 +101,23 @@ def train_fn(cfg: Config):
     return train_imagenet
 
 
+def _worker_error(err: BaseException) -> BaseException:
+    """The exception a worker raised, unwrapped from Ray Train's own (so a user's mistake in a worker reads
+    as in-process: one line, the config key named); Ray's exception when there is none to unwrap."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if not type(e).__module__.startswith("ray") and e is not err:
+            return e
+        failures = getattr(e, "worker_failures", None) or {}
+        todo += [failures[k] for k in sorted(failures)]
+        todo += [getattr(e, a, None) for a in ("controller_failure", "cause", "__cause__")]
+    return err
+
+
 def train_with_ray(cfg: Config) -> dict:
     """Launch ``cfg`` on ``distributed.num_workers`` Ray Train workers; returns the final metrics."""
     import ray.train
@@ -128,9 +145,12 @@ def train_with_ray(cfg: Config) -> dict:
                                        failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray raises (or returns) the workers' errors wrapped in its own
+        raise _worker_error(e) from e
     if result.error:
-        raise result.error
+        raise _worker_error(result.error) from result.error
     out = dict(result.metrics or {})
     ckpt = checkpoint_from_pointer(result.checkpoint.path) if result.checkpoint else None
     out["checkpoint"] = str(ckpt) if ckpt else None
