@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import random
 
 import numpy as np
@@ -183,3 +184,24 @@ def test_mixed_loader_resumes_both_streams(tmp_path, shards):
     rest = list(resumed)
     assert [(r["__key__"], c["__key__"]) for r, c in rest] == [(r["__key__"], c["__key__"]) for r, c in full[2:]]
     assert resumed.counts["steps"] == len(full) - 2
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+def test_counterfactual_shards_of_the_generation_engine_stream_with_their_classes(tmp_path, fmt):
+    from cgn_dist.data.shards import read_tar_samples
+    from cgn_dist.generate import generate_dataset
+    from cgn_dist.generate.toy import ToySamplerFactory
+
+    out = tmp_path / "cf"
+    generate_dataset(ToySamplerFactory(image_size=24, image_format=fmt), out, 10, 4, 0, progress=False)
+    truth = {}
+    for p in sorted(out.glob("shard-*.tar")):
+        for s in read_tar_samples(p):
+            m = json.loads(s["json"])
+            truth[s["__key__"]] = (m["shape_cls"], m["texture_cls"], m["bg_cls"])
+    got = {}
+    for b in make_loader(out, 3, train=False, rank=0, world_size=1, num_workers=0, labels=CF_LABELS,
+                         decoder="torchvision", image_size=16, resize=20):
+        for i, key in enumerate(b["__key__"]):
+            got[key] = tuple(int(b[k][i]) for k in CF_LABELS)
+    assert got == truth
