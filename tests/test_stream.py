@@ -205,3 +205,12 @@ def test_counterfactual_shards_of_the_generation_engine_stream_with_their_classe
         for i, key in enumerate(b["__key__"]):
             got[key] = tuple(int(b[k][i]) for k in CF_LABELS)
     assert got == truth
+
+
+def test_pipe_urls_stream_like_local_paths(shards):
+    local = load_shard_set(shards)
+    piped = [(f"pipe:cat {u}", n) for u, n in zip(local.urls, local.counts)]
+    kw = dict(train=False, rank=0, world_size=1, num_workers=0, image_size=16, resize=20)
+    a = [x for b in make_loader(shards, 4, **kw) for x in b["label"].tolist()]
+    b = [x for b in make_loader(piped, 4, **kw) for x in b["label"].tolist()]
+    assert a == b and sorted(a) == list(range(sum(SIZES)))
