@@ -36,6 +36,10 @@ def cmd_train(args) -> int:
             from cgn_dist.train.mnist import train_mnist
 
             result = train_mnist(cfg)
+        elif cfg.task == "classifier":
+            from cgn_dist.train.classifier import train_classifier
+
+            result = train_classifier(cfg)
         else:
             from cgn_dist.train.imagenet import train_imagenet
 
@@ -108,6 +112,25 @@ def cmd_regenerate(args) -> int:
     report = run_regenerate(args.run_dir, args.key, out=args.out)
     print(json.dumps(report, indent=1))
     return 0 if report["identical"] else 1
+
+
+def cmd_eval(args) -> int:
+    """ImageNet evaluations of a classifier: shape bias, IN-9, top-1/5, Inception Score; tables beside the paper."""
+    from cgn_dist.classifier.eval_command import run_eval
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not os.path.isfile(config):  # no config file, only overrides
+        config, overrides = None, [config, *overrides]
+    print(json.dumps(run_eval(load_config(config, overrides), args.what), indent=1, default=str))
+    return 0
+
+
+def cmd_imagenet_pipeline(args) -> int:
+    from cgn_dist.classifier.imagenet_pipeline import run_imagenet_pipeline
+
+    summary = run_imagenet_pipeline(_cfg(args))
+    print(f"table: {summary['table']['txt']} (+ .json .csv .png)")
+    return 0
 
 
 def cmd_make_shards(args) -> int:
@@ -188,6 +211,14 @@ def main(argv: list[str] | None = None) -> int:
                 "time per sample: torch vs DeepSpeed at one process, then 1 vs 2 Ray Train workers")
     with_config("generate", cmd_generate,
                 "generate counterfactual shards (generate.dry_run=true: estimate; mode=interpolation: a sheet)")
+    with_config("imagenet-pipeline", cmd_imagenet_pipeline,
+                "ImageNet end to end: real shards -> counterfactuals -> invariant classifier -> evaluations -> table")
+    sp = sub.add_parser("eval", help="evaluate a classifier (eval.model): shape-bias | in9 | accuracy | inception "
+                        "| all; json/csv/png tables beside the paper's numbers")
+    sp.add_argument("what", choices=["shape-bias", "in9", "accuracy", "inception", "all"])
+    sp.add_argument("config", nargs="?", help="YAML config (overrides on the defaults)")
+    sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. eval.model=torchvision:resnet50")
+    sp.set_defaults(fn=cmd_eval)
     with_config("make-shards", cmd_make_shards,
                 "shard an image tree (ImageNet train/val, ImageFolder) into WebDataset tars (shards.dry_run=true: estimate)")
     sp = sub.add_parser("regenerate", help="recompute sample KEY of a generation run and check it against the shard")

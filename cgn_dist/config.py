@@ -85,7 +85,8 @@ class TrainConfig:
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # training precision (fp16 needs deepspeed)
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
     micro_batch_size: int = 16  # per process, per forward
-    grad_accum: int = 1  # micro batches summed before one update
+    grad_accum: int = 1  # micro batches accumulated before one update
+    grad_reduction: Literal["mean", "sum"] = "mean"  # gradient over micro batches x processes: mean, or sum (authors' ImageNet)
     epochs: int = 15  # MNIST: passes over the train set (ignored when max_steps > 0)
     max_steps: int = 0  # optimizer updates; 0 = derive from epochs
     log_every: int = 50  # scalar logging interval (updates)
@@ -140,6 +141,13 @@ class GenerateConfig:
     num_threads: int = 1  # CPU threads per worker during a forward (CPU bytes depend on it); 0 = torch's setting
     dry_run_samples: int = 0  # samples a dry run times (0 = one forward batch)
     interp_noise: str = ""  # 1 x z_dim noise file for interpolation, used as stored (e.g. u_fixed.pth); "" = from seed
+    # ImageNet generation speed (precision, compile and jpeg_encoder change the bytes and are recorded):
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # forward precision; fp16 on CUDA only; bf16 ~3x fp32 on AMX CPUs
+    channels_last: bool = True  # channels-last convolutions
+    compile: bool = False  # torch.compile the forward (warm-up at worker start; eager with a warning if it fails)
+    overlap: bool = True  # next forward group computed while this one is encoded and written (same bytes)
+    encode_threads: int = 2  # image-encoding threads per worker (same bytes); <= 1 = none
+    jpeg_encoder: Literal["pil", "nvjpeg"] = "pil"  # nvjpeg: torchvision's GPU encoder (CUDA; other bytes than pil)
 
 
 @dataclass
@@ -181,9 +189,64 @@ class PipelineConfig:
 
 
 @dataclass
+class InvariantConfig:
+    """The ImageNet invariant classifier (spec §2.6): ResNet trunk + shape/texture/bg heads."""
+    backbone: str = "resnet50"  # torchvision trunk (resnet50 = paper; resnet18 etc. for smoke runs and tests)
+    weights: str = "auto"  # trunk: "imagenet", "random", "auto" (imagenet if cached/downloadable, else random, logged), or a file
+    n_classes: int = 1000  # classes of each head (ImageNet: 1000)
+    init_from: str = ""  # a classifier state dict (ours) to start from
+    freeze_bn: bool = True  # BatchNorm in eval mode during training (authors' code)
+    real_shards: str = ""  # real ImageNet train shards (folder with index.json, an index, or a tar)
+    cf_shards: str = ""  # counterfactual train shards (a generation run folder)
+    cf_ratio: float = 1.0  # counterfactual batch = int(cf_ratio * real batch)
+    num_workers: int = 0  # DataLoader workers per rank for the streams (part of what fixes the sample order)
+    image_size: int = 224  # train crop / val centre crop (smoke runs and tests use less)
+    epochs: int = 45  # passes over the real train stream (paper: 45)
+    steps_per_epoch: int = 0  # updates per epoch; 0 = real train images // global batch
+    lr: float = 0.001  # SGD (README command of the authors; argparse default 0.1)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # SGD weight decay
+    lr_step_epochs: int = 15  # lr x lr_gamma every this many epochs
+    lr_gamma: float = 0.1  # lr factor at each step (x0.1 every 15 epochs)
+    eval_every_epochs: int = 1  # evaluations before training and every N epochs (0 = never)
+
+
+@dataclass
+class EvalConfig:
+    """ImageNet evaluations (spec §2.7): what to evaluate and on which data."""
+    model: str = ""  # our classifier (run dir, checkpoint dir or state-dict file), or torchvision:<arch> (e.g. torchvision:resnet50)
+    weights: str = "auto"  # weights of a torchvision:<arch> model ("imagenet", "auto", "random" or a file)
+    cue_conflict: str = ""  # cue-conflict stimuli folder (<class>/<shape><n>-<texture><m>.png)
+    decisions_csv: str = ""  # published per-image 16-class decisions (Geirhos raw-data CSV) to score
+    in9: str = ""  # IN-9 root: <variant>/val/<class>/ for original, mixed_same, mixed_rand, ...
+    val_shards: str = ""  # ImageNet val shards (top-1/5 of every output)
+    cf_val_shards: str = ""  # counterfactual val shards (top-1/5 of each head vs its own class)
+    samples: str = ""  # generation run folder (shards) for Inception Score and mu_mask
+    inception_weights: str = "auto"  # Inception v3: "imagenet", "auto", "random" or a file
+    is_splits: int = 10  # Inception Score splits (standard: 10)
+    is_samples: int = 0  # samples used for IS (0 = all in eval.samples)
+    batch_size: int = 32  # evaluation batch per rank
+    num_workers: int = 0  # DataLoader workers for image folders
+    image_size: int = 224  # centre crop for val / cue-conflict images (IN-9 stays at 224)
+    limit: int = 0  # shard evaluations: at most this many images per rank (0 = all; smoke runs)
+    precision: Literal["fp32", "bf16"] = "fp32"  # autocast for the forward
+    out: str = ""  # output folder; "" = <out_dir>/<name>/eval
+
+
+@dataclass
+class ImagenetPipelineConfig:
+    """cgn-dist imagenet-pipeline: which stages make their own data (unset = use the configured shards)."""
+    train_root: str = ""  # ILSVRC train tree to shard ("" = invariant.real_shards as given)
+    val_root: str = ""  # ILSVRC val tree to shard ("" = eval.val_shards as given)
+    val_labels: str = ""  # flat val folder's ground truth (shards.val_labels)
+    cf_train_samples: int = 0  # counterfactual train images to generate with generate.checkpoint (0 = invariant.cf_shards)
+    cf_val_samples: int = 0  # counterfactual val images to generate (0 = eval.cf_val_shards as given)
+
+
+@dataclass
 class Config:
     name: str = ""  # run name; "" = derived from the config file name
-    task: Literal["mnist", "imagenet"] = "mnist"  # which CGN: MNIST or ImageNet
+    task: Literal["mnist", "imagenet", "classifier"] = "mnist"  # which model: CGN-MNIST, CGN-ImageNet, or the ImageNet invariant classifier
     seed: int = 0  # every random draw derives from it
     out_dir: str = "runs"  # run directories live in <out_dir>/<name>
     data: DataConfig = field(default_factory=DataConfig)
@@ -196,6 +259,9 @@ class Config:
     shards: ShardsConfig = field(default_factory=ShardsConfig)  # cgn-dist make-shards
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    invariant: InvariantConfig = field(default_factory=InvariantConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    imagenet_pipeline: ImagenetPipelineConfig = field(default_factory=ImagenetPipelineConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -249,6 +315,10 @@ def _check_values(cfg: Config) -> None:
     need(not cfg.pipeline.datasets or cfg.pipeline.released_dir, "pipeline.datasets",
          "needs pipeline.released_dir=DIR (the authors' cgn_<dataset>_MNIST.pth files); without it the "
          "pipeline trains one CGN on data.dataset")
+    need(cfg.eval.is_splits >= 1, "eval.is_splits", "must be >= 1")
+    need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    need(cfg.invariant.cf_ratio >= 0, "invariant.cf_ratio", "must be >= 0 (0 = real images only)")
+    need(cfg.invariant.lr_step_epochs >= 1, "invariant.lr_step_epochs", "must be >= 1")
     bad = set(cfg.classifier.train_on) - {"original", "counterfactual", "combined"}
     need(not bad, "classifier.train_on", f"unknown {sorted(bad)}; accepted: original, counterfactual, combined")
 

@@ -1,5 +1,6 @@
 """CGN training under Ray Train on a simulated two-node cluster: DeepSpeed in each worker,
 checkpoints reported to Ray, and a killed worker restarted from the latest checkpoint."""
+import os
 import threading
 import time
 from pathlib import Path
@@ -42,11 +43,21 @@ def _generator(run_dir: Path, step: int) -> dict:
     return torch.load(f, weights_only=False)["module"]
 
 
+def _ours(p: psutil.Process) -> bool:
+    # A worker of this test's own cluster (its daemons run under the tests' RAY_TMPDIR), never another
+    # Ray instance's on the same machine.
+    tmp = os.environ["RAY_TMPDIR"]
+    try:
+        return any(tmp in part for a in p.parents() for part in a.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list, stop: threading.Event):
     while not stop.is_set():
         if list_checkpoints(run_dir):
             for p in psutil.process_iter(["cmdline"]):
-                if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
+                if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])) and _ours(p):
                     p.kill()
                     killed.append(p.pid)
                     return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import random
 
 import numpy as np
@@ -149,3 +150,101 @@ def test_index_with_wrong_count_is_a_clear_error(tmp_path):
         list(make_loader([(str(root / "shard-000000.tar"), 5)], 5, train=False, rank=0, world_size=1,
                          image_size=16, resize=20))
     assert load_shard_set(root).n_samples == 3
+
+
+def test_normalize_images_is_imagenet_mean_std():
+    from cgn_dist.data.transforms import normalize_images
+
+    x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert torch.allclose(normalize_images(x), (x.float() / 255 - mean) / std, atol=1e-5)
+
+
+def test_resume_mid_epoch_gives_the_remaining_batches(shards):
+    kw = dict(train=True, rank=1, world_size=2, num_workers=2, seed=9, epoch=4, image_size=16, resize=20)
+    full = list(make_loader(shards, 2, **kw))
+    assert len(full) == 7
+    for start in (1, 3, 4):
+        loader = make_loader(shards, 2, **kw)
+        loader.set_epoch(4, start_step=start)
+        rest = list(loader)
+        assert [b["__key__"] for b in rest] == [b["__key__"] for b in full[start:]]
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(rest, full[start:]))
+    with pytest.raises(ValueError, match="start_step"):
+        make_loader(shards, 2, train=False, rank=0, world_size=1).set_epoch(0, start_step=1)
+
+
+def test_mixed_loader_resumes_both_streams(tmp_path, shards):
+    cf = _make_shards(tmp_path / "cf", [5, 6], cf=True, seed=2)
+    kw = dict(rank=0, world_size=1, num_workers=2, seed=1, image_size=16, resize=20)
+    full = list(make_mixed_loader(shards, cf, 4, 0.5, **kw))
+    resumed = make_mixed_loader(shards, cf, 4, 0.5, **kw)
+    resumed.set_epoch(0, start_step=2)
+    rest = list(resumed)
+    assert [(r["__key__"], c["__key__"]) for r, c in rest] == [(r["__key__"], c["__key__"]) for r, c in full[2:]]
+    assert resumed.counts["steps"] == len(full) - 2
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+def test_counterfactual_shards_of_the_generation_engine_stream_with_their_classes(tmp_path, fmt):
+    from cgn_dist.data.shards import read_tar_samples
+    from cgn_dist.generate import generate_dataset
+    from cgn_dist.generate.toy import ToySamplerFactory
+
+    out = tmp_path / "cf"
+    generate_dataset(ToySamplerFactory(image_size=24, image_format=fmt), out, 10, 4, 0, progress=False)
+    truth = {}
+    for p in sorted(out.glob("shard-*.tar")):
+        for s in read_tar_samples(p):
+            m = json.loads(s["json"])
+            truth[s["__key__"]] = (m["shape_cls"], m["texture_cls"], m["bg_cls"])
+    got = {}
+    for b in make_loader(out, 3, train=False, rank=0, world_size=1, num_workers=0, labels=CF_LABELS,
+                         decoder="torchvision", image_size=16, resize=20):
+        for i, key in enumerate(b["__key__"]):
+            got[key] = tuple(int(b[k][i]) for k in CF_LABELS)
+    assert got == truth
+
+
+def test_pipe_urls_stream_like_local_paths(shards):
+    local = load_shard_set(shards)
+    piped = [(f"pipe:cat {u}", n) for u, n in zip(local.urls, local.counts)]
+    kw = dict(train=False, rank=0, world_size=1, num_workers=0, image_size=16, resize=20)
+    a = [x for b in make_loader(shards, 4, **kw) for x in b["label"].tolist()]
+    b = [x for b in make_loader(piped, 4, **kw) for x in b["label"].tolist()]
+    assert a == b and sorted(a) == list(range(sum(SIZES)))
+
+
+def _ddp_rank(rank, world, init_file, shards, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        result = {}
+        loader = make_loader(shards, 3, train=True, num_workers=2, seed=5, image_size=16, resize=20)
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            labels = []
+            for b in loader:
+                labels += b["label"].tolist()
+                step = torch.ones(1)
+                dist.all_reduce(step)  # a collective every step, as DDP does: unequal step counts would hang here
+            result[epoch] = labels
+        (out_dir / f"rank{rank}.json").write_text(json.dumps({"len": len(loader), **result}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_gloo_processes_x_two_workers_rank_from_torch_distributed(tmp_path, shards):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), str(shards), tmp_path), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["len"] == ranks[1]["len"] == 5
+    for epoch in ("0", "1"):
+        seen = ranks[0][epoch] + ranks[1][epoch]
+        assert sorted(seen) == list(range(30))  # 30 samples, 5 steps x 3 x 2 ranks: every one once
+    assert ranks[0]["0"] != ranks[0]["1"]

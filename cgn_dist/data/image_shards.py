@@ -5,7 +5,8 @@ The tree is listed once (cgn_dist.data.image_tree), in sorted or seeded-shuffled
 ``offsets[shard] + index`` of that list. The sampler below reads and checks those files, so the engine's
 plan, atomic commit, stats marker, resume, manifest, wids index and local/Ray backends do all the rest.
 
-Each file is decoded in full before it is written (a JPEG with a broken tail decodes its header fine):
+Each file is decoded before it is written (a JPEG with a broken tail opens fine: only decoding finds it;
+a JPEG kept as it is decodes at 1/8 scale, which reads every entropy-coded block but skips most of the work):
 - a clean RGB JPEG keeps its original bytes (``resize == 0``);
 - CMYK, grayscale (and other non-RGB modes) and non-JPEG data behind an image name (a PNG named .JPEG)
   are converted to RGB and re-encoded as JPEG, and noted (json ``converted``, stats/manifest ``notes``);
@@ -156,7 +157,12 @@ def read_and_check(path: str, resize: int = 0, jpeg_quality: int = 95) -> tuple[
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             fmt, mode, size = img.format, img.mode, img.size
-            img.load()  # full decode: raises on truncated or corrupt data
+            keep = fmt == "JPEG" and mode == "RGB" and not (resize and min(size) > resize)
+            if keep:
+                # Kept bytes only need checking: at 1/8 scale libjpeg still entropy-decodes every block of the
+                # stream (so truncation and broken Huffman data still fail) but skips most of the IDCT.
+                img.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            img.load()  # raises on truncated or corrupt data
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad data
         return b"", f"cannot decode: {type(e).__name__}: {e}"
     fields: dict[str, Any] = {"width": size[0], "height": size[1]}

@@ -27,10 +27,11 @@ class MixedLoader:
         self.real, self.cf = real, cf
         self.counts: dict[str, Any] = {}
 
-    def set_epoch(self, epoch: int) -> None:
-        self.real.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Before each epoch; ``start_step`` resumes both streams after that many steps."""
+        self.real.set_epoch(epoch, start_step)
         if self.cf is not None:
-            self.cf.set_epoch(epoch)
+            self.cf.set_epoch(epoch, start_step)
 
     def __len__(self) -> int:
         return len(self.real)

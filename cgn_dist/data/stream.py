@@ -6,18 +6,20 @@ stream of the mix). The stream is cut into contiguous sample ranges, one per (ra
 nothing is coordinated at run time, each worker derives its range from (seed, epoch, rank, world,
 worker, workers) and the shard counts of the wids index. A range may start or end inside a shard; the
 worker then skips the samples before its start (read, not decoded), so shards need not divide evenly over
-nodes x workers and no sample is read twice for training.
+nodes x workers, and no sample is yielded twice in an epoch.
 
 - ``drop_last=True`` (training): every rank yields the same number of full batches,
   ``steps = samples // (batch_size * world)``; the fewer than ``batch_size * world`` samples left over are
   a different set each epoch (the shard order changes).
 - ``drop_last=False`` (evaluation): every sample exactly once; ranks differ by at most one sample per
   worker and the last batch of each worker may be partial.
-- ``resampled=True``: no epochs: each worker draws shards with replacement from (seed, rank, worker),
-  forever, or ``samples_per_epoch`` per rank when given.
+- ``resampled=True``: each worker draws whole shards with replacement (in proportion to their sizes) from
+  (seed, epoch, rank, worker): forever, or, with ``samples_per_epoch`` (over all ranks), its share of
+  ``samples_per_epoch // (batch_size * world)`` full batches per rank.
 
 Inside its range a worker shuffles with a buffer seeded by (seed, epoch, rank, worker), decodes and
-transforms each sample (cgn_dist.data.transforms) and batches: a batch is a dict with ``image`` (uint8 or
+transforms each sample (cgn_dist.data.transforms; crop and flip drawn from (seed, epoch, shard url, key))
+and batches: a batch is a dict with ``image`` (uint8 or
 normalised float32, N x 3 x H x W), one int64 tensor per label field of the sample json, and ``__key__``.
 """
 from __future__ import annotations
@@ -156,9 +158,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.normalize = normalize
         self.samples_per_epoch = samples_per_epoch
         self.resampled = resampled
+        self.start_step = 0
         self.num_workers = num_workers  # what __len__ assumes; the DataLoader's actual count wins in __iter__
-        if resampled and samples_per_epoch is None:
-            self.samples_per_epoch = None  # endless
         if self.drop_last and len(self) == 0 and not resampled:
             raise ValueError(f"{self.n_epoch} samples per epoch give no full batch of {batch_size} on each of "
                              f"{world_size} ranks: lower the batch size or add shards")
@@ -167,9 +168,15 @@ class ShardStream(torch.utils.data.IterableDataset):
     def n_epoch(self) -> int:
         return self.shards.n_samples if self.samples_per_epoch is None else int(self.samples_per_epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Call before iterating an epoch (workers are re-created per epoch and copy this)."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Call before iterating an epoch (workers are re-created per epoch and copy this).
+
+        ``start_step``: resume the epoch after that many of this rank's batches (training streams): the
+        remaining batches are exactly those an uninterrupted epoch would have yielded from there on (the
+        skipped samples are read and shuffled as before, but not decoded)."""
+        if start_step and not (self.drop_last and not self.resampled):
+            raise ValueError("start_step needs a training stream (drop_last=True, not resampled)")
+        self.epoch, self.start_step = int(epoch), int(start_step)
 
     def __len__(self) -> int:
         if self.resampled and self.samples_per_epoch is None:
@@ -208,11 +215,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _resampled(self, rng: random.Random, per_worker: int | None) -> Iterator[dict[str, Any]]:
         counts = np.asarray(self.shards.counts, dtype=np.float64)
-        p = counts / counts.sum()  # shards drawn in proportion to their size: every sample equally likely
+        cdf = np.cumsum(counts / counts.sum())  # shards drawn in proportion to their size: samples equally likely
         n = 0
         while per_worker is None or n < per_worker:
-            shard = int(np.searchsorted(np.cumsum(p), rng.random(), side="right"))
-            shard = min(shard, len(p) - 1)
+            shard = min(int(np.searchsorted(cdf, rng.random(), side="right")), len(cdf) - 1)
             for sample in _tar_samples(self.shards.urls[shard]):
                 yield sample
                 n += 1
@@ -232,36 +238,60 @@ class ShardStream(torch.utils.data.IterableDataset):
         from webdataset.filters import _shuffle
 
         worker, workers = self._worker()
+        if self.start_step:
+            # The DataLoader takes batches from workers 0, 1, ..., W-1, 0, ... in turn, and in an epoch worker w
+            # holds batches w, w + W, ... of the rank. Resumed at batch k, loader worker i plays worker
+            # (i + k) % W, so the first batch again comes from the worker that holds batch k.
+            worker = (worker + self.start_step) % workers
         rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, 0x5EED))
         samples = self._samples(worker, workers, rng)
         if self.shuffle_buffer > 1:
             samples = _shuffle(iter(samples), bufsize=self.shuffle_buffer,
                                initial=min(self.shuffle_buffer, 100), rng=rng)
+        if self.start_step:  # of the first start_step batches, this many were this worker's: skip them
+            k = self.start_step
+            skip = (k // workers + (worker < k % workers)) * self.batch_size
+            samples = iter(samples)
+            for _ in range(skip):
+                if next(samples, None) is None:
+                    break
         batch: list[dict[str, Any]] = []
         for sample in samples:
-            batch.append(self._decode(sample, rng))
+            batch.append(self._decode(sample))
             if len(batch) == self.batch_size:
                 yield self._collate(batch)
                 batch = []
         if batch and not (self.drop_last or self.resampled):
             yield self._collate(batch)
 
-    def _decode(self, sample: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    def _decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         meta = json.loads(sample["json"]) if "json" in sample else {}
         missing = [k for k in self.labels if k not in meta]
         if missing:
             raise KeyError(f"sample {sample['__key__']} of {sample.get('__url__')} has no {missing} in its json "
                            f"(it has {sorted(meta)}); real shards carry 'label', counterfactual shards "
                            "'shape_cls', 'texture_cls', 'bg_cls': pass labels= accordingly")
+        # Crop and flip from (seed, epoch, key): the same whatever the world size, worker count or resume point.
+        rng = random.Random(f"{self.seed}/{self.epoch}/{sample.get('__url__', '')}/{sample['__key__']}")
         out = {"image": self.transform(image_bytes(sample), rng), "__key__": sample["__key__"]}
         for k in self.labels:
             out[k] = int(meta[k])
         return out
 
     def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        images = torch.stack([b["image"] for b in batch])
-        out: dict[str, Any] = {"image": normalize_images(images) if self.normalize else images,
-                               "__key__": [b["__key__"] for b in batch]}
+        shape = (len(batch), *batch[0]["image"].shape)
+        in_worker = torch.utils.data.get_worker_info() is not None
+        # In a worker, the batch goes straight into shared memory: the DataLoader then passes a handle
+        # instead of copying the batch there (what its default collate does too).
+        uint8 = torch.empty(shape, dtype=torch.uint8)
+        if in_worker and not self.normalize:
+            uint8.share_memory_()
+        torch.stack([b["image"] for b in batch], out=uint8)
+        images = uint8
+        if self.normalize:
+            dest = torch.empty(shape, dtype=torch.float32)
+            images = normalize_images(uint8, out=dest.share_memory_() if in_worker else dest)
+        out: dict[str, Any] = {"image": images, "__key__": [b["__key__"] for b in batch]}
         for k in self.labels:
             out[k] = torch.tensor([b[k] for b in batch], dtype=torch.int64)
         return out
@@ -282,8 +312,8 @@ class StreamLoader:
         self.prefetch_factor = prefetch_factor if num_workers > 0 else None
         self.multiprocessing_context = multiprocessing_context if num_workers > 0 else None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.stream.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.stream.set_epoch(epoch, start_step)
 
     @property
     def epoch(self) -> int:

@@ -83,7 +83,8 @@ class ImageTransform:
                 scale_x, scale_y = full_w / img.size[0], full_h / img.size[1]
                 top, left = top / scale_y, left / scale_x
                 h, w = h / scale_y, w / scale_x
-        img = img.convert("RGB")
+        if img.mode != "RGB":  # (an RGB image needs no converted copy)
+            img = img.convert("RGB")
         if self.train:
             box = (left, top, left + w, top + h)
             out = img.resize((self.size, self.size), Image.BILINEAR, box=box, reducing_gap=None)
@@ -114,14 +115,16 @@ class ImageTransform:
 
         x = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         _, full_h, full_w = x.shape
+        # torch's antialiased uint8 resize has a vectorised kernel for channels-last images (about 2x faster)
+        x = x.unsqueeze(0).contiguous(memory_format=torch.channels_last)
         if self.train:
             top, left, h, w, flip = self.crop_box(full_w, full_h, rng)
             x = F.resized_crop(x, top, left, h, w, [self.size, self.size], antialias=True)
             if flip:
                 x = F.horizontal_flip(x)
-            return x
+            return x[0]
         x = F.resize(x, [self.resize], antialias=True)
-        return F.center_crop(x, [self.size, self.size])
+        return F.center_crop(x, [self.size, self.size])[0]
 
 
 def random_resized_crop_box(width: int, height: int, rng: random.Random, scale=(0.08, 1.0),
@@ -152,12 +155,17 @@ def _np_array(img):
     return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only buffers
 
 
-def normalize_images(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """uint8 N x 3 x H x W (any device) -> float32, ImageNet mean/std normalised."""
+def normalize_images(images, mean=IMAGENET_MEAN, std=IMAGENET_STD, out=None):
+    """uint8 N x 3 x H x W (any device) -> float32, ImageNet mean/std normalised (into ``out`` if given)."""
     import torch
-    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255.0
-    return (images.float() - m) / s
+    scale = 1.0 / (torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255.0)
+    shift = -torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) / \
+        torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    # One allocation, then in place: fresh 40 MB temporaries per op cost more (page faults) than the math.
+    if out is None:
+        return images.float().mul_(scale).add_(shift)
+    out.copy_(images)
+    return out.mul_(scale).add_(shift)
 
 
 def image_bytes(sample: dict) -> bytes:

@@ -96,6 +96,10 @@ def train_fn(cfg: Config):
         from cgn_dist.train.mnist import train_mnist
 
         return train_mnist
+    if cfg.task == "classifier":
+        from cgn_dist.train.classifier import train_classifier
+
+        return train_classifier
     from cgn_dist.train.imagenet import train_imagenet
 
     return train_imagenet

@@ -67,7 +67,9 @@ def imagenet_factory(cfg: Config):
         checkpoint=checkpoint, biggan=_abs(ic.biggan), u2net=_abs(ic.u2net), cache_dir=_abs(ic.cache_dir),
         model_seed=cfg.seed, mode=mode, classes=list(g.classes) if mode == "fixed_classes" else [],
         truncation=g.truncation, image_format=image_format(cfg), jpeg_quality=g.jpeg_quality, normalize=g.normalize,
-        save_layers=g.save_layers, forward_batch=g.forward_batch, device=g.device, num_threads=g.num_threads)
+        save_layers=g.save_layers, forward_batch=g.forward_batch, device=g.device, num_threads=g.num_threads,
+        precision=g.precision, channels_last=g.channels_last, compile=g.compile, overlap=g.overlap,
+        encode_threads=g.encode_threads, jpeg_encoder=g.jpeg_encoder)
 
 
 def mnist_factory(cfg: Config):
@@ -79,6 +81,9 @@ def mnist_factory(cfg: Config):
     g = cfg.generate
     if g.mode == "interpolation":
         raise ValueError("generate.mode=interpolation exists for task=imagenet only")
+    if g.precision != "fp32" or g.compile or g.jpeg_encoder != "pil":
+        raise ValueError("generate.precision, generate.compile and generate.jpeg_encoder apply to task=imagenet; "
+                         "the MNIST generator runs in fp32 with Pillow: leave them at fp32 / false / pil")
     if g.image_format == "jpg":
         raise ValueError("generate.image_format=jpg: MNIST counterfactuals are stored as lossless png (the "
                          "classifiers read back exact values); set generate.image_format=png or auto")

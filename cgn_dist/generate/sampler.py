@@ -17,6 +17,8 @@ A sampler has:
   every shard's stats and in the manifest; shards made with different info are never mixed in one run.
 - optionally ``coverage_keys``: names of integer class fields in the ``json`` value whose per-class counts
   the shard stats keep (default ``DEFAULT_COVERAGE_KEYS``).
+- optionally ``begin_shard(spec: ShardSpec)``: called before a shard's samples are asked for (a sampler may
+  compute ahead within the shard); it must not change any bytes.
 - optionally ``close()``: frees the model when the worker stops.
 """
 from __future__ import annotations

@@ -62,6 +62,9 @@ def write_shard(sampler: Any, spec: ShardSpec, out_dir: str | os.PathLike, batch
     # Unmark first: from here until the new marker lands, the shard counts as not committed.
     stats_path(out_dir, spec.shard_id).unlink(missing_ok=True)
 
+    begin = getattr(sampler, "begin_shard", None)
+    if callable(begin):  # lets a sampler prepare (e.g. compute ahead) within this shard
+        begin(spec)
     class_counts: dict[str, Counter] = {k: Counter() for k in cov_keys}
     sample_s = 0.0
     rejects: list[dict[str, str]] = []
