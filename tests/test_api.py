@@ -113,3 +113,11 @@ def test_the_readme_example_runs(tmp_path, monkeypatch, repo_root):
     exec(compile(code, "README.md", "exec"), scope)
     assert (tmp_path / "counterfactual.png").is_file()
     assert scope["out"].names[0] == ("goldfish", "tiger shark", "electric ray") and len(scope["digits"]) == 3
+
+
+def test_imagenet_in_the_engines_bf16(tiny):
+    low = ImagenetCGN.from_pretrained("tiny", truncation=0.5, num_threads=1, forward_batch=1, precision="bf16")
+    a = low.counterfactual(shape=[1, 2], texture=3, background=5, seed=0, output_type="pt")
+    b = tiny.counterfactual(shape=[1, 2], texture=3, background=5, seed=0, output_type="pt")
+    assert a.images.dtype == torch.bfloat16  # tensors come in the model's precision
+    assert (a.images.float() - b.images).abs().max() < 0.05  # bf16 rounding, not another image
