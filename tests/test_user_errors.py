@@ -2,6 +2,7 @@
 (unless --debug), and nothing half-written left behind."""
 import errno
 import json
+import re
 
 import pytest
 
@@ -12,7 +13,9 @@ TINY_GEN = ["generate", "configs/debug/generate_tiny.yaml", "generate.grid_every
 
 
 def _one_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    # Log lines (time, level, logger) may precede the error, e.g. the tiny model's once-per-process warning.
+    lines = [ln for ln in err.strip().splitlines()
+             if ln.strip() and not re.match(r"^\d\d:\d\d:\d\d (INFO|WARNING) ", ln)]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     return lines[0]
