@@ -112,8 +112,10 @@ class ImagenetCGN:
         """source: "cgn-imagenet" (the authors' cgn.pth in the weights cache), a weights name, the path of the
         authors' cgn.pth, our run directory / checkpoint / `cgn-dist import` file, or "tiny" / "random-256"
         (random init from ``seed``: no weights needed). ``biggan`` / ``u2net`` are only read for our files,
-        which hold the three mechanisms alone. Further keyword settings (normalize, forward_batch, ...) are
-        the generation sampler's (``ImagenetCounterfactualFactory``); num_threads 0 keeps torch's setting."""
+        which hold the three mechanisms alone. Further keyword settings (precision="bf16", normalize,
+        forward_batch, channels_last, compile, ...) are the generation sampler's
+        (``ImagenetCounterfactualFactory``); num_threads 0 keeps torch's setting. "pt" outputs come in the
+        model's precision."""
         from cgn_dist import weights
         from cgn_dist.generate.command import _abs
         from cgn_dist.generate.imagenet import RANDOM_SOURCES, ImagenetCounterfactualFactory, resolve_cgn_checkpoint

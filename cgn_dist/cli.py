@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from cgn_dist.config import ConfigError, load_config
 
@@ -20,24 +21,37 @@ def _cfg(args):
 
 
 def cmd_train(args) -> int:
+    from cgn_dist.train.run_dir import discard_unstarted
+
     cfg = _cfg(args)
-    if cfg.distributed.num_workers > 0:
-        from cgn_dist.distributed.ray_train import train_with_ray
+    existed = cfg.run_dir.exists()
+    ray_dir = Path(cfg.ray.storage_path or Path(cfg.out_dir) / "ray") / cfg.name
+    ray_existed = ray_dir.exists()
+    try:
+        if cfg.distributed.num_workers > 0:
+            from cgn_dist.distributed.ray_train import train_with_ray
 
-        result = train_with_ray(cfg)
-    elif cfg.task == "mnist":
-        from cgn_dist.train.mnist import train_mnist
+            result = train_with_ray(cfg)
+        elif cfg.task == "mnist":
+            from cgn_dist.train.mnist import train_mnist
 
-        result = train_mnist(cfg)
-    elif cfg.task == "classifier":
-        from cgn_dist.train.classifier import train_classifier
+            result = train_mnist(cfg)
+        elif cfg.task == "classifier":
+            from cgn_dist.train.classifier import train_classifier
 
-        result = train_classifier(cfg)
-    else:
-        from cgn_dist.train.imagenet import train_imagenet
+            result = train_classifier(cfg)
+        else:
+            from cgn_dist.train.imagenet import train_imagenet
 
-        result = train_imagenet(cfg)
-    print(json.dumps(result, indent=1, default=str))
+            result = train_imagenet(cfg)
+    except BaseException:
+        if int(os.environ.get("RANK", "0")) == 0:  # failed before its first checkpoint: leave no run behind
+            discard_unstarted(cfg.run_dir, existed)
+            if not cfg.run_dir.exists():
+                discard_unstarted(ray_dir, ray_existed)
+        raise
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary, whichever launcher (torchrun starts one per rank)
+        print(json.dumps(result, indent=1, default=str))
     return 0
 
 
@@ -159,6 +173,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (FileNotFoundError, ValueError, OSError, GenerationError)
 
 
+def _console_logging() -> None:
+    """cgn_dist's INFO lines on the console (rank 0 only; others warnings): what a run does, as it does it.
+    Training and generation add their run's log.txt (train.metrics.setup_logging)."""
+    import logging
+
+    root = logging.getLogger("cgn_dist")
+    root.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+    if not root.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(h)
+
+
 def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
     return [a for a in argv if a != "--debug"], "--debug" in argv
 
@@ -215,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     argv, debug = _pop_debug(_drop_local_rank(sys.argv[1:] if argv is None else argv))
     debug = debug or bool(os.environ.get(DEBUG_ENV) or os.environ.get("CGN_DIST_TRACEBACK"))
     args = p.parse_args(argv)
+    _console_logging()
     try:
         return args.fn(args)
     except ConfigError as e:

@@ -96,6 +96,7 @@ class TrainConfig:
     resume: bool = True  # resume from the latest checkpoint when the run directory exists
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when visible
     progress: bool = True  # tqdm progress bars
+    allow_config_change: bool = False  # resume a run whose training settings changed (earlier config kept beside)
 
 
 @dataclass
@@ -192,7 +193,7 @@ class InvariantConfig:
     """The ImageNet invariant classifier (spec §2.6): ResNet trunk + shape/texture/bg heads."""
     backbone: str = "resnet50"  # torchvision trunk (resnet50 = paper; resnet18 etc. for smoke runs and tests)
     weights: str = "auto"  # trunk: "imagenet", "random", "auto" (imagenet if cached/downloadable, else random, logged), or a file
-    n_classes: int = 1000
+    n_classes: int = 1000  # classes of each head (ImageNet: 1000)
     init_from: str = ""  # a classifier state dict (ours) to start from
     freeze_bn: bool = True  # BatchNorm in eval mode during training (authors' code)
     real_shards: str = ""  # real ImageNet train shards (folder with index.json, an index, or a tar)
@@ -200,13 +201,13 @@ class InvariantConfig:
     cf_ratio: float = 1.0  # counterfactual batch = int(cf_ratio * real batch)
     num_workers: int = 0  # DataLoader workers per rank for the streams (part of what fixes the sample order)
     image_size: int = 224  # train crop / val centre crop (smoke runs and tests use less)
-    epochs: int = 45
+    epochs: int = 45  # passes over the real train stream (paper: 45)
     steps_per_epoch: int = 0  # updates per epoch; 0 = real train images // global batch
     lr: float = 0.001  # SGD (README command of the authors; argparse default 0.1)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # SGD weight decay
     lr_step_epochs: int = 15  # lr x lr_gamma every this many epochs
-    lr_gamma: float = 0.1
+    lr_gamma: float = 0.1  # lr factor at each step (x0.1 every 15 epochs)
     eval_every_epochs: int = 1  # evaluations before training and every N epochs (0 = never)
 
 
@@ -222,9 +223,9 @@ class EvalConfig:
     cf_val_shards: str = ""  # counterfactual val shards (top-1/5 of each head vs its own class)
     samples: str = ""  # generation run folder (shards) for Inception Score and mu_mask
     inception_weights: str = "auto"  # Inception v3: "imagenet", "auto", "random" or a file
-    is_splits: int = 10
+    is_splits: int = 10  # Inception Score splits (standard: 10)
     is_samples: int = 0  # samples used for IS (0 = all in eval.samples)
-    batch_size: int = 32
+    batch_size: int = 32  # evaluation batch per rank
     num_workers: int = 0  # DataLoader workers for image folders
     image_size: int = 224  # centre crop for val / cue-conflict images (IN-9 stays at 224)
     limit: int = 0  # shard evaluations: at most this many images per rank (0 = all; smoke runs)

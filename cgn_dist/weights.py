@@ -133,10 +133,12 @@ def how_to_copy(name: str) -> str:
     """The offline way in: which file to put where."""
     w, p = get(name), path_of(name)
     size = f"{w.size:,} bytes, " if w.size else ""
-    sha = f"sha256 {w.sha256}" if w.sha256 else "sha256 not known in advance"
+    sha = (f"sha256 {w.sha256}" if w.sha256 else f"sha256 starting {w.sha256_prefix}" if w.sha256_prefix
+           else "sha256 not known in advance")
     also = f" and config.json (from {BIGGAN_CONFIG_URL})" if w.subdir else ""
-    return (f"copy {w.filename} ({size}{sha}; from {w.url}){also} to {p.parent}/ (or set {CACHE_ENV} to a folder "
-            f"holding it{' under ' + w.subdir + '/' if w.subdir else ''})")
+    elsewhere = ("TORCH_HOME to a folder whose hub/checkpoints/ holds it" if w.cache == "torch" else
+                 f"{CACHE_ENV} to a folder holding it{' under ' + w.subdir + '/' if w.subdir else ''}")
+    return f"copy {w.filename} ({size}{sha}; from {w.url}){also} to {p.parent}/ (or set {elsewhere})"
 
 
 def missing_message(name: str, key: str = "") -> str:

@@ -102,3 +102,22 @@ def test_mnist_by_weights_name(tmp_path, monkeypatch, shared_ref):
     cgn = MnistCGN.from_pretrained("cgn-mnist-wildlife")
     assert cgn.sha256 == weights.REGISTRY["cgn-mnist-wildlife"].sha256
     assert len(MnistCGN.from_pretrained("random").counterfactual(shape=[1, 2]).images) == 2
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch, repo_root):
+    text = (repo_root / "README.md").read_text()
+    section = text[text.index("### Counterfactuals in a notebook"):]
+    code = section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 9)]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert (tmp_path / "counterfactual.png").is_file()
+    assert scope["out"].names[0] == ("goldfish", "tiger shark", "electric ray") and len(scope["digits"]) == 3
+
+
+def test_imagenet_in_the_engines_bf16(tiny):
+    low = ImagenetCGN.from_pretrained("tiny", truncation=0.5, num_threads=1, forward_batch=1, precision="bf16")
+    a = low.counterfactual(shape=[1, 2], texture=3, background=5, seed=0, output_type="pt")
+    b = tiny.counterfactual(shape=[1, 2], texture=3, background=5, seed=0, output_type="pt")
+    assert a.images.dtype == torch.bfloat16  # tensors come in the model's precision
+    assert (a.images.float() - b.images).abs().max() < 0.05  # bf16 rounding, not another image

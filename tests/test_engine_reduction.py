@@ -31,30 +31,34 @@ def _two_process_worker(rank, port, out):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        for reduction in ("mean", "sum"):
-            w = torch.nn.Linear(1, 1, bias=False)
-            with torch.no_grad():
-                w.weight.fill_(10.0)
-            eng = build_engine(w, torch.optim.SGD(w.parameters(), lr=0.5),
-                               TrainConfig(grad_accum=2, grad_reduction=reduction, micro_batch_size=1),
-                               DistEnv(rank, 2, rank, torch.device("cpu")), ddp=True)
-            for x in ((1.0, 2.0), (4.0, 8.0))[rank]:
-                eng.backward(eng(torch.tensor([[x]])).sum())
-                eng.step()
-            out[(rank, reduction)] = eng.module.weight.item()
+        for engine in ("torch", "deepspeed"):
+            for reduction in ("mean", "sum"):
+                w = torch.nn.Linear(1, 1, bias=False)
+                with torch.no_grad():
+                    w.weight.fill_(10.0)
+                eng = build_engine(w, torch.optim.SGD(w.parameters(), lr=0.5),
+                                   TrainConfig(engine=engine, grad_accum=2, grad_reduction=reduction,
+                                               micro_batch_size=1),
+                                   DistEnv(rank, 2, rank, torch.device("cpu")), ddp=True)
+                for x in ((1.0, 2.0), (4.0, 8.0))[rank]:
+                    eng.backward(eng(torch.tensor([[x]])).sum())
+                    eng.step()
+                out[(rank, engine, reduction)] = eng.module.weight.item()
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_two_processes_mean_or_sum_over_the_global_batch():
-    # Micro batches 1, 2 (rank 0) and 4, 8 (rank 1), DDP over gloo: the global gradient is 15 (sum) or 15/4.
+    # Micro batches 1, 2 (rank 0) and 4, 8 (rank 1), over gloo: the global gradient is 15 (sum) or 15/4.
     import torch.multiprocessing as mp
 
     from cgn_dist.distributed.env import free_port
 
     out = mp.Manager().dict()
     mp.spawn(_two_process_worker, args=(free_port(), out), nprocs=2, join=True)
-    for reduction, grad in (("mean", 15.0 / 4), ("sum", 15.0)):
-        for rank in (0, 1):
-            assert out[(rank, reduction)] == pytest.approx(10.0 - 0.5 * grad, rel=1e-6), (rank, reduction)
+    for engine in ("torch", "deepspeed"):
+        for reduction, grad in (("mean", 15.0 / 4), ("sum", 15.0)):
+            for rank in (0, 1):
+                key = (rank, engine, reduction)
+                assert out[key] == pytest.approx(10.0 - 0.5 * grad, rel=1e-6), key

@@ -240,3 +240,11 @@ def test_two_ray_nodes_give_the_shards_of_one_process(tree, reference, tmp_path)
         assert os.getpid() not in pids  # written by the Ray workers, not here
     finally:
         cluster.shutdown()
+
+
+def test_rerun_with_another_listing_into_the_same_folder_is_refused(tree, reference):
+    out, _ = reference
+    before = _tars(out)
+    with pytest.raises(ValueError, match="another listing"):
+        run_make_shards(_cfg(tree.train, out, "shards.shuffle=false"))
+    assert _tars(out) == before and json.loads((out / "sources.json").read_text())["n_listed"] == tree.listed

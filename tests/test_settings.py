@@ -77,3 +77,13 @@ def test_mnist_generation_saves_layers(tmp_path, shared_ref):
     # the two counterfactual rounds of one slot share the fixed mask
     by_key = {s["__key__"]: s for s in samples}
     assert by_key["000000_000003"]["mask.png"] == by_key["000000_000103"]["mask.png"]
+
+
+def test_the_table_prints_the_reference_reproduction_once():
+    from cgn_dist.classifier.table import build_mnist_table, format_mnist_table
+
+    acc = {"train_acc": 99.0, "test_acc": 50.0}
+    results = {ds: {"results": {row: acc for row in ("original", "counterfactual", "combined")}}
+               for ds in ("colored", "double_colored", "wildlife")}
+    text = format_mnist_table(build_mnist_table(results))
+    assert text.count("92.3") == 1 and text.count("62.8") == 1 and "spec" not in text

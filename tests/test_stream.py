@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import random
 
 import numpy as np
@@ -183,3 +184,67 @@ def test_mixed_loader_resumes_both_streams(tmp_path, shards):
     rest = list(resumed)
     assert [(r["__key__"], c["__key__"]) for r, c in rest] == [(r["__key__"], c["__key__"]) for r, c in full[2:]]
     assert resumed.counts["steps"] == len(full) - 2
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+def test_counterfactual_shards_of_the_generation_engine_stream_with_their_classes(tmp_path, fmt):
+    from cgn_dist.data.shards import read_tar_samples
+    from cgn_dist.generate import generate_dataset
+    from cgn_dist.generate.toy import ToySamplerFactory
+
+    out = tmp_path / "cf"
+    generate_dataset(ToySamplerFactory(image_size=24, image_format=fmt), out, 10, 4, 0, progress=False)
+    truth = {}
+    for p in sorted(out.glob("shard-*.tar")):
+        for s in read_tar_samples(p):
+            m = json.loads(s["json"])
+            truth[s["__key__"]] = (m["shape_cls"], m["texture_cls"], m["bg_cls"])
+    got = {}
+    for b in make_loader(out, 3, train=False, rank=0, world_size=1, num_workers=0, labels=CF_LABELS,
+                         decoder="torchvision", image_size=16, resize=20):
+        for i, key in enumerate(b["__key__"]):
+            got[key] = tuple(int(b[k][i]) for k in CF_LABELS)
+    assert got == truth
+
+
+def test_pipe_urls_stream_like_local_paths(shards):
+    local = load_shard_set(shards)
+    piped = [(f"pipe:cat {u}", n) for u, n in zip(local.urls, local.counts)]
+    kw = dict(train=False, rank=0, world_size=1, num_workers=0, image_size=16, resize=20)
+    a = [x for b in make_loader(shards, 4, **kw) for x in b["label"].tolist()]
+    b = [x for b in make_loader(piped, 4, **kw) for x in b["label"].tolist()]
+    assert a == b and sorted(a) == list(range(sum(SIZES)))
+
+
+def _ddp_rank(rank, world, init_file, shards, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        result = {}
+        loader = make_loader(shards, 3, train=True, num_workers=2, seed=5, image_size=16, resize=20)
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            labels = []
+            for b in loader:
+                labels += b["label"].tolist()
+                step = torch.ones(1)
+                dist.all_reduce(step)  # a collective every step, as DDP does: unequal step counts would hang here
+            result[epoch] = labels
+        (out_dir / f"rank{rank}.json").write_text(json.dumps({"len": len(loader), **result}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_gloo_processes_x_two_workers_rank_from_torch_distributed(tmp_path, shards):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), str(shards), tmp_path), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["len"] == ranks[1]["len"] == 5
+    for epoch in ("0", "1"):
+        seen = ranks[0][epoch] + ranks[1][epoch]
+        assert sorted(seen) == list(range(30))  # 30 samples, 5 steps x 3 x 2 ranks: every one once
+    assert ranks[0]["0"] != ranks[0]["1"]

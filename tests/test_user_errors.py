@@ -2,6 +2,7 @@
 (unless --debug), and nothing half-written left behind."""
 import errno
 import json
+import re
 
 import pytest
 
@@ -12,7 +13,9 @@ TINY_GEN = ["generate", "configs/debug/generate_tiny.yaml", "generate.grid_every
 
 
 def _one_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    # Log lines (time, level, logger) may precede the error, e.g. the tiny model's once-per-process warning.
+    lines = [ln for ln in err.strip().splitlines()
+             if ln.strip() and not re.match(r"^\d\d:\d\d:\d\d (INFO|WARNING) ", ln)]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     return lines[0]
@@ -74,6 +77,7 @@ def test_offline_biggan_is_one_line_naming_the_config_key(tmp_path, monkeypatch,
     line = _one_line(capsys.readouterr().err)
     assert "cannot download BigGAN 'biggan-deep-256'" in line and "imagenet.biggan=biggan-deep-256" in line
     assert "cgn-dist weights fetch biggan-deep-256" in line and "biggan_source" not in line
+    assert not (tmp_path / "imagenet_tiny").exists()  # failed before its first checkpoint: nothing left
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -86,3 +90,21 @@ def test_help_says_how_to_see_every_key(capsys):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         assert "cgn-dist config --doc" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_mistake_in_a_ray_train_worker_reads_as_in_process(tmp_path, monkeypatch, capsys):
+    from cgn_dist.distributed.ray_utils import shutdown_ray
+
+    monkeypatch.setenv("CGN_DIST_CACHE", str(tmp_path / "cache"))  # inherited by the workers Ray starts here
+    try:
+        assert main(["train", "configs/debug/imagenet_tiny.yaml", f"out_dir={tmp_path}", "ray.num_cpus=1",
+                     "distributed.num_workers=1", "imagenet.biggan=biggan-deep-256"]) == 2
+    finally:
+        shutdown_ray()
+    err = capsys.readouterr().err
+    ours = [ln for ln in err.splitlines() if ln.startswith("error: ")]  # Ray forwards its workers' stderr too
+    assert len(ours) == 1 and ours[0].startswith("error: cannot download BigGAN 'biggan-deep-256'"), ours
+    assert "imagenet.biggan=" in ours[0]
+    assert not (tmp_path / "imagenet_tiny").exists() and not (tmp_path / "ray" / "imagenet_tiny").exists()

@@ -6,15 +6,16 @@ stream of the mix). The stream is cut into contiguous sample ranges, one per (ra
 nothing is coordinated at run time, each worker derives its range from (seed, epoch, rank, world,
 worker, workers) and the shard counts of the wids index. A range may start or end inside a shard; the
 worker then skips the samples before its start (read, not decoded), so shards need not divide evenly over
-nodes x workers and no sample is read twice for training.
+nodes x workers, and no sample is yielded twice in an epoch.
 
 - ``drop_last=True`` (training): every rank yields the same number of full batches,
   ``steps = samples // (batch_size * world)``; the fewer than ``batch_size * world`` samples left over are
   a different set each epoch (the shard order changes).
 - ``drop_last=False`` (evaluation): every sample exactly once; ranks differ by at most one sample per
   worker and the last batch of each worker may be partial.
-- ``resampled=True``: no epochs: each worker draws shards with replacement from (seed, rank, worker),
-  forever, or ``samples_per_epoch`` per rank when given.
+- ``resampled=True``: each worker draws whole shards with replacement (in proportion to their sizes) from
+  (seed, epoch, rank, worker): forever, or, with ``samples_per_epoch`` (over all ranks), its share of
+  ``samples_per_epoch // (batch_size * world)`` full batches per rank.
 
 Inside its range a worker shuffles with a buffer seeded by (seed, epoch, rank, worker), decodes and
 transforms each sample (cgn_dist.data.transforms; crop and flip drawn from (seed, epoch, shard url, key))
@@ -159,8 +160,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.resampled = resampled
         self.start_step = 0
         self.num_workers = num_workers  # what __len__ assumes; the DataLoader's actual count wins in __iter__
-        if resampled and samples_per_epoch is None:
-            self.samples_per_epoch = None  # endless
         if self.drop_last and len(self) == 0 and not resampled:
             raise ValueError(f"{self.n_epoch} samples per epoch give no full batch of {batch_size} on each of "
                              f"{world_size} ranks: lower the batch size or add shards")
@@ -216,11 +215,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _resampled(self, rng: random.Random, per_worker: int | None) -> Iterator[dict[str, Any]]:
         counts = np.asarray(self.shards.counts, dtype=np.float64)
-        p = counts / counts.sum()  # shards drawn in proportion to their size: every sample equally likely
+        cdf = np.cumsum(counts / counts.sum())  # shards drawn in proportion to their size: samples equally likely
         n = 0
         while per_worker is None or n < per_worker:
-            shard = int(np.searchsorted(np.cumsum(p), rng.random(), side="right"))
-            shard = min(shard, len(p) - 1)
+            shard = min(int(np.searchsorted(cdf, rng.random(), side="right")), len(cdf) - 1)
             for sample in _tar_samples(self.shards.urls[shard]):
                 yield sample
                 n += 1

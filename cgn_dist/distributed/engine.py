@@ -65,9 +65,7 @@ class TorchEngine:
 
     def step(self) -> None:
         if self.is_boundary():
-            grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            self.grad_norm = float(torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+            self.grad_norm = _grad_norm(p.grad for g in self.optimizer.param_groups for p in g["params"])
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_steps += 1
@@ -84,6 +82,12 @@ class TorchEngine:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.micro_steps, self.global_steps = state["micro_steps"], state["global_steps"]
+
+
+def _grad_norm(grads) -> float | None:
+    """L2 norm of all the given gradients (None entries skipped); None when there are none."""
+    norms = [torch.linalg.vector_norm(g.float()) for g in grads if g is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
 
 
 def _cast(obj, dtype):
@@ -144,9 +148,10 @@ class DeepSpeedEngine:
 
     @property
     def grad_norm(self) -> float | None:
-        """DeepSpeed's global gradient norm of the last update (None where it does not compute one)."""
+        """DeepSpeed's global gradient norm of the last update where it computes one, else ours from the
+        parameters' gradients (ZeRO 0/1; None under ZeRO 2, whose gradients are partitioned)."""
         norm = self.engine.get_global_grad_norm()
-        return None if norm is None else float(norm)
+        return float(norm) if norm is not None else getattr(self, "_grad_norm", None)
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.grad_sum:  # DeepSpeed divides by the accumulation steps and averages over processes
@@ -155,6 +160,8 @@ class DeepSpeedEngine:
             self.engine.backward(loss)
 
     def step(self) -> None:
+        if self.is_boundary():
+            self._grad_norm = _grad_norm(p.grad for p in self.module.parameters())
         self.engine.step()
 
     def save(self, directory: Path, name: str) -> None:

@@ -175,15 +175,24 @@ def run_generate(cfg: Config) -> dict[str, Any]:
     _check_same_run(run_dir, factory, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    from cgn_dist.train.metrics import setup_logging
 
-    writer, on_shard_done = None, None
+    setup_logging(run_dir, True)  # log.txt beside the shards
+
+    writer, grid = None, None
     if g.grid_every > 0:
         from torch.utils.tensorboard import SummaryWriter
 
         from cgn_dist.generate.progress import grid_callback
 
         writer = SummaryWriter(str(run_dir / "tb"))
-        on_shard_done = grid_callback(writer, every=g.grid_every)
+        grid = grid_callback(writer, every=g.grid_every)
+    written = []
+
+    def on_shard_done(stats):
+        written.append(stats["shard_id"])
+        if grid is not None:
+            grid(stats)
     started_ray = _start_ray(cfg)
     t0 = time.perf_counter()
     try:
@@ -202,7 +211,14 @@ def run_generate(cfg: Config) -> dict[str, Any]:
 
             shutdown_ray()
     seconds = time.perf_counter() - t0
-    return {"run_dir": str(run_dir), "manifest": str(run_dir / "manifest.json"),
+    if not written:
+        log.info("%s is complete: %d samples in %d shards, all committed and checked; nothing to generate",
+                 run_dir, manifest["total_samples"], manifest["n_shards"])
+    else:
+        log.info("%s: wrote %d of %d shards (%d samples in all)", run_dir, len(written), manifest["n_shards"],
+                 manifest["total_samples"])
+    return {"run_dir": str(run_dir), "complete_before": not written, "shards_written": len(written),
+            "manifest": str(run_dir / "manifest.json"),
             "n_samples": manifest["total_samples"], "n_shards": manifest["n_shards"],
             "total_bytes": manifest["total_bytes"], "seconds": round(seconds, 3),
             "images_per_s": round(manifest["total_samples"] / seconds, 3) if seconds > 0 else None,

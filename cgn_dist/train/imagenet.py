@@ -18,9 +18,12 @@ from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_proces
 from cgn_dist.losses import VGG16Features
 from cgn_dist.models.biggan import truncated_noise
 from cgn_dist.models.cgn_imagenet import CGNImageNet, build_cgn_imagenet
-from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from cgn_dist.train.checkpoint import (find_resume_checkpoint, latest_checkpoint, load_checkpoint, prepare_run_dir,
+                                      save_checkpoint)
 from cgn_dist.train.common import NullReporter, Reporter, step_seed
 from cgn_dist.train.imagenet_step import ImagenetLossWeights, build_optimizer, imagenet_losses, sample_inputs
+from cgn_dist.train.run_dir import (build_summary, checkpoint_step, complete_line, progress_line, read_summary,
+                                    start_line, write_summary)
 from cgn_dist.train.metrics import Throughput, build_logger, engine_scalars, make_sheet, setup_logging
 
 
@@ -67,6 +70,13 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter |
     run_dir = prepare_run_dir(cfg, env.is_main)
     setup_logging(run_dir, env.is_main)
     logger = build_logger(run_dir, env.is_main)
+    ckpt = find_resume_checkpoint(run_dir, reporter) if t.resume else None
+    if ckpt is not None and checkpoint_step(ckpt) >= t.max_steps:
+        logger.info(complete_line(run_dir, checkpoint_step(ckpt)))
+        logger.close()
+        if owns_group:
+            destroy_process_group()
+        return read_summary(run_dir) or build_summary(run_dir, t.max_steps, checkpoint_step(ckpt), ckpt, {})
 
     cgn = build_cgn(cfg).to(env.device)
     vgg = VGG16Features(ic.vgg_weights).to(env.device)
@@ -76,10 +86,10 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter |
     engines = {"mechanisms": engine}
 
     start = 0
-    ckpt = find_resume_checkpoint(run_dir, reporter) if t.resume else None
     if ckpt is not None:
         start = load_checkpoint(ckpt, engines, rank=env.rank)["step"]
         logger.info(f"resumed from {ckpt} at update {start}")
+    logger.info(start_line(cfg, env.world_size, t.max_steps, start, env.device))
 
     global_batch = t.micro_batch_size * t.grad_accum * env.world_size
     bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, unit="update",
@@ -110,6 +120,7 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter |
         logs |= engine_scalars(engines)
         if done % t.log_every == 0 or done == t.max_steps:
             logger.scalars(logs, done)
+            logger.info(progress_line(done, t.max_steps, logs))
             bar.set_postfix(loss=f"{sums['total']:.2f}", samples_s=f"{logs['perf/samples_per_s']:.2f}")
         if done % t.sample_every == 0 or done == t.max_steps:
             cgn.eval()
@@ -118,8 +129,12 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter |
         if done % t.checkpoint_every == 0 or done == t.max_steps:
             path = save_checkpoint(run_dir, done, engines, cfg=cfg, keep_last=t.keep_last, rank=env.rank)
             reporter.report(done, logs, path, env.is_main)
+    summary = build_summary(run_dir, t.max_steps, t.max_steps, latest_checkpoint(run_dir), logs)
+    if env.is_main:
+        write_summary(run_dir, summary)
+        logger.info(f"finished {run_dir}: {progress_line(t.max_steps, t.max_steps, logs)}; summary.json written")
     logger.flush()
     logger.close()
     if owns_group:
         destroy_process_group()
-    return {"run_dir": str(run_dir), "steps": t.max_steps, **logs}
+    return summary

@@ -18,8 +18,11 @@ from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_proces
 from cgn_dist.losses import VGG16Features, binary_entropy_loss, lsgan_loss, perceptual_loss
 from cgn_dist.models.cgn_mnist import CGNMnist, init_cgn_weights
 from cgn_dist.models.discriminator import DiscConv, DiscLin
-from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from cgn_dist.train.checkpoint import (find_resume_checkpoint, latest_checkpoint, load_checkpoint, prepare_run_dir,
+                                      save_checkpoint)
 from cgn_dist.train.common import NullReporter, Reporter, step_seed
+from cgn_dist.train.run_dir import (build_summary, checkpoint_step, complete_line, progress_line, read_summary,
+                                    start_line, write_summary)
 from cgn_dist.train.metrics import Throughput, build_logger, engine_scalars, make_sheet, setup_logging
 
 
@@ -107,6 +110,13 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
                                   download=cfg.data.download)
     stream = BatchStream(dataset, t.micro_batch_size, cfg.seed, env.rank, env.world_size)
     total = t.max_steps or math.ceil(t.epochs * stream.batches_per_epoch / t.grad_accum)
+    ckpt = find_resume_checkpoint(run_dir, reporter) if t.resume else None
+    if ckpt is not None and checkpoint_step(ckpt) >= total:
+        logger.info(complete_line(run_dir, checkpoint_step(ckpt)))
+        logger.close()
+        if owns_group:
+            destroy_process_group()
+        return read_summary(run_dir) or build_summary(run_dir, total, checkpoint_step(ckpt), ckpt, {})
 
     gen, disc = build_generator(cfg), build_discriminator(cfg)
     vgg = VGG16Features(m.vgg_weights).to(env.device)
@@ -117,10 +127,10 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
     engines = {"generator": eng_g, "discriminator": eng_d}
 
     start = 0
-    ckpt = find_resume_checkpoint(run_dir, reporter) if t.resume else None
     if ckpt is not None:
         start = load_checkpoint(ckpt, engines, rank=env.rank)["step"]
         logger.info(f"resumed from {ckpt} at update {start}")
+    logger.info(start_line(cfg, env.world_size, total, start, env.device))
 
     bar = tqdm(range(start, total), initial=start, total=total, disable=not (t.progress and env.is_main),
                desc=f"cgn-mnist {cfg.data.dataset}", unit="it")
@@ -162,6 +172,7 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
         done = step + 1
         if done % t.log_every == 0 or done == total:
             logger.scalars(logs, done)
+            logger.info(progress_line(done, total, logs))
             bar.set_postfix(g=f"{logs['loss/g_total']:.3f}", d=f"{logs['loss/d']:.3f}",
                             samples_s=f"{logs['perf/samples_per_s']:.1f}")
         if done % t.sample_every == 0 or done == total:
@@ -169,8 +180,12 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
         if done % t.checkpoint_every == 0 or done == total:
             path = save_checkpoint(run_dir, done, engines, cfg=cfg, keep_last=t.keep_last, rank=env.rank)
             reporter.report(done, logs, path, env.is_main)
+    summary = build_summary(run_dir, total, total, latest_checkpoint(run_dir), logs)
+    if env.is_main:
+        write_summary(run_dir, summary)
+        logger.info(f"finished {run_dir}: {progress_line(total, total, logs)}; summary.json written")
     logger.flush()
     logger.close()
     if owns_group:
         destroy_process_group()
-    return {"run_dir": str(run_dir), "steps": total, **logs}
+    return summary
