@@ -99,11 +99,13 @@ def test_evaluations_run_before_training_and_after_each_epoch(tmp_path, shards, 
     assert later == at_4  # the last checkpoint (update 4) is the model evaluated at the end of epoch 1
 
 
-def test_deepspeed_zero0_fp32_agrees_with_torch(tmp_path, shards):
-    t = train_classifier(_cfg(tmp_path, shards, "t", "train.max_steps=2", "invariant.eval_every_epochs=0"))
-    d = train_classifier(_cfg(tmp_path, shards, "d", "train.max_steps=2", "invariant.eval_every_epochs=0",
-                              "train.engine=deepspeed"))
-    a, b = _weights(t["run_dir"], 2), _weights(d["run_dir"], 2, "deepspeed")
+def test_deepspeed_zero1_fp32_agrees_with_torch_across_an_lr_step(tmp_path, shards):
+    # 4 updates per epoch, lr x 0.1 after every epoch: update 5 runs at lr 1e-4 in both engines
+    over = ["train.max_steps=5", "invariant.eval_every_epochs=0", "invariant.lr_step_epochs=1", "invariant.lr=0.01"]
+    t = train_classifier(_cfg(tmp_path, shards, "t", *over))
+    d = train_classifier(_cfg(tmp_path, shards, "d", *over, "train.engine=deepspeed", "train.zero_stage=1"))
+    assert t["lr"] == d["lr"] == pytest.approx(1e-3)
+    a, b = _weights(t["run_dir"], 5), _weights(d["run_dir"], 5, "deepspeed")
     for k in a:
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6)
 
