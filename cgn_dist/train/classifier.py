@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cgn_dist.config import Config
+from cgn_dist.data.transforms import normalize_images
 from cgn_dist.distributed.engine import build_engine
 from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
 from cgn_dist.models.invariant import HEADS, build_invariant_classifier
@@ -60,7 +61,8 @@ def build_streams(cfg: Config, env: DistEnv):
                                     "cgn-dist generate write one) nor an index.json file")
     return make_mixed_loader(ic.real_shards, ic.cf_shards or None, t.micro_batch_size, ic.cf_ratio,
                              rank=env.rank, world_size=env.world_size, num_workers=ic.num_workers, seed=cfg.seed,
-                             train=True, image_size=ic.image_size, resize=round(ic.image_size * 256 / 224))
+                             train=True, image_size=ic.image_size, resize=round(ic.image_size * 256 / 224),
+                             decoder=ic.decoder, normalize=False)
 
 
 class _CastInput(torch.nn.Module):
@@ -153,11 +155,13 @@ def train_classifier(cfg: Config, env: DistEnv | None = None, reporter: Reporter
             if step >= last:
                 break
             x = real["image"] if cf is None else torch.cat([real["image"], cf["image"]])
+            # uint8 from the workers (a quarter of the bytes through shared memory); mean/std here, on the device
+            x = normalize_images(x.to(env.device, non_blocking=True))
             y = real["label"].to(env.device)
             cf_dev = None if cf is None else {k2: cf[k2].to(env.device) for k2 in CF_KEYS.values()}
             model.train()
             with engine.autocast():
-                out = engine(x.to(env.device))
+                out = engine(x)
             terms, top1 = classifier_losses(out, y, cf_dev, len(y))
             engine.backward(terms["total"])
             boundary = engine.is_boundary()
