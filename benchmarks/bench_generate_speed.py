@@ -1,0 +1,201 @@
+"""Counterfactual ImageNet generation at full size, one run: the authors' path against ours in fp32, bf16 and
+bf16 + torch.compile; counted GFLOP/image, achieved GFLOP/s, MFU on known GPUs; bf16 quality against fp32.
+
+Per variant (model built and, with compile, warmed up BEFORE any timing):
+  forward   images/s of the generation forward alone (batches of --batch, inputs ready on the device);
+  engine    images/s of write_shard with the same sampler: forward, uint8, JPEG encoding, tar writing
+            (overlapped: the next forward group runs while one is encoded and written).
+(a) is benchmarks/bench_generate_cgn.py's reproduction of the authors' loop (batch 1, full training forward
+with the teacher and two U²-Net passes, save_image per JPEG file), on the fp32 model.
+
+    python benchmarks/bench_generate_speed.py --n 8 --batch 8                 # this CPU, full size
+    python benchmarks/bench_generate_speed.py --tiny --n 8 --batch 4          # 32 px, seconds
+    python benchmarks/bench_generate_speed.py --device-check --batches 16,64,128 --budget-s 420   # GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cgn_dist.generate.imagenet import ImagenetCounterfactualFactory, draw_classes  # noqa: E402
+from cgn_dist.generate.plan import ShardSpec, sample_seed  # noqa: E402
+from cgn_dist.generate.precision import count_flops, peak_bf16_tflops  # noqa: E402
+from cgn_dist.generate.writer import write_shard  # noqa: E402
+from cgn_dist.models.biggan import class_vector, truncated_noise  # noqa: E402
+
+VARIANTS = {"fp32": dict(precision="fp32"), "bf16": dict(precision="bf16"),
+            "bf16+compile": dict(precision="bf16", compile=True)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _inputs(sampler, seeds):
+    nc = sampler.n_classes
+    triples = [draw_classes("random", s, nc) for s in seeds]
+    u = truncated_noise(len(seeds), sampler.model.z_dim, sampler.cfg.truncation, seed=list(seeds))
+    d, dt = sampler.device, sampler.dtype
+    return [u.to(d, dt)] + [class_vector([t[i] for t in triples], nc).to(d, dt) for i in range(3)]
+
+
+def time_forward(sampler, n: int, batch: int, keep: bool = False):
+    """(images/s, outputs as fp32 CPU tensors or None). One untimed warm-up batch first."""
+    seeds = [sample_seed(0, 0, i) for i in range(max(n, batch))]
+    batches = [_inputs(sampler, seeds[a:a + batch]) for a in range(0, n, batch)]
+    batches = [b for b in batches if b[0].shape[0] == batch]  # whole batches only (compiled shapes)
+    sampler.forward(*batches[0])  # warm-up
+    _sync(sampler.device)
+    outs = []
+    t0 = time.perf_counter()
+    for b in batches:
+        out = sampler.forward(*b)
+        if keep:
+            outs.append({k: out[k].float().cpu() for k in ("composite", "mask")})
+    _sync(sampler.device)
+    seconds = time.perf_counter() - t0
+    kept = {k: torch.cat([o[k] for o in outs]) for k in ("composite", "mask")} if keep else None
+    return len(batches) * batch / seconds, kept
+
+
+def time_engine(sampler, n: int, batch: int, out: Path) -> float:
+    """images/s of write_shard (one shard of n samples, engine batch = forward batch), after one warm-up shard."""
+    write_shard(sampler, ShardSpec(shard_id=0, n=batch, seed=1), out, batch)
+    t0 = time.perf_counter()
+    write_shard(sampler, ShardSpec(shard_id=1, n=n, seed=1), out, batch)
+    return n / (time.perf_counter() - t0)
+
+
+def gflop_per_image(sampler) -> tuple[float, float]:
+    """(generation forward, authors' training forward) GFLOP per image, counted at batch 1 in fp32 eager."""
+    cgn = sampler.model
+    u, ys, yt, yb = _inputs(sampler, [1])
+    with torch.inference_mode():
+        ours = count_flops(cgn.generate, u, ys, yt, yb, truncation=sampler.cfg.truncation)
+        theirs = count_flops(cgn, u, ys, sampler.cfg.truncation)
+    return ours / 1e9, theirs / 1e9
+
+
+def quality(ref: dict, test: dict) -> dict:
+    """bf16 against fp32 on the same seeds: per image PSNR of the uint8 composites, max |Δ| of the float
+    composites (range [-1, 1]), and the share of pixels where the mask sides (> 0.5) agree."""
+    a = torch.round((ref["composite"].clamp(-1, 1) + 1) * 127.5)
+    b = torch.round((test["composite"].clamp(-1, 1) + 1) * 127.5)
+    mse = ((a - b) ** 2).mean(dim=(1, 2, 3))
+    psnr = [float("inf") if m == 0 else 10 * math.log10(255.0 ** 2 / float(m)) for m in mse]
+    maxd = (ref["composite"] - test["composite"]).abs().amax(dim=(1, 2, 3))
+    agree = ((ref["mask"] > 0.5) == (test["mask"] > 0.5)).float().mean(dim=(1, 2, 3))
+    return {"psnr_db": [round(p, 2) for p in psnr], "max_abs_diff": [round(float(x), 4) for x in maxd],
+            "mask_agreement": [round(float(x), 5) for x in agree],
+            "mask_max_abs_diff": round(float((ref["mask"] - test["mask"]).abs().max()), 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="32 px random model (biggan=tiny, u2net=tiny)")
+    ap.add_argument("--n", type=int, default=8, help="images timed per measurement")
+    ap.add_argument("--batch", type=int, default=8, help="forward batch (CPU run)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    ap.add_argument("--variants", default="fp32,bf16,bf16+compile")
+    ap.add_argument("--no-authors", action="store_true", help="skip (a)")
+    ap.add_argument("--device-check", action="store_true", help="GPU table: forward at each of --batches")
+    ap.add_argument("--batches", default="16,64,128")
+    ap.add_argument("--budget-s", type=float, default=0, help="stop starting measurements after this (0 = none)")
+    ap.add_argument("--json", default="", help="also write the results here")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    biggan, u2net = ("tiny", "tiny") if args.tiny else ("random-256", "random")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(0) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    peak = peak_bf16_tflops(name) if dev.type == "cuda" else None
+    print(f"device: {name}; dense bf16 peak {peak or 'unknown'} TFLOP/s; torch {torch.__version__}; "
+          f"threads {torch.get_num_threads()}; model biggan={biggan} u2net={u2net} (random weights)", flush=True)
+    base = dict(biggan=biggan, u2net=u2net, num_threads=args.threads, image_format="jpg", truncation=0.5)
+    batches = [int(b) for b in args.batches.split(",")] if args.device_check else [args.batch]
+    results: dict = {"device": name, "peak_bf16_tflops": peak, "rows": []}
+    tmp = Path(tempfile.mkdtemp(prefix="bench_speed_"))
+
+    def over_budget() -> bool:
+        return bool(args.budget_s) and time.perf_counter() - t_start > args.budget_s
+
+    gflop = gflop_authors = None
+    kept: dict = {}
+    authors = None
+    for vname in args.variants.split(","):
+        for batch in batches:
+            if over_budget():
+                print(f"{vname} batch {batch}: skipped (time budget {args.budget_s:.0f} s spent)", flush=True)
+                continue
+            t0 = time.perf_counter()
+            factory = ImagenetCounterfactualFactory(**base, **VARIANTS[vname], forward_batch=batch)
+            sampler = factory()
+            build_s = time.perf_counter() - t0
+            if gflop is None:  # FLOPs do not depend on the precision; counted once, fp32 or not
+                gflop, gflop_authors = gflop_per_image(sampler)
+                print(f"counted: generation forward {gflop:.1f} GFLOP/image; authors' training forward "
+                      f"{gflop_authors:.1f} GFLOP/image (FlopCounterMode: convolutions and matmuls)", flush=True)
+            if vname == "fp32" and authors is None and not args.no_authors and not args.device_check:
+                from bench_generate_cgn import bench_authors_path
+
+                a = bench_authors_path(factory, args.n, tmp / "authors")
+                authors = {"variant": "(a) authors' path (batch 1, fp32)", "batch": 1,
+                           "forward_img_s": None, "engine_img_s": a["img_per_s"], "s_per_img": 1 / a["img_per_s"]}
+                results["rows"].append(authors)
+                print(f"(a) authors' path: {1 / a['img_per_s']:.3f} s/image", flush=True)
+            fwd, out = time_forward(sampler, max(args.n, batch), batch, keep=not args.device_check)
+            if out is not None:
+                kept[vname] = out
+            eng = None if args.device_check and batch != batches[-1] else time_engine(
+                sampler, max(args.n, batch), batch, tmp / f"{vname}_{batch}")
+            row = {"variant": vname, "batch": batch, "forward_img_s": fwd, "engine_img_s": eng,
+                   "s_per_img": 1 / (eng or fwd), "build_s": build_s, "forward_kind": sampler.forward_kind,
+                   "gflop_s": fwd * gflop}
+            if peak:
+                row["mfu"] = fwd * gflop / (peak * 1e3)
+            results["rows"].append(row)
+            mfu = f"  MFU {row['mfu'] * 100:5.1f} %" if peak else ""
+            engine = f"  engine {eng:9.3f} img/s ({eng / fwd * 100:4.0f} % of forward)" if eng else ""
+            print(f"{vname:13s} batch {batch:4d}: forward {fwd:9.3f} img/s = {1 / fwd:7.3f} s/img, "
+                  f"{fwd * gflop:9.1f} GFLOP/s{mfu}{engine}  [build {build_s:.0f} s, {sampler.forward_kind}]",
+                  flush=True)
+            sampler.close()
+            del sampler
+    results["gflop_per_image"] = {"generation": gflop, "authors_training_forward": gflop_authors}
+    if "fp32" in kept and "bf16" in kept:
+        results["bf16_vs_fp32"] = q = quality(kept["fp32"], kept["bf16"])
+        print(f"bf16 vs fp32, same seeds, {len(q['psnr_db'])} images: PSNR {min(q['psnr_db']):.1f}.."
+              f"{max(q['psnr_db']):.1f} dB, max |Δ| {max(q['max_abs_diff']):.4f} (per image {q['max_abs_diff']}), "
+              f"mask agreement {min(q['mask_agreement']) * 100:.3f} %.., mask max |Δ| {q['mask_max_abs_diff']}")
+    rows = {(r["variant"], r["batch"]): r for r in results["rows"]}
+    if authors and ("fp32", args.batch) in rows:
+        print("ratios (s/image against the fp32 forward / the authors' path):")
+        f32 = rows[("fp32", args.batch)]
+        for v in VARIANTS:
+            r = rows.get((v, args.batch))
+            if r:
+                print(f"  {v:13s} forward {r['forward_img_s'] / f32['forward_img_s']:5.2f}x fp32; engine "
+                      f"{r['engine_img_s'] / authors['engine_img_s']:5.2f}x authors; engine/forward "
+                      f"{r['engine_img_s'] / r['forward_img_s'] * 100:4.0f} %")
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Class interpolation with a built ImageNet counterfactual sampler (cgn_spec.md §2.5), and its output folder."""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from cgn_dist.data.shards import encode_jpeg, encode_png, write_json_atomic
+from cgn_dist.generate.imagenet_labels import check_classes, class_name
+
+if TYPE_CHECKING:
+    from cgn_dist.generate.imagenet_sampler import ImagenetCounterfactualSampler
+
+MECHANISMS = ("all", "shape", "text", "bg")
+
+
+def interpolate(sampler: "ImagenetCounterfactualSampler", start: Sequence[int], target: int, mechanism: str = "all",
+                midpoints: int = 6, u: torch.Tensor | None = None, seed: int = 0) -> dict[str, Any]:
+    """The one-hot class input of the chosen mechanism(s) moves linearly
+    from its start class to ``target`` in ``midpoints + 2`` steps (ends included); the other mechanisms
+    keep their start class; the noise ``u`` (1 x z_dim, used as given) is the same in every frame.
+    Without ``u`` it is drawn from ``seed``. Returns uint8 frames: composite, mask, fg, bg (steps first)."""
+    from cgn_dist.generate.imagenet_sampler import mask_to_uint8, to_uint8
+    from cgn_dist.models.biggan import class_vector, interpolate_class_vectors, truncated_noise
+
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
+    if midpoints < 0:
+        raise ValueError(f"midpoints must be >= 0, got {midpoints}")
+    if len(start) != 3:
+        raise ValueError(f"start needs three class ids [shape, texture, background], got {list(start)}")
+    check_classes("fixed_classes", [*start, target], sampler.n_classes)
+    steps = midpoints + 2
+    if u is None:
+        u = truncated_noise(1, sampler.model.z_dim, sampler.cfg.truncation, seed=[int(seed)])
+    u = torch.as_tensor(u, dtype=torch.float32).reshape(1, -1)
+    if u.shape[1] != sampler.model.z_dim:
+        raise ValueError(f"interpolation noise must hold {sampler.model.z_dim} values, got {u.shape[1]}")
+    moving = {"all": (0, 1, 2), "shape": (0,), "text": (1,), "bg": (2,)}[mechanism]
+    ys = [interpolate_class_vectors(int(start[i]), int(target), steps, sampler.n_classes) if i in moving
+          else class_vector([int(start[i])] * steps, sampler.n_classes) for i in range(3)]
+    parts = []
+    for a in range(0, steps, sampler.cfg.forward_batch):
+        b = min(a + sampler.cfg.forward_batch, steps)
+        parts.append(sampler.forward(u.expand(b - a, -1), *(y[a:b] for y in ys)))
+    cat = {k: torch.cat([p[k] for p in parts]) for k in ("composite", "mask", "foreground", "background")}
+    norm = sampler.cfg.normalize
+    return {"composite": to_uint8(cat["composite"], norm), "mask": mask_to_uint8(cat["mask"]),
+            "fg": to_uint8(cat["foreground"], norm), "bg": to_uint8(cat["background"], norm),
+            "start": [int(c) for c in start], "target": int(target), "mechanism": mechanism, "steps": steps,
+            "alphas": [round(float(x), 6) for x in torch.linspace(0.0, 1.0, steps)]}
+
+
+# --- interpolation output ----------------------------------------------------------------------------------
+
+def interpolation_sheet(frames: Mapping[str, np.ndarray], pad: int = 2) -> np.ndarray:
+    """One uint8 image: rows mask | foreground | background | composite, one column per step."""
+    rows = [np.repeat(frames["mask"][..., None], 3, axis=-1), frames["fg"], frames["bg"], frames["composite"]]
+    steps, h, w, _ = frames["composite"].shape
+    sheet = np.full((len(rows) * (h + pad) + pad, steps * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c in range(steps):
+            y, x = pad + r * (h + pad), pad + c * (w + pad)
+            sheet[y:y + h, x:x + w] = row[c]
+    return sheet
+
+
+def write_interpolation(out_dir: str | os.PathLike, result: Mapping[str, Any], image_format: str = "png",
+                        jpeg_quality: int = 95, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write ``out_dir/interpolation/``: sheet.png, frame_XXX.<fmt> (composites), interpolation.json.
+
+    The folder is built under a temporary name and swapped in whole, so readers never see a partial set
+    (a previous interpolation there is replaced)."""
+    out_dir = Path(out_dir)
+    final = out_dir / "interpolation"
+    tmp = out_dir / f".tmp-interpolation-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "sheet.png").write_bytes(encode_png(interpolation_sheet(result)))
+        frames = []
+        for i, frame in enumerate(result["composite"]):
+            name = f"frame_{i:03d}.{image_format}"
+            data = encode_png(frame) if image_format == "png" else encode_jpeg(frame, quality=jpeg_quality)
+            (tmp / name).write_bytes(data)
+            frames.append(name)
+        doc = {k: result[k] for k in ("start", "target", "mechanism", "steps", "alphas")}
+        doc.update(start_names=[class_name(c) for c in result["start"]], target_name=class_name(result["target"]),
+                   frames=frames, sheet="sheet.png", sheet_rows=["mask", "foreground", "background", "composite"])
+        doc.update(meta or {})
+        write_json_atomic(tmp / "interpolation.json", doc)
+        old = None
+        if final.exists():
+            old = out_dir / f".old-interpolation-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_noise(path: str | os.PathLike) -> torch.Tensor:
+    """A fixed noise vector file (1 x z_dim tensor, e.g. the authors' u_fixed.pth), used as stored."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"noise file {p} not found (generate.interp_noise)")
+    u = torch.load(p, map_location="cpu", weights_only=True)
+    if not isinstance(u, torch.Tensor):
+        raise ValueError(f"{p} holds a {type(u).__name__}, not a noise tensor")
+    return u.float().reshape(1, -1)
+
