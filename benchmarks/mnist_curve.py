@@ -120,7 +120,7 @@ def plot(curves: dict, png: str, title: str) -> None:
                 ax.plot([int(s) for s in steps], [pts[s][key] for s in steps], style, ms=3,
                         label=f"{label}: {names[key]}")
     ax.axhline(95.1, color="grey", lw=0.8, ls=":")
-    ax.text(0, 95.5, "paper 95.1", fontsize=7, color="grey")
+    ax.text(ax.get_xlim()[0], 96, " paper 95.1", fontsize=7, color="grey")
     ax.set_xlabel("CGN updates")
     ax.set_ylabel("test accuracy %")
     ax.set_ylim(0, 100)
