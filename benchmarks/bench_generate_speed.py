@@ -71,8 +71,7 @@ def time_forward(sampler, n: int, batch: int, keep: bool = False):
 
 
 def time_engine(sampler, n: int, batch: int, out: Path) -> float:
-    """images/s of write_shard (one shard of n samples, engine batch = forward batch), after one warm-up shard."""
-    write_shard(sampler, ShardSpec(shard_id=0, n=batch, seed=1), out, batch)
+    """images/s of write_shard (one shard of n samples, engine batch = forward batch); the sampler is warm."""
     t0 = time.perf_counter()
     write_shard(sampler, ShardSpec(shard_id=1, n=n, seed=1), out, batch)
     return n / (time.perf_counter() - t0)
@@ -129,6 +128,10 @@ def main() -> None:
     results: dict = {"device": name, "peak_bf16_tflops": peak, "rows": []}
     tmp = Path(tempfile.mkdtemp(prefix="bench_speed_"))
 
+    def dump() -> None:  # after every row: a run cut short by a time limit keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
     def over_budget() -> bool:
         return bool(args.budget_s) and time.perf_counter() - t_start > args.budget_s
 
@@ -136,44 +139,52 @@ def main() -> None:
     kept: dict = {}
     authors = None
     for vname in args.variants.split(","):
+        if over_budget():
+            print(f"{vname}: skipped (time budget {args.budget_s:.0f} s spent)", flush=True)
+            continue
+        # One model per variant, its forward batch the largest timed (compile warms up at that shape; other
+        # batch sizes compile at their untimed warm-up call).
+        print(f"{vname}: building the model{' and compiling' if 'compile' in vname else ''}...", flush=True)
+        t0 = time.perf_counter()
+        factory = ImagenetCounterfactualFactory(**base, **VARIANTS[vname], forward_batch=batches[-1])
+        sampler = factory()
+        build_s = time.perf_counter() - t0
+        if gflop is None:  # FLOPs do not depend on the precision; counted once
+            gflop, gflop_authors = gflop_per_image(sampler)
+            print(f"counted: generation forward {gflop:.4g} GFLOP/image; authors' training forward "
+                  f"{gflop_authors:.4g} GFLOP/image (FlopCounterMode: convolutions and matmuls)", flush=True)
+        if vname == "fp32" and authors is None and not args.no_authors and not args.device_check:
+            from bench_generate_cgn import bench_authors_path
+
+            a = bench_authors_path(factory, args.n, tmp / "authors")
+            authors = {"variant": "(a) authors' path (batch 1, fp32)", "batch": 1,
+                       "forward_img_s": None, "engine_img_s": a["img_per_s"], "s_per_img": 1 / a["img_per_s"]}
+            results["rows"].append(authors)
+            print(f"(a) authors' path: {1 / a['img_per_s']:.3f} s/image", flush=True)
         for batch in batches:
             if over_budget():
                 print(f"{vname} batch {batch}: skipped (time budget {args.budget_s:.0f} s spent)", flush=True)
                 continue
-            t0 = time.perf_counter()
-            factory = ImagenetCounterfactualFactory(**base, **VARIANTS[vname], forward_batch=batch)
-            sampler = factory()
-            build_s = time.perf_counter() - t0
-            if gflop is None:  # FLOPs do not depend on the precision; counted once, fp32 or not
-                gflop, gflop_authors = gflop_per_image(sampler)
-                print(f"counted: generation forward {gflop:.1f} GFLOP/image; authors' training forward "
-                      f"{gflop_authors:.1f} GFLOP/image (FlopCounterMode: convolutions and matmuls)", flush=True)
-            if vname == "fp32" and authors is None and not args.no_authors and not args.device_check:
-                from bench_generate_cgn import bench_authors_path
-
-                a = bench_authors_path(factory, args.n, tmp / "authors")
-                authors = {"variant": "(a) authors' path (batch 1, fp32)", "batch": 1,
-                           "forward_img_s": None, "engine_img_s": a["img_per_s"], "s_per_img": 1 / a["img_per_s"]}
-                results["rows"].append(authors)
-                print(f"(a) authors' path: {1 / a['img_per_s']:.3f} s/image", flush=True)
             fwd, out = time_forward(sampler, max(args.n, batch), batch, keep=not args.device_check)
             if out is not None:
                 kept[vname] = out
-            eng = None if args.device_check and batch != batches[-1] else time_engine(
-                sampler, max(args.n, batch), batch, tmp / f"{vname}_{batch}")
+            eng = None
+            if batch == batches[-1] and not over_budget():
+                eng = time_engine(sampler, max(args.n, batch), batch, tmp / f"{vname}_{batch}")
             row = {"variant": vname, "batch": batch, "forward_img_s": fwd, "engine_img_s": eng,
                    "s_per_img": 1 / (eng or fwd), "build_s": build_s, "forward_kind": sampler.forward_kind,
                    "gflop_s": fwd * gflop}
             if peak:
                 row["mfu"] = fwd * gflop / (peak * 1e3)
             results["rows"].append(row)
+            dump()
             mfu = f"  MFU {row['mfu'] * 100:5.1f} %" if peak else ""
             engine = f"  engine {eng:9.3f} img/s ({eng / fwd * 100:4.0f} % of forward)" if eng else ""
             print(f"{vname:13s} batch {batch:4d}: forward {fwd:9.3f} img/s = {1 / fwd:7.3f} s/img, "
-                  f"{fwd * gflop:9.1f} GFLOP/s{mfu}{engine}  [build {build_s:.0f} s, {sampler.forward_kind}]",
+                  f"{fwd * gflop:9.4g} GFLOP/s{mfu}{engine}  [build {build_s:.0f} s, {sampler.forward_kind}]",
                   flush=True)
-            sampler.close()
-            del sampler
+        sampler.close()
+        del sampler
     results["gflop_per_image"] = {"generation": gflop, "authors_training_forward": gflop_authors}
     if "fp32" in kept and "bf16" in kept:
         results["bf16_vs_fp32"] = q = quality(kept["fp32"], kept["bf16"])
@@ -191,8 +202,7 @@ def main() -> None:
                       f"{r['engine_img_s'] / authors['engine_img_s']:5.2f}x authors; engine/forward "
                       f"{r['engine_img_s'] / r['forward_img_s'] * 100:4.0f} %")
     print(f"total {time.perf_counter() - t_start:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    dump()
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
 
