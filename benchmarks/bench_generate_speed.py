@@ -59,22 +59,24 @@ def time_forward(sampler, n: int, batch: int, keep: bool = False):
     sampler.forward(*batches[0])  # warm-up
     _sync(sampler.device)
     outs = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for b in batches:
         out = sampler.forward(*b)
         if keep:
             outs.append({k: out[k].float().cpu() for k in ("composite", "mask")})
     _sync(sampler.device)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     kept = {k: torch.cat([o[k] for o in outs]) for k in ("composite", "mask")} if keep else None
-    return len(batches) * batch / seconds, kept
+    n_img = len(batches) * batch
+    return n_img / seconds, kept, cpu / n_img
 
 
-def time_engine(sampler, n: int, batch: int, out: Path) -> float:
-    """images/s of write_shard (one shard of n samples, engine batch = forward batch); the sampler is warm."""
-    t0 = time.perf_counter()
+def time_engine(sampler, n: int, batch: int, out: Path) -> tuple[float, float]:
+    """(images/s, CPU s/image) of write_shard (one shard of n samples, engine batch = forward batch); the
+    sampler is warm."""
+    t0, c0 = time.perf_counter(), time.process_time()
     write_shard(sampler, ShardSpec(shard_id=1, n=n, seed=1), out, batch)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), (time.process_time() - c0) / n
 
 
 def gflop_per_image(sampler) -> tuple[float, float]:
@@ -157,29 +159,33 @@ def main() -> None:
             from bench_generate_cgn import bench_authors_path
 
             a = bench_authors_path(factory, args.n, tmp / "authors")
-            authors = {"variant": "(a) authors' path (batch 1, fp32)", "batch": 1,
-                       "forward_img_s": None, "engine_img_s": a["img_per_s"], "s_per_img": 1 / a["img_per_s"]}
+            authors = {"variant": "(a) authors' path (batch 1, fp32)", "batch": 1, "forward_img_s": None,
+                       "engine_img_s": a["img_per_s"], "s_per_img": 1 / a["img_per_s"],
+                       "engine_cpu_s_per_img": a["cpu_ms_per_img"] / 1000}
             results["rows"].append(authors)
-            print(f"(a) authors' path: {1 / a['img_per_s']:.3f} s/image", flush=True)
+            print(f"(a) authors' path: {1 / a['img_per_s']:.3f} s/image, CPU {a['cpu_ms_per_img'] / 1000:.3g} "
+                  "s/image", flush=True)
         for batch in batches:
             if over_budget():
                 print(f"{vname} batch {batch}: skipped (time budget {args.budget_s:.0f} s spent)", flush=True)
                 continue
-            fwd, out = time_forward(sampler, max(args.n, batch), batch, keep=not args.device_check)
+            fwd, out, fwd_cpu = time_forward(sampler, max(args.n, batch), batch, keep=not args.device_check)
             if out is not None:
                 kept[vname] = out
-            eng = None
+            eng = eng_cpu = None
             if batch == batches[-1] and not over_budget():
-                eng = time_engine(sampler, max(args.n, batch), batch, tmp / f"{vname}_{batch}")
+                eng, eng_cpu = time_engine(sampler, max(args.n, batch), batch, tmp / f"{vname}_{batch}")
             row = {"variant": vname, "batch": batch, "forward_img_s": fwd, "engine_img_s": eng,
                    "s_per_img": 1 / (eng or fwd), "build_s": build_s, "forward_kind": sampler.forward_kind,
-                   "gflop_s": fwd * gflop}
+                   "gflop_s": fwd * gflop, "forward_cpu_s_per_img": fwd_cpu, "engine_cpu_s_per_img": eng_cpu}
             if peak:
                 row["mfu"] = fwd * gflop / (peak * 1e3)
             results["rows"].append(row)
             dump()
             mfu = f"  MFU {row['mfu'] * 100:5.1f} %" if peak else ""
             engine = f"  engine {eng:9.3f} img/s ({eng / fwd * 100:4.0f} % of forward)" if eng else ""
+            if dev.type == "cpu":
+                engine += f"  CPU s/img: forward {fwd_cpu:.3g}" + (f", engine {eng_cpu:.3g}" if eng else "")
             print(f"{vname:13s} batch {batch:4d}: forward {fwd:9.3f} img/s = {1 / fwd:7.3f} s/img, "
                   f"{fwd * gflop:9.4g} GFLOP/s{mfu}{engine}  [build {build_s:.0f} s, {sampler.forward_kind}]",
                   flush=True)
