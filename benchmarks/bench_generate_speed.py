@@ -103,6 +103,113 @@ def quality(ref: dict, test: dict) -> dict:
             "mask_max_abs_diff": round(float((ref["mask"] - test["mask"]).abs().max()), 4)}
 
 
+def authors_images(cgn, sampler, indices, out: Path) -> None:
+    """bench_generate_cgn's reproduction of the authors' loop on these sample indices: per image one
+    training forward at batch 1 (teacher, three mechanisms, U²-Net on pre-mask and background) and one
+    save_image(normalize=True) JPEG file; ``cgn`` is a plain fp32 model (spectral-norm hooks, NCHW)."""
+    from torchvision.utils import save_image
+
+    nc, trunc = sampler.n_classes, sampler.cfg.truncation
+    for i in indices:
+        seed = sample_seed(0, 0, i)
+        s, t, b = (class_vector([c], nc) for c in draw_classes("random", seed, nc))
+        u = truncated_noise(1, cgn.z_dim, trunc, seed=[seed])
+        with torch.no_grad():
+            res = cgn(u, s, trunc, mechanisms=lambda u_, ys, yt, yb, tr: cgn.mechanisms(u_, ys, t, b, tr))
+        save_image(res["composite"], out / f"run_{i:07d}_x_gen.jpg", normalize=True)
+
+
+def run_interleaved(args, base: dict, variants: list[str], tmp: Path, results: dict) -> None:
+    """CPU: every variant built first, then ``--rounds`` rounds; each round times, one after the other, the
+    authors' path on B images, each variant's forward on one batch of B (the same seeds for all) and each
+    variant's engine on one shard of B. The load of a shared machine drifts over minutes: ratios are taken
+    within each round, and the medians over rounds are reported."""
+    import statistics
+
+    from cgn_dist.generate.imagenet import build_generation_model
+
+    b = args.batch
+    samplers = {}
+    for v in variants:
+        t0 = time.perf_counter()
+        print(f"{v}: building the model{' and compiling' if 'compile' in v else ''}...", flush=True)
+        samplers[v] = ImagenetCounterfactualFactory(**base, **VARIANTS[v], forward_batch=b)()
+        print(f"{v}: ready in {time.perf_counter() - t0:.0f} s ({samplers[v].forward_kind})", flush=True)
+    first = samplers[variants[0]]
+    gflop, gflop_authors = gflop_per_image(first)
+    results["gflop_per_image"] = {"generation": gflop, "authors_training_forward": gflop_authors}
+    print(f"counted: generation forward {gflop:.4g} GFLOP/image; authors' training forward {gflop_authors:.4g} "
+          "GFLOP/image (FlopCounterMode: convolutions and matmuls)", flush=True)
+    authors_cgn = None
+    if not args.no_authors:
+        authors_cgn, _ = build_generation_model("", base["biggan"], base["u2net"], "", 0)
+        (tmp / "authors").mkdir(parents=True, exist_ok=True)
+        authors_images(authors_cgn, first, [10**6], tmp / "authors")  # warm-up
+    for v in variants:  # warm-up forward, untimed (one-time kernel set-up)
+        samplers[v].forward(*_inputs(samplers[v], [sample_seed(0, 9, i) for i in range(b)]))
+    per: dict[str, list[dict]] = {k: [] for k in ["authors", *variants]}
+    kept: dict[str, list] = {v: [] for v in variants}
+    for r in range(args.rounds):
+        idx = list(range(r * b, (r + 1) * b))
+        if authors_cgn is not None:
+            t0, c0 = time.perf_counter(), time.process_time()
+            authors_images(authors_cgn, first, idx, tmp / "authors")
+            per["authors"].append({"s": (time.perf_counter() - t0) / b, "cpu": (time.process_time() - c0) / b})
+        for v in variants:
+            sp = samplers[v]
+            x = _inputs(sp, [sample_seed(0, 0, i) for i in idx])
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = sp.forward(*x)
+            per[v].append({"fwd_s": (time.perf_counter() - t0) / b, "fwd_cpu": (time.process_time() - c0) / b})
+            kept[v].append({k: out[k].float().cpu() for k in ("composite", "mask")})
+        for v in variants:
+            t0, c0 = time.perf_counter(), time.process_time()
+            write_shard(samplers[v], ShardSpec(shard_id=r, n=b, seed=2), tmp / f"engine_{v}", b)
+            per[v][-1].update(eng_s=(time.perf_counter() - t0) / b, eng_cpu=(time.process_time() - c0) / b)
+        line = [f"round {r + 1}/{args.rounds}:"]
+        if per["authors"]:
+            line.append(f"authors {per['authors'][-1]['s']:.2f} s/img")
+        line += [f"{v} fwd {per[v][-1]['fwd_s']:.2f} eng {per[v][-1]['eng_s']:.2f}" for v in variants]
+        print("  ".join(line), flush=True)
+
+    med = statistics.median
+    print(f"\ns/image, median of {args.rounds} interleaved rounds (wall; CPU = process CPU seconds per image, all "
+          "threads); ratios: median over rounds of the per-round ratio")
+    if per["authors"]:
+        a = per["authors"]
+        results["rows"].append({"variant": "(a) authors' path", "batch": 1, "s_per_img": med(r["s"] for r in a),
+                                "cpu_s_per_img": med(r["cpu"] for r in a)})
+        print(f"  {'(a) authors (batch 1)':24s} engine {med(r['s'] for r in a):7.2f} s/img (CPU {med(r['cpu'] for r in a):.2f})")
+    f32 = per.get("fp32")
+    for v in variants:
+        rows = per[v]
+        row = {"variant": v, "batch": b, "forward_s_per_img": med(r["fwd_s"] for r in rows),
+               "engine_s_per_img": med(r["eng_s"] for r in rows), "forward_cpu_s_per_img": med(r["fwd_cpu"] for r in rows),
+               "engine_cpu_s_per_img": med(r["eng_cpu"] for r in rows), "forward_kind": samplers[v].forward_kind}
+        row["gflop_s"] = gflop / row["forward_s_per_img"]
+        row["engine_over_forward"] = med(r["fwd_s"] / r["eng_s"] for r in rows)
+        if f32:
+            row["forward_vs_fp32"] = med(f["fwd_s"] / r["fwd_s"] for f, r in zip(f32, rows))
+        if per["authors"]:
+            row["engine_vs_authors"] = med(a["s"] / r["eng_s"] for a, r in zip(per["authors"], rows))
+        results["rows"].append(row)
+        extra = (f"  forward {row['forward_vs_fp32']:.2f}x fp32" if f32 else "") + (
+            f"  engine {row['engine_vs_authors']:.2f}x authors" if per["authors"] else "")
+        print(f"  {v + f' (batch {b})':24s} forward {row['forward_s_per_img']:7.2f} s/img (CPU "
+              f"{row['forward_cpu_s_per_img']:.2f}, {row['gflop_s']:.4g} GFLOP/s)  engine {row['engine_s_per_img']:7.2f} "
+              f"s/img (CPU {row['engine_cpu_s_per_img']:.2f}; {row['engine_over_forward'] * 100:.0f} % of forward "
+              f"images/s){extra}  [{row['forward_kind']}]")
+    if "fp32" in kept and "bf16" in kept:
+        cat = {v: {k: torch.cat([o[k] for o in kept[v]]) for k in ("composite", "mask")} for v in ("fp32", "bf16")}
+        results["bf16_vs_fp32"] = q = quality(cat["fp32"], cat["bf16"])
+        print(f"bf16 vs fp32, same seeds, {len(q['psnr_db'])} images: PSNR {min(q['psnr_db']):.1f}.."
+              f"{max(q['psnr_db']):.1f} dB (per image {q['psnr_db']}), max |Δ| {max(q['max_abs_diff']):.4f} (per image "
+              f"{q['max_abs_diff']}), mask agreement {min(q['mask_agreement']) * 100:.3f}..{max(q['mask_agreement']) * 100:.3f} %, "
+              f"mask max |Δ| {q['mask_max_abs_diff']}")
+    for sp in samplers.values():
+        sp.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="32 px random model (biggan=tiny, u2net=tiny)")
@@ -115,6 +222,7 @@ def main() -> None:
     ap.add_argument("--batches", default="16,64,128")
     ap.add_argument("--budget-s", type=float, default=0, help="stop starting measurements after this (0 = none)")
     ap.add_argument("--json", default="", help="also write the results here")
+    ap.add_argument("--rounds", type=int, default=3, help="CPU: interleaved rounds (0 = one block per variant)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     if args.threads:
@@ -133,6 +241,14 @@ def main() -> None:
     def dump() -> None:  # after every row: a run cut short by a time limit keeps what it measured
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+    if args.rounds and not args.device_check:
+        run_interleaved(args, base, args.variants.split(","), tmp, results)
+        print(f"total {time.perf_counter() - t_start:.0f} s")
+        dump()
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
 
     def over_budget() -> bool:
         return bool(args.budget_s) and time.perf_counter() - t_start > args.budget_s
