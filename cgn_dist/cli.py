@@ -2,6 +2,8 @@
 
 Each subcommand loads the config (file + dotted overrides) and makes one call.
 Config fields are never mirrored as flags: overrides are the only way in.
+A mistake in the input or the environment (config, missing weights, offline, disk full) ends with one
+line on stderr and exit code 2; ``--debug`` (or CGN_DIST_DEBUG=1) shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from cgn_dist.config import ConfigError, load_config
 
@@ -18,29 +21,62 @@ def _cfg(args):
 
 
 def cmd_train(args) -> int:
+    from cgn_dist.train.run_dir import discard_unstarted
+
     cfg = _cfg(args)
-    if cfg.distributed.num_workers > 0:
-        from cgn_dist.distributed.ray_train import train_with_ray
+    existed = cfg.run_dir.exists()
+    ray_dir = Path(cfg.ray.storage_path or Path(cfg.out_dir) / "ray") / cfg.name
+    ray_existed = ray_dir.exists()
+    try:
+        if cfg.distributed.num_workers > 0:
+            from cgn_dist.distributed.ray_train import train_with_ray
 
-        result = train_with_ray(cfg)
-    elif cfg.task == "mnist":
-        from cgn_dist.train.mnist import train_mnist
+            result = train_with_ray(cfg)
+        elif cfg.task == "mnist":
+            from cgn_dist.train.mnist import train_mnist
 
-        result = train_mnist(cfg)
-    else:
-        from cgn_dist.train.imagenet import train_imagenet
+            result = train_mnist(cfg)
+        elif cfg.task == "classifier":
+            from cgn_dist.train.classifier import train_classifier
 
-        result = train_imagenet(cfg)
-    print(json.dumps(result, indent=1, default=str))
+            result = train_classifier(cfg)
+        else:
+            from cgn_dist.train.imagenet import train_imagenet
+
+            result = train_imagenet(cfg)
+    except BaseException:
+        if int(os.environ.get("RANK", "0")) == 0:  # failed before its first checkpoint: leave no run behind
+            discard_unstarted(cfg.run_dir, existed)
+            if not cfg.run_dir.exists():
+                discard_unstarted(ray_dir, ray_existed)
+        raise
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary, whichever launcher (torchrun starts one per rank)
+        print(json.dumps(result, indent=1, default=str))
     return 0
 
 
 def cmd_config(args) -> int:
     import yaml
 
-    from cgn_dist.config import config_to_dict
+    from cgn_dist.config import config_to_dict, format_config_docs
 
-    print(yaml.safe_dump(config_to_dict(_cfg(args)), sort_keys=False))
+    cfg = _cfg(args)
+    print(format_config_docs(cfg) if args.doc else yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return 0
+
+
+def cmd_weights(args) -> int:
+    """List every weight file cgn_dist can use, or fetch some."""
+    from cgn_dist import weights
+
+    if args.action == "list":
+        print(weights.format_listing())
+        return 0
+    if not args.names:
+        raise weights.WeightsError(f"weights fetch needs a NAME: one of {', '.join(weights.REGISTRY)}")
+    for name in args.names:
+        path = weights.fetch(name, progress=True, force=args.force)
+        print(f"{name}: {path} (sha256 checked)")
     return 0
 
 
@@ -78,6 +114,33 @@ def cmd_regenerate(args) -> int:
     return 0 if report["identical"] else 1
 
 
+def cmd_eval(args) -> int:
+    """ImageNet evaluations of a classifier: shape bias, IN-9, top-1/5, Inception Score; tables beside the paper."""
+    from cgn_dist.classifier.eval_command import run_eval
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not os.path.isfile(config):  # no config file, only overrides
+        config, overrides = None, [config, *overrides]
+    print(json.dumps(run_eval(load_config(config, overrides), args.what), indent=1, default=str))
+    return 0
+
+
+def cmd_imagenet_pipeline(args) -> int:
+    from cgn_dist.classifier.imagenet_pipeline import run_imagenet_pipeline
+
+    summary = run_imagenet_pipeline(_cfg(args))
+    print(f"table: {summary['table']['txt']} (+ .json .csv .png)")
+    return 0
+
+
+def cmd_make_shards(args) -> int:
+    """An image tree (ILSVRC-2012 train/val, any ImageFolder tree) into WebDataset shards + manifest."""
+    from cgn_dist.data.make_shards import run_make_shards
+
+    print(json.dumps(run_make_shards(_cfg(args)), indent=1, default=str))
+    return 0
+
+
 def cmd_bench_train(args) -> int:
     from cgn_dist.bench import main_bench_train
 
@@ -98,25 +161,66 @@ def _drop_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+DEBUG_ENV = "CGN_DIST_DEBUG"
+CONFIG_EPILOG = ("Every key, its value and its one-line doc: cgn-dist config --doc [CONFIG] [key=value ...]. "
+                 "Add --debug to see a traceback.")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the input or the environment is wrong, not cgn_dist: one line, no traceback."""
+    from cgn_dist.generate.writer import GenerationError
+
+    return (FileNotFoundError, ValueError, OSError, GenerationError)
+
+
+def _console_logging() -> None:
+    """cgn_dist's INFO lines on the console (rank 0 only; others warnings): what a run does, as it does it.
+    Training and generation add their run's log.txt (train.metrics.setup_logging)."""
+    import logging
+
+    root = logging.getLogger("cgn_dist")
+    root.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+    if not root.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(h)
+
+
+def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
+    return [a for a in argv if a != "--debug"], "--debug" in argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cgn-dist", description=__doc__)
+    p = argparse.ArgumentParser(prog="cgn-dist", description=__doc__, epilog=CONFIG_EPILOG)
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def with_config(name: str, fn, help: str, config_required: bool = True):
-        sp = sub.add_parser(name, help=help)
+        sp = sub.add_parser(name, help=help, description=help, epilog=CONFIG_EPILOG)
         sp.add_argument("config", nargs=None if config_required else "?", help="YAML config (overrides on the defaults)")
         sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
         sp.set_defaults(fn=fn)
         return sp
 
     with_config("train", cmd_train, "train a CGN (MNIST or ImageNet; Ray Train when distributed.num_workers>0)")
-    with_config("config", cmd_config, "print the resolved config", config_required=False)
+    sp = with_config("config", cmd_config, "print the resolved config (--doc: with each key's doc)",
+                     config_required=False)
+    sp.add_argument("--doc", action="store_true", help="print every key as key: value  # its one-line doc")
     with_config("mnist-pipeline", cmd_mnist_pipeline,
                 "the MNIST experiment end to end: CGN (or the released ones) -> counterfactuals -> classifiers -> table")
     with_config("bench-train", cmd_bench_train,
                 "time per sample: torch vs DeepSpeed at one process, then 1 vs 2 Ray Train workers")
     with_config("generate", cmd_generate,
                 "generate counterfactual shards (generate.dry_run=true: estimate; mode=interpolation: a sheet)")
+    with_config("imagenet-pipeline", cmd_imagenet_pipeline,
+                "ImageNet end to end: real shards -> counterfactuals -> invariant classifier -> evaluations -> table")
+    sp = sub.add_parser("eval", help="evaluate a classifier (eval.model): shape-bias | in9 | accuracy | inception "
+                        "| all; json/csv/png tables beside the paper's numbers")
+    sp.add_argument("what", choices=["shape-bias", "in9", "accuracy", "inception", "all"])
+    sp.add_argument("config", nargs="?", help="YAML config (overrides on the defaults)")
+    sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. eval.model=torchvision:resnet50")
+    sp.set_defaults(fn=cmd_eval)
+    with_config("make-shards", cmd_make_shards,
+                "shard an image tree (ImageNet train/val, ImageFolder) into WebDataset tars (shards.dry_run=true: estimate)")
     sp = sub.add_parser("regenerate", help="recompute sample KEY of a generation run and check it against the shard")
     sp.add_argument("run_dir", help="the generation run's folder (with manifest.json)")
     sp.add_argument("key", help="sample key, e.g. 000000_000003")
@@ -128,18 +232,33 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("dst")
     sp.add_argument("--kind", choices=["auto", "mnist", "imagenet"], default="auto")
     sp.set_defaults(fn=cmd_import)
+    sp = sub.add_parser("weights", help="list the weight files cgn_dist uses (source, size, sha256, where, "
+                        "present?); `weights fetch NAME` downloads one", epilog=CONFIG_EPILOG)
+    sp.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
+    sp.add_argument("names", nargs="*", help="weights to fetch (names from the listing)")
+    sp.add_argument("--force", action="store_true", help="download again even when present")
+    sp.set_defaults(fn=cmd_weights)
 
-    args = p.parse_args(_drop_local_rank(sys.argv[1:] if argv is None else argv))
+    argv, debug = _pop_debug(_drop_local_rank(sys.argv[1:] if argv is None else argv))
+    debug = debug or bool(os.environ.get(DEBUG_ENV) or os.environ.get("CGN_DIST_TRACEBACK"))
+    args = p.parse_args(argv)
+    _console_logging()
     try:
         return args.fn(args)
     except ConfigError as e:
+        if debug:
+            raise
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
-        if os.environ.get("CGN_DIST_TRACEBACK"):
+    except _user_errors() as e:
+        if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    return str(e).strip() or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -158,6 +158,10 @@ class VGG16Features(nn.Module):
     def __init__(self, weights: str | os.PathLike = "auto"):
         super().__init__()
         source = str(weights)
+        from cgn_dist import weights as registry
+
+        if registry.is_name(source):  # "vgg16": torchvision's file in torch's hub cache
+            source = registry.resolve(source, "vgg_weights")
         if source in ("imagenet", "auto"):
             try:
                 state = _load_imagenet_vgg16_state(allow_download=True)

@@ -4,7 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 source launch/env.sh
-status=0
-.venv/bin/python -m pytest tests -q "$@" || status=$?
-.venv/bin/ray stop --force >/dev/null 2>&1 || true
-exit $status
+# The tests start their Ray instances under a temp dir of their own and stop exactly those when they end
+# (tests/conftest.py); other Ray instances on this machine are left running.
+exec .venv/bin/python -m pytest tests -q "$@"

@@ -13,6 +13,13 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 for k in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
     os.environ[k] = "http://127.0.0.1:9"
 os.environ["no_proxy"] = os.environ["NO_PROXY"] = "127.0.0.1,localhost,::1"
+# The tests' Ray instances keep their sessions in a folder of their own, so that at the end exactly
+# those can be stopped (pytest_sessionfinish); the user's other Ray instances are never touched.
+_OWN_RAY_TMPDIR = "RAY_TMPDIR" not in os.environ
+if _OWN_RAY_TMPDIR:
+    import tempfile
+
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="cgn_dist_ray_", dir="/tmp")  # short: socket paths
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -20,7 +27,8 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "reference"
+# ../shared next to the repo; CGN_DIST_SHARED points elsewhere (a checkout that lives in a subfolder).
+SHARED = Path(os.environ.get("CGN_DIST_SHARED", REPO.parent / "shared")) / "reference"
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +41,18 @@ def shared_ref() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # A safety net: fixtures shut their clusters down; whatever a failed test left behind under our own
+    # RAY_TMPDIR is stopped here, by its command line (never `ray stop`, which stops every instance).
+    if not _OWN_RAY_TMPDIR:
+        return
+    import shutil
+
+    from cgn_dist.distributed.ray_utils import stop_ray_under
+
+    left = stop_ray_under(os.environ["RAY_TMPDIR"])
+    if left:
+        print(f"\nstopped {len(left)} Ray processes the tests left behind")
+    shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)

@@ -19,7 +19,11 @@ def test_tiny_mnist_experiment_end_to_end(tmp_path, shared_ref):
     n = {"original": 120, "counterfactual": 150, "combined": 270}
     for name, r in out["results"].items():
         assert r["n_train"] == n[name] and r["n_test"] == 120
-        assert 0 <= r["train_acc"] <= 100 and 0 <= r["test_acc"] <= 100
+        # accuracies are counts of correct images: k / n * 100 for a whole k in 0..n
+        for acc, total in ((r["train_acc"], r["n_train"]), (r["test_acc"], r["n_test"])):
+            k = acc * total / 100
+            assert abs(k - round(k)) < 1e-6 and 0 <= round(k) <= total, (name, acc, total)
+        assert r["history"][-1]["test_acc"] == r["test_acc"]
         assert len(r["history"]) == 1 and r["wall_s"] > 0
     assert set(out["wall_s"]) >= {"dump_originals", "generate", "classifiers", "total"}
     assert out["checkpoint_sha256"] == sha256_file(ckp)

@@ -16,6 +16,14 @@ def test_import_mnist_checkpoint_roundtrip(tmp_path, shared_ref):
     ref = load_original_mnist_checkpoint(src)
     for k, v in ref.state_dict().items():
         assert torch.equal(v, model.state_dict()[k])
+    # and against the authors' raw file under their own names (cgn_spec §1.2 layer order), not our importer
+    raw = torch.load(src, map_location="cpu", weights_only=True)
+    mod = saved["module"]
+    for ours, theirs in (("f_shape.fc.weight", "f_shape.0.weight"), ("f_shape.conv2.weight", "f_shape.9.weight"),
+                         ("f_shape.bn2.running_var", "f_shape.10.running_var"),
+                         ("f_text.conv3.bias", "f_text1.10.bias"), ("f_bg.bn3.weight", "f_text2.11.weight"),
+                         ("label_emb.weight", "label_emb.weight")):
+        assert torch.equal(mod[ours], raw[theirs]), ours
 
 
 def test_import_rejects_what_is_not_a_checkpoint(tmp_path, capsys):

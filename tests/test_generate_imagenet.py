@@ -96,8 +96,27 @@ def test_best_classes(tmp_path):
         m = s["json"]
         assert m["shape_cls"] in BEST_SHAPE_CLASSES and m["texture_cls"] in BEST_TEXTURE_CLASSES
         assert m["bg_cls"] in BEST_BACKGROUND_CLASSES and m["shape_name"] == class_name(m["shape_cls"])
-    # the draw is a function of the seed alone
-    assert draw_classes("best_classes", 123, 1000) == draw_classes("best_classes", 123, 1000)
+
+def test_class_draws_depend_on_the_seed_alone_and_are_uniform():
+    seeds = list(range(3000))
+    first = {s: draw_classes("best_classes", s, 1000) for s in seeds}
+    # Another order, with the global RNGs disturbed in between: a pure function of the seed.
+    for s in reversed(seeds):
+        np.random.rand(3)
+        torch.rand(3)
+        assert draw_classes("best_classes", s, 1000) == first[s]
+    # Each list member equally likely (chi-square, 5 sigma), the three positions independent of each other.
+    for pos, lst in enumerate((BEST_SHAPE_CLASSES, BEST_TEXTURE_CLASSES, BEST_BACKGROUND_CLASSES)):
+        counts = np.array([sum(t[pos] == c for t in first.values()) for c in lst])
+        exp = len(seeds) / len(lst)
+        chi2, dof = float(((counts - exp) ** 2 / exp).sum()), len(lst) - 1
+        assert counts.sum() == len(seeds) and chi2 < dof + 5 * (2 * dof) ** 0.5, (pos, chi2)
+    rand = np.array([draw_classes("random", s, 10) for s in seeds])
+    for pos in range(3):
+        counts = np.bincount(rand[:, pos], minlength=10)
+        assert (((counts - 300) ** 2 / 300).sum()) < 9 + 5 * 18 ** 0.5
+    assert 0.85 < (rand[:, 0] != rand[:, 1]).mean() < 0.95  # independent: equal one time in ten
+    assert draw_classes("fixed_classes", 5, 1000, (7, 8, 9)) == (7, 8, 9)
 
 
 def _tars(folder):
@@ -138,8 +157,16 @@ def test_minmax_matches_torchvision_save_image(tmp_path):
     for i in range(2):
         save_image(x[i], tmp_path / "a.png", normalize=True)  # the authors' call, lossless here
         assert np.array_equal(_image((tmp_path / "a.png").read_bytes()), ours[i])
-    fixed = to_uint8(x, "fixed")
-    assert np.array_equal(fixed, torch.round((x.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+
+
+def test_fixed_mapping_hand_computed():
+    # (x + 1) * 127.5 rounded half to even, clamped: -1 -> 0, -0.5 -> 63.75 -> 64, 0 -> 127.5 -> 128,
+    # 0.5 -> 191.25 -> 191, 1 -> 255; outside [-1, 1] clamps; -0.996 -> 0.51 -> 1; 2/255 - 1 -> 1 exactly.
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, -2.0, -0.996, 2 / 255 - 1]).view(1, 1, 1, 9).repeat(1, 3, 1, 1)
+    want = [0, 64, 128, 191, 255, 255, 0, 1, 1]
+    out = to_uint8(x, "fixed")
+    assert out.shape == (1, 1, 9, 3) and out.dtype == np.uint8
+    assert out[0, 0, :, 0].tolist() == want and (out[..., 0] == out[..., 2]).all()
 
 
 def _mechanisms_of(seed):
@@ -193,7 +220,7 @@ def test_every_kind_of_checkpoint_loads(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_cgn_checkpoint(tmp_path / "nowhere.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CGNCheckpointError, match="not a readable"):
+    with pytest.raises(CGNCheckpointError, match="it is not a torch checkpoint"):
         build_generation_model(str(tmp_path / "junk.pt"), "tiny", "tiny")
 
 

@@ -35,9 +35,29 @@ def test_256_layout_matches_released_mechanism_keys(deep256, shared_ref):
     assert got == want  # 602 keys, every shape
 
 
+def _count_from_layer_list() -> int:
+    """BigGAN-deep-256's parameters counted by hand from its layer list (spec §2.1): (upsample, in x128,
+    out x128) per GenBlock, self-attention before block 8, bottleneck blocks with reduction 4."""
+    layers = [(False, 16, 16), (True, 16, 16), (False, 16, 16), (True, 16, 8), (False, 8, 8), (True, 8, 8),
+              (False, 8, 8), (True, 8, 4), (False, 4, 4), (True, 4, 2), (False, 2, 2), (True, 2, 1)]
+    ch, z_dim, n_classes = 128, 128, 1000
+    cond = 2 * z_dim  # noise + class embedding
+    n = n_classes * z_dim  # embeddings: Linear(1000 -> 128), no bias
+    n += cond * 4 * 4 * 16 * ch + 4 * 4 * 16 * ch  # gen_z with bias
+    for i, (_, a, b) in enumerate(layers):
+        cin, cout = ch * a, ch * b
+        mid = cin // 4
+        if i == 8:  # theta, phi (C -> C/8), g (C -> C/2), o (C/2 -> C), no biases; gamma
+            n += 2 * cin * (cin // 8) + 2 * cin * (cin // 2) + 1
+        n += 2 * cond * (cin + 3 * mid)  # four conditional BNs: gain and bias linears, no biases
+        n += (cin * mid + mid) + 2 * (9 * mid * mid + mid) + (mid * cout + cout)  # 1x1, 3x3, 3x3, 1x1 convs
+    n += 2 * ch + 9 * ch * ch + ch  # final BN (weight, bias) and conv_to_rgb
+    return n
+
+
 def test_256_parameter_count(deep256):
     n = count_parameters(deep256)
-    assert n == 55_880_833  # ~55.88M per mechanism
+    assert n == _count_from_layer_list()  # 55,880,833: the spec's ~55.88M per mechanism
     assert deep256.config.output_dim == 256 and deep256.config.num_classes == 1000
 
 

@@ -10,7 +10,7 @@ COMMON = dict(biggan="biggan-deep-256", truncation=1.0, lr_shape=8e-6, lr_bg=1e-
               w_texture=[0.0, 5.0, 5.0, 0.0], w_background=2000.0, vgg_weights="imagenet",
               spectral_norm_updates=True)
 SCHEDULE = dict(micro_batch_size=1, grad_accum=4000, max_steps=300, engine="torch", precision="fp32",
-                checkpoint_every=1, sample_every=1)
+                checkpoint_every=1, sample_every=1, grad_reduction="sum")
 
 
 def _check(cfg, **imagenet):
@@ -28,3 +28,9 @@ def test_authors_code_config():
 
 def test_paper_config():
     _check(load_config(CONFIGS / "paper_single_gpu.yaml"), lr_text=1e-5, w_perceptual=[5.0] * 4)
+
+
+def test_paper_classifier_data_config_saves_like_the_authors():
+    cfg = load_config(CONFIGS.parent / "generate" / "imagenet_random.yaml")
+    assert (cfg.generate.mode, cfg.generate.truncation, cfg.generate.image_format) == ("random", 0.5, "jpg")
+    assert cfg.generate.normalize == "minmax"  # save_image(normalize=True): per-image min-max

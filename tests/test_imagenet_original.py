@@ -31,7 +31,34 @@ def test_mapping_covers_every_released_key_at_full_size(ref_keys):
     assert {k: list(v.shape) for k, v in to_original_state_dict(cgn).items()} == ref_keys
 
 
+def test_a_hand_written_file_in_the_authors_layout_loads_into_the_right_places(tmp_path):
+    # The authors' layout, written without our exporter: their top-level names (biggan_GT, f_shape,
+    # f_text, f_bg, u2net; cgn_spec §2.2), a DataParallel "module." prefix, a distinct value per tensor.
+    ours_to_theirs = {"biggan_gt.": "biggan_GT.", "mechanisms.f_shape.": "f_shape.",
+                      "mechanisms.f_text.": "f_text.", "mechanisms.f_bg.": "f_bg.", "u2net.": "u2net."}
+    layout = build_cgn_imagenet("tiny", "tiny", seed=0).state_dict()
+    theirs = {}
+    for i, (k, v) in enumerate(layout.items()):
+        prefix = next(p for p in ours_to_theirs if k.startswith(p))
+        theirs["module." + ours_to_theirs[prefix] + k[len(prefix):]] = (
+            torch.full_like(v, i) if v.is_floating_point() else v.clone())
+    torch.save(theirs, tmp_path / "cgn.pth")
+    dst = load_original_cgn_imagenet(tmp_path / "cgn.pth", cgn=build_cgn_imagenet("tiny", "tiny", seed=5))
+    got = dst.state_dict()
+    assert torch.equal(got["biggan_gt.embeddings.weight"], theirs["module.biggan_GT.embeddings.weight"])
+    assert torch.equal(dst.f_text.embeddings.weight, theirs["module.f_text.embeddings.weight"])
+    assert torch.equal(dst.f_bg.generator.gen_z.weight_orig, theirs["module.f_bg.generator.gen_z.weight_orig"])
+    assert torch.equal(dst.u2net.side6.weight, theirs["module.u2net.side6.weight"])
+    for k, v in theirs.items():
+        name = k[len("module."):]
+        prefix = next(t for t in ours_to_theirs.values() if name.startswith(t))
+        ours = {t: o for o, t in ours_to_theirs.items()}[prefix] + name[len(prefix):]
+        assert torch.equal(got[ours], v), k
+
+
 def test_tiny_roundtrip_through_original_format(tmp_path):
+    # Consistency of our exporter with our importer (the layout itself is checked above and against the
+    # released key list).
     src = build_cgn_imagenet("tiny", "tiny", seed=0)
     with torch.no_grad():  # make the mechanisms differ from the teacher
         src.f_bg.embeddings.weight.mul_(-1)
@@ -50,7 +77,7 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="cgn.pth"):
         load_original_cgn_imagenet(tmp_path / "missing.pth", cgn=cgn)
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(ValueError, match="not a torch checkpoint"):
         load_original_cgn_imagenet(tmp_path / "junk.pth", cgn=cgn)
     torch.save({"G_shape.fc.weight": torch.zeros(2)}, tmp_path / "mnist.pth")
     with pytest.raises(ValueError, match="not a CGN-ImageNet checkpoint"):

@@ -57,5 +57,47 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="missing keys"):
         load_u2net(tmp_path / "other.pth")
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(ValueError, match="it is not a torch checkpoint"):
         load_u2net(tmp_path / "junk.pth")
+
+
+def _fill_by_golden_rule(net: U2Net) -> None:
+    # The weight-fill rule of ../shared/reference/golden/README.md (no weight file needed).
+    import zlib
+
+    sd = net.state_dict()
+    for key in sorted(sd):
+        t = sd[key]
+        if not t.is_floating_point():
+            continue
+        g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        t.copy_(torch.rand(t.shape, generator=g) + 0.5 if key.endswith("running_var")
+                else torch.randn(t.shape, generator=g) * 0.1)
+
+
+@pytest.fixture(scope="module")
+def golden(shared_ref):
+    return torch.load(shared_ref / "golden" / "u2net_forward.pt", weights_only=False)
+
+
+def test_forward_matches_the_authors_u2net(golden):
+    """The authors' U²-Net class (golden, made with their code) upsamples with align_corners=True;
+    our default must reproduce its mask, and upstream's align_corners=False must not."""
+    net, upstream = U2Net().eval(), U2Net(align_corners=False).eval()
+    assert list(net.state_dict()) == golden["keys"]
+    _fill_by_golden_rule(net)
+    upstream.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        d0, d0_upstream = net(golden["input"]), upstream(golden["input"])
+    torch.testing.assert_close(d0, golden["d0"], rtol=0, atol=1e-5)
+    err = (d0 - golden["d0"]).abs().max().item()
+    err_upstream = (d0_upstream - golden["d0"]).abs().max().item()
+    print(f"max |d0 - golden|: authors' upsampling {err:.2e}, upstream's {err_upstream:.2e}")
+    assert err_upstream > 100 * max(err, 1e-7)  # the golden can tell the two apart
+
+
+def test_align_corners_option_reaches_every_upsampling():
+    net = build_u2net("tiny", align_corners=False)
+    flags = {m.align_corners for m in net.modules() if hasattr(m, "align_corners")}
+    assert flags == {False}
+    assert {m.align_corners for m in build_u2net("tiny").modules() if hasattr(m, "align_corners")} == {True}

@@ -128,3 +128,18 @@ def test_disc_conv_shapes_and_init():
     w = torch.cat([c.weight.flatten() for c in convs])
     assert abs(w.std().item() - 0.02) < 0.002
     assert d(torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 9])).shape == (3,)
+
+
+def test_shuffler_equals_tile_then_random_crop():
+    # The spec's formulation, written separately: tile 2x2 with cat, then crop 32x32 at an offset drawn
+    # uniformly in 0..32 per axis (torchvision's crop), per sample; offsets drawn as documented (all dy,
+    # then all dx, from the same generator).
+    from torchvision.transforms.v2.functional import crop
+
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = shuffle_texture(x, torch.Generator().manual_seed(42))
+    g = torch.Generator().manual_seed(42)
+    dy, dx = torch.randint(0, 33, (8,), generator=g), torch.randint(0, 33, (8,), generator=g)
+    tiled = torch.cat([torch.cat([x, x], dim=3)] * 2, dim=2)
+    for b in range(8):
+        assert torch.equal(out[b], crop(tiled[b], int(dy[b]), int(dx[b]), 32, 32)), b

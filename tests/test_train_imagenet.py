@@ -1,4 +1,5 @@
 """ImageNet CGN training on the tiny config: checkpoints, resume, and engine/world-size equivalence."""
+import math
 import os
 import subprocess
 import sys
@@ -51,13 +52,13 @@ def test_deepspeed_zero0_fp32_equals_plain_torch(tmp_path):
 @pytest.mark.parametrize("engine", ["deepspeed", "torch"])
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, engine):
     # one process: micro 1 x accumulation 2; two processes (torchrun, gloo): micro 1 x accumulation 1
-    sn = "imagenet.spectral_norm_updates=false"  # per-forward power iteration depends on the split
+    sn = ["imagenet.spectral_norm_updates=false"]  # per-forward power iteration depends on the split
     one = train_imagenet(_cfg(tmp_path, "one", f"train.engine={engine}", "train.micro_batch_size=1",
-                              "train.grad_accum=2", sn))
+                              "train.grad_accum=2", *sn))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "cgn_dist.cli", "train", str(TINY), f"out_dir={tmp_path}",
-           "name=two", f"train.engine={engine}", "train.micro_batch_size=1", "train.grad_accum=1", sn]
+           "name=two", f"train.engine={engine}", "train.micro_batch_size=1", "train.grad_accum=1", *sn]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _mechanisms(one["run_dir"], 3, engine), _mechanisms(tmp_path / "two", 3, engine)
@@ -69,7 +70,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, en
 def test_deepspeed_precisions_and_zero_stages_train_and_resume(tmp_path, precision, stage):
     over = [f"train.engine=deepspeed", f"train.precision={precision}", f"train.zero_stage={stage}"]
     out = train_imagenet(_cfg(tmp_path, "z", "train.max_steps=1", *over))
-    assert out["loss/total"] == out["loss/total"]  # finite, not NaN
+    assert math.isfinite(out["loss/total"]) and out["loss/total"] > 0
     again = train_imagenet(_cfg(tmp_path, "z", "train.max_steps=2", *over))  # resumes from step 1
     assert again["steps"] == 2 and (Path(again["run_dir"]) / "checkpoints" / "step_0000002").is_dir()
 

@@ -39,11 +39,10 @@ REPRODUCTION_TEST: dict[str, dict[str, float] | None] = {
     "combined": {"colored": 95.9, "double_colored": 85.5, "wildlife": 62.8},
     "counterfactual": {"colored": 92.3, "double_colored": 86.5, "wildlife": 81.4},
 }
-NOTES = (
-    "Paper values are second-hand (spec §1.7). The paper reports one CGN row; it is shown under "
-    "'Original + CGN', but the authors' code trains on counterfactual data only (our 'CGN only' row).",
-    "Reference reproduction with the released checkpoints and the authors' code (full MNIST), test "
-    "accuracy: CGN only 92.3 / 86.5 / 81.4; Original + CGN 95.9 / 85.5 / 62.8.",
+NOTES = (  # the reproduction's numbers are printed once, on the table's "reference reproduction" line
+    "Paper values are second-hand (from the MLRC-2021 reproduction's tables). The paper reports one CGN "
+    "row; it is shown under 'Original + CGN', but the authors' code trains on counterfactual data only "
+    "(our 'CGN only' row).",
 )
 
 

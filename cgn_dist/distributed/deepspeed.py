@@ -19,6 +19,8 @@ def build_ds_config(train: TrainConfig, world_size: int) -> dict:
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
         "zero_optimization": {"stage": train.zero_stage},
+        # ZeRO wraps any torch optimizer; DeepSpeed only asserts on those it has not listed (SGD among them).
+        "zero_allow_untested_optimizer": True,
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -1,9 +1,10 @@
 """One small interface over the two ways a model is trained: plain torch or DeepSpeed.
 
-Both count micro steps and update only at the accumulation boundary, and both
-average the loss over accumulated micro batches (DeepSpeed's convention;
-the authors' ImageNet code summed, which Adam's scale invariance makes moot).
-Loops therefore read the same under either engine.
+Both count micro steps and update only at the accumulation boundary. The gradient of
+one update is the mean over the accumulated micro batches and the processes
+(``train.grad_reduction=mean``, DeepSpeed's convention) or their sum (``sum``: what the
+authors' ImageNet code does, batch 1 x 4000 backward calls per Adam step; Adam's eps
+makes the two differ slightly). Loops therefore read the same under either engine.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from cgn_dist.distributed.env import DistEnv
 
 class TorchEngine:
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int,
-                 env: DistEnv, precision: str = "fp32", ddp: bool | None = None):
+                 env: DistEnv, precision: str = "fp32", ddp: bool | None = None, grad_reduction: str = "mean"):
         self.module = module.to(env.device)
         self.optimizer = optimizer
         self.grad_accum = grad_accum
         self.micro_steps = 0
         self.global_steps = 0
+        self.grad_norm: float | None = None  # L2 norm of all gradients at the last update (for TensorBoard)
         self.env = env
         self.dtype = torch.bfloat16 if precision == "bf16" else None
         use_ddp = env.is_distributed if ddp is None else ddp
@@ -32,6 +34,9 @@ class TorchEngine:
             nn.parallel.DistributedDataParallel(self.module, device_ids=[env.device] if env.device.type == "cuda" else None)
             if use_ddp else self.module
         )
+        self.grad_sum = grad_reduction == "sum"
+        # DDP averages over processes: a sum multiplies that back, in the loss before backward.
+        self.sum_factor = env.world_size if use_ddp else 1
 
     def __call__(self, *args, **kwargs):
         return self.forward_module(*args, **kwargs)
@@ -52,10 +57,15 @@ class TorchEngine:
         sync = self.is_boundary() or not isinstance(self.forward_module, nn.parallel.DistributedDataParallel)
         ctx = contextlib.nullcontext() if sync else self.forward_module.no_sync()
         with ctx:
-            (loss / self.grad_accum).backward()
+            if not self.grad_sum:
+                loss = loss / self.grad_accum
+            elif self.sum_factor > 1:
+                loss = loss * self.sum_factor
+            loss.backward()
 
     def step(self) -> None:
         if self.is_boundary():
+            self.grad_norm = _grad_norm(p.grad for g in self.optimizer.param_groups for p in g["params"])
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_steps += 1
@@ -72,6 +82,12 @@ class TorchEngine:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.micro_steps, self.global_steps = state["micro_steps"], state["global_steps"]
+
+
+def _grad_norm(grads) -> float | None:
+    """L2 norm of all the given gradients (None entries skipped); None when there are none."""
+    norms = [torch.linalg.vector_norm(g.float()) for g in grads if g is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
 
 
 def _cast(obj, dtype):
@@ -92,8 +108,10 @@ class DeepSpeedEngine:
     engine's dtype and outputs back to fp32 at this boundary.
     """
 
-    def __init__(self, engine):
+    def __init__(self, engine, grad_reduction: str = "mean", world_size: int = 1):
         self.engine = engine
+        self.grad_sum = grad_reduction == "sum"
+        self.world_size = world_size
         self.module = engine.module
         self.optimizer = engine.optimizer
         self.dtype = next(engine.module.parameters()).dtype
@@ -128,10 +146,22 @@ class DeepSpeedEngine:
     def is_boundary(self) -> bool:
         return self.engine.is_gradient_accumulation_boundary()
 
+    @property
+    def grad_norm(self) -> float | None:
+        """DeepSpeed's global gradient norm of the last update where it computes one, else ours from the
+        parameters' gradients (ZeRO 0/1; None under ZeRO 2, whose gradients are partitioned)."""
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else getattr(self, "_grad_norm", None)
+
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+        if self.grad_sum:  # DeepSpeed divides by the accumulation steps and averages over processes
+            self.engine.backward(loss * self.world_size if self.world_size > 1 else loss, scale_wrt_gas=False)
+        else:
+            self.engine.backward(loss)
 
     def step(self) -> None:
+        if self.is_boundary():
+            self._grad_norm = _grad_norm(p.grad for p in self.module.parameters())
         self.engine.step()
 
     def save(self, directory: Path, name: str) -> None:
@@ -148,7 +178,9 @@ def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, train: Tra
                  ddp: bool | None = None):
     """Wrap ``module`` + ``optimizer`` in the engine ``train.engine`` names."""
     if train.engine == "torch":
-        return TorchEngine(module, optimizer, train.grad_accum, env, train.precision, ddp=ddp)
+        return TorchEngine(module, optimizer, train.grad_accum, env, train.precision, ddp=ddp,
+                           grad_reduction=train.grad_reduction)
     from cgn_dist.distributed.deepspeed import initialize_deepspeed
 
-    return DeepSpeedEngine(initialize_deepspeed(module.to(env.device), optimizer, train, env))
+    return DeepSpeedEngine(initialize_deepspeed(module.to(env.device), optimizer, train, env),
+                           train.grad_reduction, env.world_size)

@@ -2,52 +2,78 @@
 
 Ray Train starts the workers and their process group (gloo on CPU, nccl on
 GPU); our loop reads rank and world from it. Checkpoints are written to the
-run directory as usual and also reported to Ray Train, so when a worker dies
-Ray restarts the group (up to ``distributed.max_failures`` times) and every
-worker resumes from the latest reported checkpoint. Starting a job again with
-the same run name resumes as well.
+run directory as usual (pruned to ``train.keep_last``) and reported to Ray Train
+as a POINTER: Ray keeps a few-byte ``checkpoint.json`` naming the run directory's
+checkpoint, not a second copy of it (a CGN-ImageNet checkpoint with Adam state
+is ~2 GB), and prunes its pointers to ``train.keep_last`` as well. When a worker
+dies Ray restarts the group (up to ``distributed.max_failures`` times) and every
+worker resumes from the checkpoint the latest pointer names. Starting a job
+again with the same run name resumes as well.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from cgn_dist.config import Config, config_from_dict, config_to_dict
+from cgn_dist.train.common import Reporter
 
-IN_RAY_TRAIN = "CGN_DIST_IN_RAY_TRAIN"
-
-
-def in_ray_train() -> bool:
-    return os.environ.get(IN_RAY_TRAIN) == "1"
+POINTER_FILE = "checkpoint.json"  # what Ray Train stores per checkpoint: {"path": ..., "step": ...}
+POINTER_DIR = "ray_pointers"  # in the run directory: the pointer folders handed to Ray Train
 
 
-def ray_resume_checkpoint() -> Path | None:
-    """The latest checkpoint Ray Train holds for this run (after a restart), else None."""
-    if not in_ray_train():
-        return None
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    # Local or shared storage: the checkpoint is already a directory; remote storage downloads it.
-    return Path(ckpt.to_directory()) if not os.path.isdir(ckpt.path) else Path(ckpt.path)
+def checkpoint_from_pointer(directory: str | os.PathLike) -> Path:
+    """The run directory's checkpoint that a Ray Train checkpoint folder points at (or the folder itself,
+    for a full checkpoint)."""
+    pointer = Path(directory) / POINTER_FILE
+    if pointer.is_file():
+        return Path(json.loads(pointer.read_text())["path"])
+    return Path(directory)
 
 
-def ray_report(step: int, metrics: dict, checkpoint_dir: Path | None, is_main: bool) -> None:
-    """Report to Ray Train (every rank calls it; only rank 0 attaches the checkpoint)."""
-    if not in_ray_train():
-        return
-    import ray.train
+def _write_pointer(checkpoint_dir: Path, step: int, keep_last: int) -> Path:
+    root = checkpoint_dir.parent.parent / POINTER_DIR
+    d = root / checkpoint_dir.name
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / (POINTER_FILE + ".tmp")
+    tmp.write_text(json.dumps({"path": str(checkpoint_dir.resolve()), "step": step}))
+    tmp.replace(d / POINTER_FILE)
+    for old in sorted(p for p in root.iterdir() if p.is_dir())[:-keep_last]:  # step_XXXXXXX sorts by step
+        shutil.rmtree(old, ignore_errors=True)
+    return d
 
-    ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if (checkpoint_dir and is_main) else None
-    ray.train.report({"step": step, **{k.replace("/", "_"): float(v) for k, v in metrics.items()}},
-                     checkpoint=ckpt)
+
+class RayReporter(Reporter):
+    """Hands a loop's checkpoints to Ray Train (as pointers) and, after a restart, the checkpoint Ray
+    Train's latest pointer names back to the loop."""
+
+    def __init__(self, keep_last: int = 3):
+        self.keep_last = keep_last
+
+    def resume_checkpoint(self) -> Path | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        # Local or shared storage: the checkpoint is already a directory; remote storage downloads it.
+        return checkpoint_from_pointer(ckpt.to_directory() if not os.path.isdir(ckpt.path) else ckpt.path)
+
+    def report(self, step: int, metrics: dict, checkpoint_dir: Path | None, is_main: bool) -> None:
+        # Every rank reports; only rank 0 attaches the checkpoint.
+        import ray.train
+
+        ckpt = None
+        if checkpoint_dir and is_main:
+            pointer = _write_pointer(Path(checkpoint_dir), step, self.keep_last)
+            ckpt = ray.train.Checkpoint.from_directory(str(pointer))
+        ray.train.report({"step": step, **{k.replace("/", "_"): float(v) for k, v in metrics.items()}},
+                         checkpoint=ckpt)
 
 
 def _worker_loop(config: dict) -> None:
-    os.environ[IN_RAY_TRAIN] = "1"
     import ray.train
     import ray.train.torch
 
@@ -62,7 +88,7 @@ def _worker_loop(config: dict) -> None:
                   device if device is not None else torch.device("cpu"))
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
     torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
-    train_fn(cfg)(cfg, env)
+    train_fn(cfg)(cfg, env, reporter=RayReporter(cfg.train.keep_last))
 
 
 def train_fn(cfg: Config):
@@ -70,9 +96,30 @@ def train_fn(cfg: Config):
         from cgn_dist.train.mnist import train_mnist
 
         return train_mnist
+    if cfg.task == "classifier":
+        from cgn_dist.train.classifier import train_classifier
+
+        return train_classifier
     from cgn_dist.train.imagenet import train_imagenet
 
     return train_imagenet
+
+
+def _worker_error(err: BaseException) -> BaseException:
+    """The exception a worker raised, unwrapped from Ray Train's own (so a user's mistake in a worker reads
+    as in-process: one line, the config key named); Ray's exception when there is none to unwrap."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if not type(e).__module__.startswith("ray") and e is not err:
+            return e
+        failures = getattr(e, "worker_failures", None) or {}
+        todo += [failures[k] for k in sorted(failures)]
+        todo += [getattr(e, a, None) for a in ("controller_failure", "cause", "__cause__")]
+    return err
 
 
 def train_with_ray(cfg: Config) -> dict:
@@ -99,14 +146,21 @@ def train_with_ray(cfg: Config) -> dict:
         scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=cfg.name, storage_path=str(storage),
-                                       failure_config=ray.train.FailureConfig(max_failures=d.max_failures)),
+                                       failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray raises (or returns) the workers' errors wrapped in its own
+        raise _worker_error(e) from e
     if result.error:
-        raise result.error
+        raise _worker_error(result.error) from result.error
     out = dict(result.metrics or {})
-    out["checkpoint"] = result.checkpoint.path if result.checkpoint else None
-    if result.checkpoint and "step" not in out:  # resumed at the end: nothing new was reported
-        out["step"] = json.loads((Path(result.checkpoint.path) / "meta.json").read_text())["step"]
+    ckpt = checkpoint_from_pointer(result.checkpoint.path) if result.checkpoint else None
+    out["checkpoint"] = str(ckpt) if ckpt else None
+    if ckpt and "step" not in out:  # resumed at the end: nothing new was reported
+        out["step"] = json.loads((ckpt / "meta.json").read_text())["step"]
     out["run_dir"] = str(Path(config["out_dir"]) / cfg.name)
-    return out
+    from cgn_dist.train.run_dir import read_summary
+
+    return read_summary(Path(out["run_dir"])) or out  # what rank 0 wrote: the keys any launcher gives

@@ -37,8 +37,7 @@ LOOPBACK_PROXY_ENV = {
 
 def package_root() -> Path:
     """The folder that holds the cgn_dist package (what PYTHONPATH needs for workers to import it)."""
-    import cgn_dist.generate  # a regular package: cgn_dist itself may be a namespace package
-    return Path(cgn_dist.generate.__file__).resolve().parents[2]
+    return Path(__file__).resolve().parents[2]  # <root>/cgn_dist/distributed/ray_utils.py
 
 
 @contextlib.contextmanager
@@ -153,19 +152,36 @@ class LoopbackCluster:
         self.nodes: list[Any] = []
 
     def start(self) -> "LoopbackCluster":
-        env = {**LOOPBACK_RAY_ENV, **LOOPBACK_PROXY_ENV,
-               "PYTHONPATH": _pythonpath_with_package(os.environ.get("PYTHONPATH"))}
-        with patched_environ(env):
+        with patched_environ(self._env()):
             from ray.cluster_utils import Cluster
             _force_single_machine_mode()
-            node_args = dict(num_cpus=self.cpus_per_node, node_ip_address=LOOPBACK,
-                             object_store_memory=self.object_store_mb * 1024 * 1024)
-            self.cluster = Cluster(initialize_head=True, head_node_args=dict(node_args, include_dashboard=False))
+            self.cluster = Cluster(initialize_head=True,
+                                   head_node_args=dict(self._node_args(), include_dashboard=False))
             self.nodes = [self.cluster.head_node]
-            for _ in range(self.num_nodes - 1):
-                self.nodes.append(self.cluster.add_node(**node_args))
-            self.cluster.wait_for_nodes()
+        for _ in range(self.num_nodes - 1):
+            self.add_node(wait=False)
+        self.cluster.wait_for_nodes()
         return self
+
+    def _node_args(self) -> dict[str, Any]:
+        return dict(num_cpus=self.cpus_per_node, node_ip_address=LOOPBACK,
+                    object_store_memory=self.object_store_mb * 1024 * 1024)
+
+    def _env(self) -> dict[str, str]:
+        return {**LOOPBACK_RAY_ENV, **LOOPBACK_PROXY_ENV,
+                "PYTHONPATH": _pythonpath_with_package(os.environ.get("PYTHONPATH"))}
+
+    def add_node(self, wait: bool = True) -> Any:
+        """Start one more worker node (e.g. the replacement for a lost one); returns it. Main thread only:
+        Ray installs signal handlers for the node."""
+        if self.cluster is None:
+            raise RuntimeError("the cluster is not started")
+        with patched_environ(self._env()):
+            node = self.cluster.add_node(**self._node_args())
+        self.nodes.append(node)
+        if wait:
+            self.cluster.wait_for_nodes()
+        return node
 
     @property
     def address(self) -> str:
@@ -177,6 +193,7 @@ class LoopbackCluster:
         init_ray(address=self.address, **init_kwargs)
 
     def remove_node(self, node: Any) -> None:
+        """Lose a whole node: its raylet, object store and every worker process on it."""
         self.cluster.remove_node(node)
         self.nodes.remove(node)
 
@@ -191,3 +208,27 @@ class LoopbackCluster:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def stop_ray_under(temp_dir: str | os.PathLike, timeout_s: float = 10.0) -> list[int]:
+    """Stop the Ray daemons whose command line names ``temp_dir`` (what RAY_TMPDIR pointed at when they
+    started); returns their pids. Unlike ``ray stop``, the other Ray instances on the machine are left alone.
+    Their workers exit on their own once their raylet is gone."""
+    import psutil
+
+    needle = str(Path(temp_dir).resolve())
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.pid != os.getpid() and any(needle in part for part in (p.info["cmdline"] or [])):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for p in found:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(found, timeout=timeout_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    return [p.pid for p in found]

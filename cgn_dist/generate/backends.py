@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -31,6 +32,16 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("local", "ray")
 LOCK_NAME = ".generate.lock"
+# Errors of the machine, not of the attempt: retrying only fills the log (a full disk stays full).
+STOP_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+class StopGeneration(GenerationError):
+    """A shard hit an error that retrying cannot fix (disk full, read-only, no permission)."""
+
+
+def _must_stop(e: BaseException | None) -> bool:
+    return isinstance(e, OSError) and e.errno in STOP_ERRNOS
 
 
 def run_shards(sampler_factory: Callable[[], Any], shards: Iterable[ShardSpec], out_dir: str | os.PathLike,
@@ -112,11 +123,17 @@ def _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_si
             else:
                 results = _run_process_pool(sampler_factory, todo, out_dir, batch_size, num_workers, max_retries)
             with contextlib.closing(results):  # stops the workers at once if the caller's callback raises
-                for stats in results:
-                    done[stats["shard_id"]] = stats
-                    bar.update_shard(stats["count"])
-                    if on_shard_done is not None:
-                        on_shard_done(dict(stats, path=str(tar_path(out_dir, stats["shard_id"]))))
+                try:
+                    for stats in results:
+                        done[stats["shard_id"]] = stats
+                        bar.update_shard(stats["count"])
+                        if on_shard_done is not None:
+                            on_shard_done(dict(stats, path=str(tar_path(out_dir, stats["shard_id"]))))
+                except StopGeneration as e:
+                    raise StopGeneration(
+                        f"stopped: {e}. {len(done)} of {len(shards)} shards are committed in {out_dir} and kept "
+                        f"(nothing half-written remains); free space there (or fix the folder's permissions) and "
+                        f"rerun the same command: it writes only the missing shards") from None
     finally:
         bar.close()
         # Temporary files of attempts killed during this run (their shards were redone by the retry).
@@ -143,6 +160,8 @@ def _run_in_process(factory, todo, out_dir, batch_size, max_retries) -> Iterator
                     yield write_shard(sampler, spec, out_dir, batch_size, attempt=attempt, info=info)
                     break
                 except Exception as e:  # a sampler error: retried like a lost worker
+                    if _must_stop(e):
+                        raise StopGeneration(f"{e} (shard {spec.shard_id})") from e
                     if attempt > max_retries:
                         raise _give_up(spec, attempt, repr(e)) from e
                     log.warning("shard %d attempt %d failed (%r); retrying", spec.shard_id, attempt, e)
@@ -167,7 +186,7 @@ def _process_main(factory: Callable[[], Any], conn: Any) -> None:
             try:
                 conn.send(("ok", write_shard(sampler, spec, out_dir, batch_size, attempt=attempt, info=info)))
             except Exception as e:
-                conn.send(("error", repr(e)))
+                conn.send(("stop", str(e)) if _must_stop(e) else ("error", repr(e)))
     finally:
         close_sampler(sampler)
 
@@ -241,6 +260,8 @@ def _run_process_pool(factory, todo, out_dir, batch_size, num_workers, max_retri
                 if msg is not None and msg[0] == "ok":
                     w.spec = None
                     yield msg[1]
+                elif msg is not None and msg[0] == "stop":
+                    raise StopGeneration(f"{msg[1]} (shard {spec.shard_id})")
                 elif msg is not None and msg[0] == "error":
                     w.spec = None
                     retry(spec, msg[1])
@@ -341,6 +362,8 @@ def _run_ray(factory, todo, out_dir, batch_size, num_workers, max_retries, ray_a
                 try:
                     stats = ray.get(ref, timeout=60)
                 except RayTaskError as e:  # the sampler raised: the actor itself is fine
+                    if _must_stop(getattr(e, "cause", None)):
+                        raise StopGeneration(f"{e.cause} (shard {spec.shard_id})") from None
                     idle.append(actor)
                     retry(spec, str(e).splitlines()[0] if str(e) else repr(e))
                     continue

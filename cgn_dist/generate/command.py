@@ -27,8 +27,27 @@ IMAGENET_MODES = ("random", "best_classes", "fixed_classes", "interpolation")
 # --- sampler factories from the config ------------------------------------------------------------------
 
 def _abs(path: str) -> str:
-    """Absolute form of a file path (workers and regenerate may run elsewhere); names pass through."""
+    """Absolute form of a file path (workers and regenerate may run elsewhere); a weights file name becomes
+    its cached file's path when present; other names (biggan-deep-256: build_biggan looks it up) pass through."""
+    from cgn_dist import weights
+
+    if weights.is_name(path) and not weights.get(path).subdir and weights.path_of(path).is_file():
+        path = str(weights.path_of(path))
     return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
+
+
+def _checkpoint(value: str) -> str:
+    """generate.checkpoint: a weights name (cgn-imagenet, cgn-mnist-colored, ...) or a path."""
+    from cgn_dist import weights
+
+    return weights.resolve(value, "generate.checkpoint")
+
+
+def image_format(cfg: Config) -> str:
+    """generate.image_format with "auto" decided: jpg for ImageNet, png for MNIST."""
+    if cfg.generate.image_format != "auto":
+        return cfg.generate.image_format
+    return "png" if cfg.task == "mnist" else "jpg"
 
 
 def imagenet_factory(cfg: Config):
@@ -38,13 +57,16 @@ def imagenet_factory(cfg: Config):
     g, ic = cfg.generate, cfg.imagenet
     if g.mode not in IMAGENET_MODES:
         raise ValueError(f"generate.mode={g.mode!r} is not an ImageNet mode; accepted: {', '.join(IMAGENET_MODES)}")
+    if not ic.u2net_align_corners:
+        raise ValueError("imagenet.u2net_align_corners=false (upstream U²-Net upsampling) is a training option; "
+                         "generation always uses the CGN authors' upsampling: drop the override")
     # A run directory means its latest checkpoint NOW: every worker must load the same one.
-    checkpoint = str(resolve_cgn_checkpoint(g.checkpoint).resolve()) if g.checkpoint else ""
+    checkpoint = str(resolve_cgn_checkpoint(_checkpoint(g.checkpoint)).resolve()) if g.checkpoint else ""
     mode = "random" if g.mode == "interpolation" else g.mode
     return ImagenetCounterfactualFactory(
         checkpoint=checkpoint, biggan=_abs(ic.biggan), u2net=_abs(ic.u2net), cache_dir=_abs(ic.cache_dir),
         model_seed=cfg.seed, mode=mode, classes=list(g.classes) if mode == "fixed_classes" else [],
-        truncation=g.truncation, image_format=g.image_format, jpeg_quality=g.jpeg_quality, normalize=g.normalize,
+        truncation=g.truncation, image_format=image_format(cfg), jpeg_quality=g.jpeg_quality, normalize=g.normalize,
         save_layers=g.save_layers, forward_batch=g.forward_batch, device=g.device, num_threads=g.num_threads,
         precision=g.precision, channels_last=g.channels_last, compile=g.compile, overlap=g.overlap,
         encode_threads=g.encode_threads, jpeg_encoder=g.jpeg_encoder)
@@ -62,14 +84,17 @@ def mnist_factory(cfg: Config):
     if g.precision != "fp32" or g.compile or g.jpeg_encoder != "pil":
         raise ValueError("generate.precision, generate.compile and generate.jpeg_encoder apply to task=imagenet; "
                          "the MNIST generator runs in fp32 with Pillow: leave them at fp32 / false / pil")
+    if g.image_format == "jpg":
+        raise ValueError("generate.image_format=jpg: MNIST counterfactuals are stored as lossless png (the "
+                         "classifiers read back exact values); set generate.image_format=png or auto")
     if not g.checkpoint:
         raise ValueError("generate.checkpoint is empty: pass an MNIST training run directory, a checkpoint, or "
                          "the authors' cgn_<dataset>_MNIST.pth")
     # Resolved now (a clear error here, not in a worker); a run directory means its latest checkpoint NOW.
-    checkpoint = str(resolve_generator_file(g.checkpoint).resolve())
+    checkpoint = str(resolve_generator_file(_checkpoint(g.checkpoint)).resolve())
     device = g.device if g.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     factory = MnistCounterfactualFactory(checkpoint=checkpoint, no_cfs=g.no_cfs, device=device,
-                                         num_threads=g.num_threads)
+                                         num_threads=g.num_threads, save_layers=g.save_layers)
     if g.shard_size % factory.group_len:
         log.warning("generate.shard_size=%d is not a multiple of %d (group_size x no_cfs): the last group of each "
                     "shard is computed whole and cut", g.shard_size, factory.group_len)
@@ -150,15 +175,24 @@ def run_generate(cfg: Config) -> dict[str, Any]:
     _check_same_run(run_dir, factory, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    from cgn_dist.train.metrics import setup_logging
 
-    writer, on_shard_done = None, None
+    setup_logging(run_dir, True)  # log.txt beside the shards
+
+    writer, grid = None, None
     if g.grid_every > 0:
         from torch.utils.tensorboard import SummaryWriter
 
         from cgn_dist.generate.progress import grid_callback
 
         writer = SummaryWriter(str(run_dir / "tb"))
-        on_shard_done = grid_callback(writer, every=g.grid_every)
+        grid = grid_callback(writer, every=g.grid_every)
+    written = []
+
+    def on_shard_done(stats):
+        written.append(stats["shard_id"])
+        if grid is not None:
+            grid(stats)
     started_ray = _start_ray(cfg)
     t0 = time.perf_counter()
     try:
@@ -177,7 +211,14 @@ def run_generate(cfg: Config) -> dict[str, Any]:
 
             shutdown_ray()
     seconds = time.perf_counter() - t0
-    return {"run_dir": str(run_dir), "manifest": str(run_dir / "manifest.json"),
+    if not written:
+        log.info("%s is complete: %d samples in %d shards, all committed and checked; nothing to generate",
+                 run_dir, manifest["total_samples"], manifest["n_shards"])
+    else:
+        log.info("%s: wrote %d of %d shards (%d samples in all)", run_dir, len(written), manifest["n_shards"],
+                 manifest["total_samples"])
+    return {"run_dir": str(run_dir), "complete_before": not written, "shards_written": len(written),
+            "manifest": str(run_dir / "manifest.json"),
             "n_samples": manifest["total_samples"], "n_shards": manifest["n_shards"],
             "total_bytes": manifest["total_bytes"], "seconds": round(seconds, 3),
             "images_per_s": round(manifest["total_samples"] / seconds, 3) if seconds > 0 else None,
@@ -253,7 +294,7 @@ def run_interpolation(cfg: Config, factory: Any = None) -> dict[str, Any]:
     finally:
         sampler.close()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    out = write_interpolation(cfg.run_dir, result, image_format=g.image_format, jpeg_quality=g.jpeg_quality,
+    out = write_interpolation(cfg.run_dir, result, image_format=image_format(cfg), jpeg_quality=g.jpeg_quality,
                               meta=meta)
     return {"interpolation": str(out), "sheet": str(out / "sheet.png"), "start": result["start"],
             "target": result["target"], "mechanism": result["mechanism"], "steps": result["steps"]}

@@ -27,7 +27,7 @@ class ImagenetCounterfactualFactory:
 
     checkpoint: str = ""  # resolved weights file (see resolve_cgn_checkpoint); "" = no weights (random sources)
     biggan: str = "biggan-deep-256"  # layout: biggan-deep-256 (not downloaded), a local dir, "tiny", "random-256"
-    u2net: str = "weights/u2net.pth"  # U²-Net weights (ours need it; the authors' cgn.pth brings its own)
+    u2net: str = "u2net"  # U²-Net weights (ours need it; the authors' cgn.pth brings its own)
     cache_dir: str = ""  # pytorch-pretrained-biggan cache, for other named BigGANs
     model_seed: int = 0  # random init of random sources (the model itself when there is no checkpoint)
     mode: str = "random"  # random | best_classes | fixed_classes
@@ -97,7 +97,11 @@ class ImagenetCounterfactualFactory:
             raise ValueError(f"generate.checkpoint is empty: with BigGAN {self.biggan!r} the mechanisms would be "
                              f"three copies of the pretrained BigGAN, not a trained CGN; {CHECKPOINT_HELP}")
         if kind != "original" and self.u2net not in ("tiny", "random") and not Path(self.u2net).is_file():
+            from cgn_dist import weights
             from cgn_dist.models.u2net import U2NET_WEIGHTS_HELP
+
+            if weights.is_name(self.u2net):
+                raise weights.WeightsError(weights.missing_message(self.u2net, "imagenet.u2net"))
 
             raise FileNotFoundError(f"U²-Net weights {self.u2net!r} (imagenet.u2net) not found. {U2NET_WEIGHTS_HELP}")
         check_classes(self.mode, self.classes, self.num_classes(kind))

@@ -20,7 +20,8 @@ DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
 CHECKPOINT_HELP = (
     "pass a training run directory (runs/<name>/, its latest checkpoint), a step directory "
     "(runs/<name>/checkpoints/step_XXXXXXX/), its mechanisms.pt, a file written by `cgn-dist import`, or "
-    "the authors' cgn.pth")
+    "the authors' cgn.pth (`cgn-dist weights fetch cgn-imagenet`, or Google Drive id "
+    "12yVFHPUjKmUFGnO2D4xVlTSpF8CUj136; then generate.checkpoint=cgn-imagenet)")
 
 
 class CGNCheckpointError(ValueError):
@@ -72,9 +73,10 @@ def _torch_load(file: Path) -> Any:
     try:  # files in torch's legacy (non-zip) format cannot be memory-mapped
         return torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise CGNCheckpointError(f"{file} is not a readable torch checkpoint (or holds pickled objects beyond "
-                                 f"tensors and plain containers, refused by weights_only loading): {first}") from err
+        from cgn_dist.weights import unreadable_reason
+
+        raise CGNCheckpointError(f"generate.checkpoint={file} is not a CGN checkpoint: {unreadable_reason(file, err)}; "
+                                 f"{CHECKPOINT_HELP}") from err
 
 
 def _strip(sd: Mapping[str, Any], prefixes: Sequence[str] = ("module.", "_orig_mod.")) -> dict[str, Any]:
@@ -146,7 +148,7 @@ def biggan_num_classes(biggan: str) -> int:
     return int(json.loads(config.read_text())["num_classes"])
 
 
-def build_generation_model(checkpoint: str = "", biggan: str = "biggan-deep-256", u2net: str = "weights/u2net.pth",
+def build_generation_model(checkpoint: str = "", biggan: str = "biggan-deep-256", u2net: str = "u2net",
                            cache_dir: str = "", seed: int = 0):
     """A CGNImageNet (eval mode, frozen, on CPU) for generation; returns (model, weights file or None).
 

@@ -132,6 +132,9 @@ def build_manifest(shards: Sequence[ShardSpec], stats: Sequence[dict[str, Any]],
         "total_samples": sum(e["count"] for e in entries),
         "total_bytes": sum(e["bytes"] for e in entries),
         "class_counts": merge_class_counts([by_id[s.shard_id] for s in shards]),
+        "total_rejected": sum(len(by_id[s.shard_id].get("rejects", ())) for s in shards),
+        "rejects": [r for s in shards for r in by_id[s.shard_id].get("rejects", ())],
+        "notes": [n for s in shards for n in by_id[s.shard_id].get("notes", ())],
         "sampler_info": _single_sampler_info([by_id[s.shard_id] for s in shards]),
         "sampler_factory": plan_doc["sampler_factory"],
         "config": config or {},
@@ -152,10 +155,17 @@ def write_outputs(out_dir: str | os.PathLike, manifest: dict[str, Any], name: st
 def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """Read a manifest; ``path`` may be the file or the output folder holding it."""
     path = Path(path)
+    folder = path if path.suffix != ".json" else path.parent
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no manifest at {path}: the generation run has not finished there")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no generation run at {folder}: the folder does not exist (a run's folder is "
+                                    "<out_dir>/<name> of its config)")
+        if (folder / PLAN_NAME).is_file():
+            raise FileNotFoundError(f"the generation run in {folder} has not finished (no {MANIFEST_NAME} yet): "
+                                    "rerun `cgn-dist generate` with its config to complete it")
+        raise FileNotFoundError(f"{folder} is not a generation run folder (no {MANIFEST_NAME}, no {PLAN_NAME})")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path} is not a generation manifest ({MANIFEST_FORMAT})")

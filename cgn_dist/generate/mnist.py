@@ -27,7 +27,9 @@ Each sample stores
   png   the composite as lossless RGB PNG, uint8 = round((clamp(x, -1, 1) + 1) * 127.5) (torch.round:
         half to even); read back with x = u8 / 127.5 - 1 (``decode_uint8``), error <= 1/255;
   json  label (= shape_cls), shape_cls, texture_cls, bg_cls, seed (the group's seed), group, cf_round,
-        slot, mask_mean (mean of the fixed mask), checkpoint_sha256.
+        slot, mask_mean (mean of the fixed mask), checkpoint_sha256;
+and with ``save_layers`` also mask.png (the fixed mask, uint8 = round(m * 255)), fg.png and bg.png (the
+shuffled foreground and background the composite was made of, encoded as the composite).
 """
 from __future__ import annotations
 
@@ -163,11 +165,12 @@ def load_mnist_generator(path: str | os.PathLike, device: str | torch.device = "
     file = resolve_generator_file(path)
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise GeneratorCheckpointError(f"{file} holds pickled objects beyond tensors and plain containers; "
-                                       f"it is refused (weights_only loading): {err}") from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise GeneratorCheckpointError(f"{file} is not a readable torch checkpoint: {err}") from err
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        from cgn_dist.weights import unreadable_reason
+
+        raise GeneratorCheckpointError(f"{file} is not a CGN-MNIST checkpoint: {unreadable_reason(file, err)}; the "
+                                       "authors' files: `cgn-dist weights fetch cgn-mnist-colored` (or "
+                                       "-double-colored, -wildlife)") from err
     if not isinstance(obj, Mapping):
         raise GeneratorCheckpointError(f"{file} holds a {type(obj).__name__}, not a state dict")
     if "module" in obj and isinstance(obj["module"], Mapping):
@@ -211,6 +214,7 @@ class MnistCounterfactualFactory:
     # Threads used while computing a group (restored afterwards): a fixed count keeps CPU numerics, hence
     # the bytes, the same in the driver and in worker processes. 0 = leave torch's setting.
     num_threads: int = 1
+    save_layers: bool = False  # also store mask.png, fg.png, bg.png
 
     def __post_init__(self) -> None:
         if self.no_cfs < 1 or self.group_size < 1:
@@ -237,6 +241,7 @@ class _Group:
     bg_cls: np.ndarray
     mask_mean: np.ndarray  # per image (the fixed mask of its slot)
     seed: int
+    layers: dict[str, np.ndarray] | None = None  # mask (group_len x H x W), fg, bg (group_len x H x W x 3)
 
 
 class MnistCounterfactualSampler:
@@ -253,7 +258,8 @@ class MnistCounterfactualSampler:
         m = self.model
         return {"sampler": SAMPLER_NAME, "checkpoint_sha256": self.sha256, "no_cfs": self.cfg.no_cfs,
                 "group_size": self.cfg.group_size, "n_classes": m.n_classes, "latent_dim": m.latent_dim,
-                "img_size": m.img_size, "image_encoding": IMAGE_ENCODING, "device": self.device.type}
+                "img_size": m.img_size, "image_encoding": IMAGE_ENCODING, "device": self.device.type,
+                **({"save_layers": True} if self.cfg.save_layers else {})}
 
     @torch.inference_mode()
     def compute_group(self, run_seed: int, shard_id: int, group: int) -> _Group:
@@ -265,7 +271,7 @@ class MnistCounterfactualSampler:
         u_shape = m.sample_noise(n, gen)
         y_dev = y.to(self.device)
         mask = m.f_shape(m.mechanism_input(y_dev, u_shape)).clamp(MASK_MIN, MASK_MAX)
-        images, y_text, y_bg = [], [], []
+        images, y_text, y_bg, fgs, bgs = [], [], [], [], []
         for _ in range(cfs):
             yt = y[torch.randperm(n, generator=gen)]
             yb = y[torch.randperm(n, generator=gen)]
@@ -275,12 +281,21 @@ class MnistCounterfactualSampler:
             fg = shuffle_texture(fg, gen)
             bg = shuffle_texture(bg, gen)
             images.append(encode_uint8(mask * fg + (1 - mask) * bg).cpu())
+            if self.cfg.save_layers:
+                fgs.append(encode_uint8(fg).cpu())
+                bgs.append(encode_uint8(bg).cpu())
             y_text.append(yt)
             y_bg.append(yb)
         mask_mean = mask.float().mean(dim=(1, 2, 3)).cpu().numpy().astype(np.float64)
+        layers = None
+        if self.cfg.save_layers:
+            from cgn_dist.generate.imagenet import mask_to_uint8
+
+            m8 = mask_to_uint8(mask[:, :1])
+            layers = {"mask": np.concatenate([m8] * cfs), "fg": torch.cat(fgs).numpy(), "bg": torch.cat(bgs).numpy()}
         return _Group(images=torch.cat(images).numpy(), shape_cls=y.repeat(cfs).numpy(),
                       texture_cls=torch.cat(y_text).numpy(), bg_cls=torch.cat(y_bg).numpy(),
-                      mask_mean=np.tile(mask_mean, cfs), seed=seed)
+                      mask_mean=np.tile(mask_mean, cfs), seed=seed, layers=layers)
 
     def _group(self, run_seed: int, shard_id: int, group: int) -> _Group:
         key = (run_seed, shard_id, group)
@@ -306,12 +321,16 @@ class MnistCounterfactualSampler:
             grp = self._group(ref.run_seed, ref.shard_id, group)
             cf_round, slot = divmod(pos, self.cfg.group_size)
             shape_cls = int(grp.shape_cls[pos])
+            level = self.cfg.png_compress_level
+            layers = {} if grp.layers is None else {f"{k}.png": encode_png(grp.layers[k][pos], compress_level=level)
+                                                    for k in ("mask", "fg", "bg")}
             out.append({
                 "png": encode_png(grp.images[pos], compress_level=self.cfg.png_compress_level),
                 "json": {"label": shape_cls, "shape_cls": shape_cls, "texture_cls": int(grp.texture_cls[pos]),
                          "bg_cls": int(grp.bg_cls[pos]), "seed": grp.seed, "group": group,
                          "cf_round": cf_round, "slot": slot, "mask_mean": round(float(grp.mask_mean[pos]), 6),
                          "checkpoint_sha256": self.sha256},
+                **layers,
             })
         return out
 

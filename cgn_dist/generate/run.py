@@ -23,10 +23,16 @@ def generate_dataset(sampler_factory: Callable[[], Any], out_dir: str | os.PathL
                      progress: bool = True, on_shard_done: Callable[[dict[str, Any]], None] | None = None,
                      config: dict[str, Any] | None = None, verify: str = "sha256",
                      shard_timeout_s: float | None = None, worker_resources: dict[str, float] | None = None,
-                     ) -> dict[str, Any]:
+                     shards: Sequence[ShardSpec] | None = None) -> dict[str, Any]:
     """Plan, generate (skipping committed shards), then write manifest.json and index.json; returns the
-    manifest. Rerunning the same call after any interruption completes the run with identical bytes."""
-    shards = make_plan(n_samples, shard_size, run_seed)
+    manifest. Rerunning the same call after any interruption completes the run with identical bytes.
+
+    ``shards``: a ready plan of shards of varying sizes (e.g. sized by bytes) instead of
+    ``make_plan(n_samples, shard_size, run_seed)``; ids 0..len-1, each with ``n <= shard_size``."""
+    if shards is None:
+        shards = make_plan(n_samples, shard_size, run_seed)
+    elif [s.shard_id for s in shards] != list(range(len(shards))) or any(not 1 <= s.n <= shard_size for s in shards):
+        raise ValueError("shards must have ids 0..len-1 in order and sizes within 1..shard_size")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan_doc = build_plan_doc(run_seed, shard_size, describe_factory(sampler_factory))
@@ -65,24 +71,40 @@ def describe_plan(shards: Sequence[ShardSpec], sampler: Any, batch_size: int = 1
     t0 = time.perf_counter()
     samples = sampler.sample(refs)
     seconds = time.perf_counter() - t0
+    n_timed = len(refs)
+    kept = [(r, s) for r, s in zip(refs, samples) if "__reject__" not in s]
+    if not kept:
+        raise ValueError(f"every one of the {len(refs)} probed samples was rejected: {samples[0]['__reject__']}")
+    refs, samples = [r for r, _ in kept], [s for _, s in kept]
     tar_bytes = sum(_tar_bytes(encode_sample(r.key, s)) for r, s in zip(refs, samples))
-    per_sample_s, per_sample_bytes = seconds / len(refs), tar_bytes / len(refs)
-    # Per shard: end-of-archive blocks plus padding to tar's 10 KiB records, on average half a record.
-    est_bytes = int(per_sample_bytes * n_samples + len(shards) * (1024 + 5120))
+    per_sample_s, member_bytes = seconds / n_timed, tar_bytes / len(refs)
+    # Per shard: the members, two end-of-archive blocks, then padding up to a whole 10 KiB tar record
+    # (tarfile's RECORDSIZE): a sizeable part of small shards.
+    record = 20 * 512
+    est_bytes = sum(-(-int(member_bytes * s.n + 1024) // record) * record for s in shards)
+    per_sample_bytes = est_bytes / n_samples
     return {
         "n_shards": len(shards),
         "n_samples": n_samples,
         "shard_size": max(s.n for s in shards),
         "batch_size": batch_size,
         "num_workers": num_workers,
-        "probe_samples": len(refs),
+        "probe_samples": n_timed,
         "seconds_per_sample": per_sample_s,
         "samples_per_second_per_worker": (1.0 / per_sample_s) if per_sample_s > 0 else float("inf"),
         "est_seconds": per_sample_s * n_samples / num_workers,
-        "bytes_per_sample": per_sample_bytes,
+        "bytes_per_sample": per_sample_bytes,  # on disk: tar headers, end blocks and record padding included
+        "member_bytes_per_sample": member_bytes,  # the sample's files alone
         "est_bytes": est_bytes,
         "extensions": sorted(k for k in samples[0] if not k.startswith("_")),
     }
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 1e3:.1f} kB"
 
 
 def format_plan(desc: dict[str, Any]) -> str:
@@ -95,7 +117,7 @@ def format_plan(desc: dict[str, Any]) -> str:
         f"speed: {desc['samples_per_second_per_worker']:.2f} samples/s per worker "
         f"(timed on {desc['probe_samples']} samples)",
         f"time: ~{hours}h{rem // 60:02d}m{rem % 60:02d}s",
-        f"disk: ~{desc['est_bytes'] / 1e9:.3f} GB ({desc['bytes_per_sample'] / 1e3:.1f} kB/sample; "
-        f"fields {', '.join(desc['extensions'])})",
+        f"disk: ~{_size(desc['est_bytes'])} ({desc['bytes_per_sample'] / 1e3:.1f} kB/sample with tar "
+        f"overhead; fields {', '.join(desc['extensions'])})",
         f"output: {shard_name(0)}.tar .. {shard_name(desc['n_shards'] - 1)}.tar + manifest.json + {INDEX_NAME}",
     ])

@@ -10,6 +10,9 @@ A sampler has:
   never on the batch it came in or on earlier calls: draw all noise from generators seeded by ``ref.seed``.
   (Batches are fixed by shard and batch size, see plan.batch_bounds, so numerics that vary with the batch
   composition, e.g. GPU kernels picked by batch size, still give the same bytes for the same batch_size.)
+  A sampler that reads inputs may instead return ``{"__reject__": reason, "__source__": path}`` for a bad
+  input: the sample is not written, and shard stats and manifest list it (``rejects``). A ``"__note__"``
+  string in a written sample (e.g. "CMYK converted to RGB") is listed likewise (``notes``).
 - optionally ``info() -> dict``: JSON-able provenance (checkpoint sha256, truncation, mode...), stored in
   every shard's stats and in the manifest; shards made with different info are never mixed in one run.
 - optionally ``coverage_keys``: names of integer class fields in the ``json`` value whose per-class counts

@@ -67,6 +67,8 @@ def write_shard(sampler: Any, spec: ShardSpec, out_dir: str | os.PathLike, batch
         begin(spec)
     class_counts: dict[str, Counter] = {k: Counter() for k in cov_keys}
     sample_s = 0.0
+    rejects: list[dict[str, str]] = []
+    notes: list[dict[str, str]] = []
     with AtomicTarWriter(tar_path(out_dir, spec.shard_id)) as writer:
         for start, stop in batch_bounds(spec.n, batch_size):
             refs = sample_refs(spec, start, stop)
@@ -77,6 +79,12 @@ def write_shard(sampler: Any, spec: ShardSpec, out_dir: str | os.PathLike, batch
                 raise GenerationError(f"{type(sampler).__name__}.sample returned {len(samples)} samples for "
                                       f"{len(refs)} refs (shard {spec.shard_id}, indices {start}..{stop - 1})")
             for ref, sample in zip(refs, samples):
+                if "__note__" in sample:  # e.g. a source image converted before writing
+                    notes.append({"key": ref.key, "note": str(sample["__note__"])})
+                if "__reject__" in sample:  # a bad input: not written, listed with its reason
+                    rejects.append({"key": ref.key, "source": str(sample.get("__source__", "")),
+                                    "reason": str(sample["__reject__"])})
+                    continue
                 writer.add(ref.key, sample)
                 for k in cov_keys:
                     c = _class_of(sample, k)
@@ -94,11 +102,13 @@ def write_shard(sampler: Any, spec: ShardSpec, out_dir: str | os.PathLike, batch
         "count": len(keys),
         "sha256": sha,
         "bytes": nbytes,
-        "first_key": keys[0],
-        "last_key": keys[-1],
+        "first_key": keys[0] if keys else None,
+        "last_key": keys[-1] if keys else None,
         "batch_size": batch_size,
         "sampler_info": info,
         "class_counts": {k: dict(sorted(v.items())) for k, v in class_counts.items() if v},
+        "rejects": rejects,
+        "notes": notes,
         "attempt": attempt,
         "host": socket.gethostname(),
         "pid": os.getpid(),

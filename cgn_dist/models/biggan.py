@@ -71,11 +71,10 @@ BIGGAN_DEEP_256_LAYERS = [
 TINY_BIGGAN_LAYERS = [(False, 16, 16), (True, 16, 8), (True, 8, 4), (True, 4, 2), (False, 2, 1)]
 
 WEIGHTS_HELP = (
-    "Pass biggan_source='biggan-deep-256' on a machine with internet access (the weights, "
-    "~230 MB, are fetched from the HuggingFace S3 bucket into the pytorch-pretrained-biggan "
-    "cache), or a local directory holding 'config.json' and 'pytorch_model.bin' "
-    "(the files behind " + PRETRAINED_MODEL_ARCHIVE_MAP["biggan-deep-256"] + " and its "
-    "'-config.json'); save one with cgn_dist.models.biggan.save_biggan_dir."
+    "Run `cgn-dist weights fetch biggan-deep-256` once (with internet access; imagenet.biggan=biggan-deep-256 "
+    "then loads from the weights cache, offline too), or set imagenet.biggan=DIR, a local directory holding "
+    "'config.json' and 'pytorch_model.bin' (the files behind " + PRETRAINED_MODEL_ARCHIVE_MAP["biggan-deep-256"]
+    + " and its '-config.json')."
 )
 
 
@@ -184,7 +183,10 @@ def load_biggan_files(
     try:
         state = torch.load(weights_file, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"'{weights_file}' is not a readable torch state dict ({e}). {WEIGHTS_HELP}") from e
+        from cgn_dist.weights import unreadable_reason
+
+        raise ValueError(f"'{weights_file}' is not BigGAN weights: {unreadable_reason(weights_file, e)}. "
+                         f"{WEIGHTS_HELP}") from e
     if not isinstance(state, Mapping):
         raise ValueError(f"'{weights_file}' does not hold a state dict. {WEIGHTS_HELP}")
     model = BigGAN(config)
@@ -207,17 +209,23 @@ def save_biggan_dir(model: BigGAN, directory: str | Path) -> Path:
 def _download_pretrained(name: str, cache_dir: str | Path | None) -> BigGAN:
     from pytorch_pretrained_biggan.file_utils import cached_path
 
+    from cgn_dist import weights
+
+    if weights.is_name(name) and weights.path_of(name).is_file():  # fetched by `cgn-dist weights fetch`
+        return load_biggan_dir(weights.path_of(name).parent)
     try:
         # The package's cache sends an HTTP HEAD before looking in its cache, so a named
         # model never loads offline, even when cached.
         weights = cached_path(PRETRAINED_MODEL_ARCHIVE_MAP[name], cache_dir=cache_dir)
         config = cached_path(PRETRAINED_CONFIG_ARCHIVE_MAP[name], cache_dir=cache_dir)
     except (OSError, ValueError) as e:  # requests' errors derive from OSError
-        raise ConnectionError(
-            f"Could not fetch BigGAN '{name}' ({type(e).__name__}: {e}). Loading by name needs "
-            f"internet access even with a warm cache; offline, pass a local directory with "
-            f"'{CONFIG_NAME}' + '{WEIGHTS_NAME}' as the BigGAN source instead."
-        ) from e
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if len(reason) > 120:  # requests' messages spell out the whole connection pool
+            reason = type(e).__name__
+        how = f"offline, set imagenet.biggan to a local directory with '{CONFIG_NAME}' + '{WEIGHTS_NAME}'"
+        if weights.is_name(name):
+            how = f"{weights.missing_message(name, 'imagenet.biggan')}; or {how[9:]}"
+        raise ConnectionError(f"cannot download BigGAN {name!r} ({reason}); {how}") from e
     return load_biggan_files(config, weights)
 
 

@@ -187,11 +187,13 @@ def build_cgn_imagenet(
     u2net_path: str | Path = "u2net.pth",
     cache_dir: str | Path | None = None,
     seed: int = 0,
+    u2net_align_corners: bool = True,
 ) -> CGNImageNet:
     """Build CGN-ImageNet: the BigGAN is loaded ONCE (see `build_biggan` for the accepted
     sources: a model name, a local directory, "tiny", "random-256") and copied into the
     teacher and the three mechanisms; `u2net_path` is the upstream `u2net.pth`, or
-    "tiny" / "random" for a random U^2-Net (small / full size). `seed` fixes random inits."""
+    "tiny" / "random" for a random U^2-Net (small / full size). `seed` fixes random inits.
+    `u2net_align_corners`: True = the CGN authors' U^2-Net upsampling, False = upstream's."""
     biggan = build_biggan(biggan_source, cache_dir=cache_dir, seed=seed)
-    u2net = build_u2net(u2net_path, seed=seed)
+    u2net = build_u2net(u2net_path, seed=seed, align_corners=u2net_align_corners)
     return CGNImageNet.from_teacher(biggan, u2net)

@@ -38,7 +38,8 @@ ORIGINAL_PREFIXES = {
 
 CGN_WEIGHTS_HELP = (
     "The released CGN-ImageNet weights are 'cgn.pth' from the authors' "
-    "counterfactual_generative_networks README (Google Drive id 12yVFHPUjKmUFGnO2D4xVlTSpF8CUj136)."
+    "counterfactual_generative_networks README (Google Drive id 12yVFHPUjKmUFGnO2D4xVlTSpF8CUj136; "
+    "`cgn-dist weights fetch cgn-imagenet` puts it in the weights cache, then imagenet.init_from=cgn-imagenet)."
 )
 
 
@@ -80,7 +81,9 @@ def _read_checkpoint(path: Path, map_location) -> Mapping[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"'{path}' is not a readable torch checkpoint ({e}). {CGN_WEIGHTS_HELP}") from e
+        from cgn_dist.weights import unreadable_reason
+
+        raise ValueError(f"'{path}' is not a CGN checkpoint: {unreadable_reason(path, e)}. {CGN_WEIGHTS_HELP}") from e
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not state or not all(

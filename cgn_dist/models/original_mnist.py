@@ -140,15 +140,11 @@ def load_original_mnist_checkpoint(path: str | os.PathLike, model: CGNMnist | No
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         sd = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" in str(err):
-            raise OriginalCheckpointError(
-                f"{path} holds pickled Python objects beyond tensors and plain containers, so it is "
-                "refused (weights_only loading); the released ckp.pth files are plain state dicts"
-            ) from err
-        raise OriginalCheckpointError(f"{path} is not a readable torch checkpoint: {err}") from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise OriginalCheckpointError(f"{path} is not a readable torch checkpoint: {err}") from err
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        from cgn_dist.weights import unreadable_reason
+
+        raise OriginalCheckpointError(f"{path} is not a CGN-MNIST checkpoint: {unreadable_reason(path, err)}; the "
+                                      "released ckp.pth files are plain state dicts") from err
     converted = convert_original_mnist_state_dict(sd, model)
     if model is None:
         model = CGNMnist(**infer_original_hparams(_strip_module_prefix(sd)), init_type=None).eval()

@@ -8,6 +8,11 @@ names follow the upstream release (`u2net.pth`, 176 MB) so that file loads uncha
 `width` scales every channel count, which gives a small random-init variant of the same
 structure for tests. Only the fused side output `sigmoid(d0)` is returned: it is the only
 one CGN uses.
+
+Upsampling is bilinear with `align_corners=True` by default: the U^2-Net copy that the CGN
+authors trained their `cgn.pth` with does this, so their masks need it. Upstream U-2-Net
+(`F.upsample` without the argument) uses `align_corners=False`; `align_corners=False`
+gives that behaviour (config `imagenet.u2net_align_corners`).
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ TINY_U2NET_WIDTH = 1 / 16
 U2NET_WEIGHTS_HELP = (
     "Get the full U^2-Net weights 'u2net.pth' (176 MB) from the upstream U-2-Net project "
     "(github.com/xuebinqin/U-2-Net, README 'u2net.pth' download, Google Drive id "
-    "1ao1ovG1Qtx4b7EoskHXmi2E9rp5CHLcZ); the link in the CGN README is dead."
+    "1ao1ovG1Qtx4b7EoskHXmi2E9rp5CHLcZ; `cgn-dist weights fetch u2net`); the link in the CGN README is dead."
 )
 
 
@@ -42,11 +47,10 @@ class ConvBNReLU(nn.Module):
         return self.relu_s1(self.bn_s1(self.conv_s1(x)))
 
 
-def _upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    # Bilinear, align_corners=False: what the upstream weights were trained with.
+def _upsample_to(x: torch.Tensor, ref: torch.Tensor, align_corners: bool) -> torch.Tensor:
     if x.shape[-2:] == ref.shape[-2:]:
-        return x
-    return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
+        return x  # bilinear to the same size is the identity either way
+    return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=align_corners)
 
 
 def _pool(x: torch.Tensor) -> torch.Tensor:
@@ -64,9 +68,9 @@ class RSU(nn.Module):
     rebnconv{depth-1}d..1d.
     """
 
-    def __init__(self, depth: int, in_ch: int, mid_ch: int, out_ch: int):
+    def __init__(self, depth: int, in_ch: int, mid_ch: int, out_ch: int, align_corners: bool = True):
         super().__init__()
-        self.depth = depth
+        self.depth, self.align_corners = depth, align_corners
         self.rebnconvin = ConvBNReLU(in_ch, out_ch)
         self.rebnconv1 = ConvBNReLU(out_ch, mid_ch)
         for i in range(2, depth):
@@ -85,7 +89,7 @@ class RSU(nn.Module):
         hx = getattr(self, f"rebnconv{self.depth - 1}d")(torch.cat([hx, skips[-1]], 1))
         for i in range(self.depth - 2, 0, -1):
             skip = skips[i - 1]
-            hx = getattr(self, f"rebnconv{i}d")(torch.cat([_upsample_to(hx, skip), skip], 1))
+            hx = getattr(self, f"rebnconv{i}d")(torch.cat([_upsample_to(hx, skip, self.align_corners), skip], 1))
         return hx + hxin
 
 
@@ -116,10 +120,10 @@ class RSUDilated(nn.Module):
         return hx1d + hxin
 
 
-def _make_stage(kind: str, in_ch: int, mid_ch: int, out_ch: int) -> nn.Module:
+def _make_stage(kind: str, in_ch: int, mid_ch: int, out_ch: int, align_corners: bool) -> nn.Module:
     if kind == "4F":
         return RSUDilated(in_ch, mid_ch, out_ch)
-    return RSU(int(kind), in_ch, mid_ch, out_ch)
+    return RSU(int(kind), in_ch, mid_ch, out_ch, align_corners)
 
 
 # (name, block kind, in, mid, out) of the full model, channels at width 1.
@@ -145,29 +149,33 @@ class U2Net(nn.Module):
     """U^2-Net. forward(x: B x in_ch x H x W, any H, W) -> sigmoid(d0): B x out_ch x H x W.
 
     `width` multiplies every channel count (1.0 = the released 44.0M-parameter model).
+    `align_corners` of every upsampling: True = the CGN authors' copy, False = upstream U-2-Net.
     The input is used as given; CGN feeds raw [-1, 1] BigGAN images, as the original
     CGN code does (no resizing or ImageNet normalisation).
     """
 
-    def __init__(self, in_ch: int = 3, out_ch: int = 1, width: float = 1.0):
+    def __init__(self, in_ch: int = 3, out_ch: int = 1, width: float = 1.0, align_corners: bool = True):
         super().__init__()
         if not width > 0:
             raise ValueError(f"U2Net width must be > 0, got {width}")
-        self.in_ch, self.out_ch, self.width = in_ch, out_ch, width
+        self.in_ch, self.out_ch, self.width, self.align_corners = in_ch, out_ch, width, align_corners
 
         def c(n: int) -> int:
             return max(1, int(round(n * width)))
 
         for name, kind, cin, mid, cout in _ENCODER:
-            setattr(self, name, _make_stage(kind, in_ch if cin is None else c(cin), c(mid), c(cout)))
+            setattr(self, name, _make_stage(kind, in_ch if cin is None else c(cin), c(mid), c(cout), align_corners))
         for name, kind, cin, mid, cout in _DECODER:
             # Decoder inputs are concatenations of two width-scaled maps.
-            setattr(self, name, _make_stage(kind, 2 * c(cin // 2), c(mid), c(cout)))
+            setattr(self, name, _make_stage(kind, 2 * c(cin // 2), c(mid), c(cout), align_corners))
         for i, cin in enumerate(_SIDE_IN, start=1):
             setattr(self, f"side{i}", nn.Conv2d(c(cin), out_ch, 3, padding=1))
         self.outconv = nn.Conv2d(6 * out_ch, out_ch, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def up(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+            return _upsample_to(a, ref, self.align_corners)
+
         hx1 = self.stage1(x)
         hx2 = self.stage2(_pool(hx1))
         hx3 = self.stage3(_pool(hx2))
@@ -175,15 +183,15 @@ class U2Net(nn.Module):
         hx5 = self.stage5(_pool(hx4))
         hx6 = self.stage6(_pool(hx5))
 
-        hx5d = self.stage5d(torch.cat([_upsample_to(hx6, hx5), hx5], 1))
-        hx4d = self.stage4d(torch.cat([_upsample_to(hx5d, hx4), hx4], 1))
-        hx3d = self.stage3d(torch.cat([_upsample_to(hx4d, hx3), hx3], 1))
-        hx2d = self.stage2d(torch.cat([_upsample_to(hx3d, hx2), hx2], 1))
-        hx1d = self.stage1d(torch.cat([_upsample_to(hx2d, hx1), hx1], 1))
+        hx5d = self.stage5d(torch.cat([up(hx6, hx5), hx5], 1))
+        hx4d = self.stage4d(torch.cat([up(hx5d, hx4), hx4], 1))
+        hx3d = self.stage3d(torch.cat([up(hx4d, hx3), hx3], 1))
+        hx2d = self.stage2d(torch.cat([up(hx3d, hx2), hx2], 1))
+        hx1d = self.stage1d(torch.cat([up(hx2d, hx1), hx1], 1))
 
         d1 = self.side1(hx1d)
         sides = [d1] + [
-            _upsample_to(getattr(self, f"side{i}")(h), d1)
+            up(getattr(self, f"side{i}")(h), d1)
             for i, h in zip(range(2, 7), (hx2d, hx3d, hx4d, hx5d, hx6))
         ]
         return torch.sigmoid(self.outconv(torch.cat(sides, 1)))
@@ -219,19 +227,22 @@ def check_state_dict(module: nn.Module, state_dict: dict, what: str) -> None:
         raise ValueError(f"{what} does not match the model: " + "; ".join(parts))
 
 
-def build_u2net(source: str | Path = "u2net.pth", seed: int = 0) -> U2Net:
+def build_u2net(source: str | Path = "u2net.pth", seed: int = 0, align_corners: bool = True) -> U2Net:
     """"tiny" -> random small U^2-Net (deterministic from `seed`); "random" -> random
-    full-size; anything else is a path to the upstream `u2net.pth`. Returned in eval mode."""
+    full-size; "u2net" -> the weights cache's file (cgn_dist.weights); anything else is a path to the
+    upstream `u2net.pth`. Returned in eval mode."""
     if str(source) in ("tiny", "random"):
         width = TINY_U2NET_WIDTH if str(source) == "tiny" else 1.0
         with torch.random.fork_rng(devices=[]):  # leave the global RNG untouched
             torch.manual_seed(seed)
-            net = U2Net(width=width)
+            net = U2Net(width=width, align_corners=align_corners)
         return net.eval()
-    return load_u2net(source)
+    from cgn_dist import weights
+
+    return load_u2net(weights.resolve(str(source), "imagenet.u2net"), align_corners=align_corners)
 
 
-def load_u2net(path: str | Path, map_location: str | torch.device = "cpu") -> U2Net:
+def load_u2net(path: str | Path, map_location: str | torch.device = "cpu", align_corners: bool = True) -> U2Net:
     """Load the full upstream U^2-Net weights (`u2net.pth`). Returned in eval mode."""
     path = Path(path)
     if not path.is_file():
@@ -239,11 +250,13 @@ def load_u2net(path: str | Path, map_location: str | torch.device = "cpu") -> U2
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle / zip errors: not a torch state dict
-        raise ValueError(f"'{path}' is not a readable torch state dict ({e}). {U2NET_WEIGHTS_HELP}") from e
+        from cgn_dist.weights import unreadable_reason
+
+        raise ValueError(f"'{path}' is not U^2-Net weights: {unreadable_reason(path, e)}. {U2NET_WEIGHTS_HELP}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"'{path}' does not hold a U^2-Net state dict. {U2NET_WEIGHTS_HELP}")
     state = _strip_prefix(state, "module.")
-    net = U2Net()
+    net = U2Net(align_corners=align_corners)
     check_state_dict(net, state, f"U^2-Net weights '{path}'")
     net.load_state_dict(state)
     return net.eval()

@@ -25,8 +25,12 @@ CKPT_DIR = "checkpoints"
 
 
 def prepare_run_dir(cfg: Config, is_main: bool = True) -> Path:
-    """Create ``<out_dir>/<name>/`` with samples/, tb/, checkpoints/ and the resolved config."""
+    """Create ``<out_dir>/<name>/`` with samples/, tb/, checkpoints/ and the resolved config. Resuming with
+    other training settings than the run's config.yaml is refused (see run_dir.check_config_change)."""
+    from cgn_dist.train.run_dir import check_config_change
+
     run_dir = cfg.run_dir
+    check_config_change(cfg, run_dir, cfg.train.resume and latest_checkpoint(run_dir) is not None, is_main)
     if is_main:
         for sub in ("samples", "tb", CKPT_DIR):
             (run_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -142,11 +146,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def find_resume_checkpoint(run_dir: Path) -> Path | None:
-    """What to resume from: Ray Train's latest after a worker restart, else the run dir's latest."""
-    from cgn_dist.distributed.ray_train import ray_resume_checkpoint
-
-    return ray_resume_checkpoint() or latest_checkpoint(run_dir)
+def find_resume_checkpoint(run_dir: Path, reporter=None) -> Path | None:
+    """What to resume from: the launcher's pick (Ray Train's latest after a worker restart), else the run
+    dir's latest."""
+    return (reporter.resume_checkpoint() if reporter is not None else None) or latest_checkpoint(run_dir)
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:

@@ -15,24 +15,32 @@ from tqdm import tqdm
 from cgn_dist.config import Config
 from cgn_dist.distributed.engine import build_engine
 from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
-from cgn_dist.distributed.ray_train import ray_report
 from cgn_dist.losses import VGG16Features
 from cgn_dist.models.biggan import truncated_noise
 from cgn_dist.models.cgn_imagenet import CGNImageNet, build_cgn_imagenet
-from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from cgn_dist.train.checkpoint import (find_resume_checkpoint, latest_checkpoint, load_checkpoint, prepare_run_dir,
+                                      save_checkpoint)
+from cgn_dist.train.common import NullReporter, Reporter, step_seed
 from cgn_dist.train.imagenet_step import ImagenetLossWeights, build_optimizer, imagenet_losses, sample_inputs
-from cgn_dist.train.metrics import Throughput, build_logger, make_sheet, setup_logging
-from cgn_dist.train.mnist import step_seed
+from cgn_dist.train.run_dir import (build_summary, checkpoint_step, complete_line, progress_line, read_summary,
+                                    start_line, write_summary)
+from cgn_dist.train.metrics import Throughput, build_logger, engine_scalars, make_sheet, setup_logging
 
 
 def build_cgn(cfg: Config) -> CGNImageNet:
     ic = cfg.imagenet
-    cgn = build_cgn_imagenet(ic.biggan, ic.u2net, cache_dir=ic.cache_dir or None, seed=cfg.seed)
+    cgn = build_cgn_imagenet(ic.biggan, ic.u2net, cache_dir=ic.cache_dir or None, seed=cfg.seed,
+                             u2net_align_corners=ic.u2net_align_corners)
     if ic.init_from:
         from cgn_dist.models.original_imagenet import load_original_cgn_checkpoint
 
-        load_original_cgn_checkpoint(ic.init_from, cgn)
+        from cgn_dist import weights
+
+        load_original_cgn_checkpoint(weights.resolve(ic.init_from, "imagenet.init_from"), cgn)
     return cgn
+
+
+SHEET_COLUMNS = ("mask", "premask", "foreground", "background", "composite", "teacher")
 
 
 @torch.no_grad()
@@ -45,12 +53,16 @@ def class_sheet(cgn: CGNImageNet, classes: list[int], truncation: float, device,
     u = truncated_noise(1, cgn.z_dim, truncation, seed=[seed]).expand(len(classes), -1).to(device)
     y = class_vector(classes, cgn.n_classes).to(device)
     out = cgn(u, y, truncation, mechanisms=mechanisms)
+    from cgn_dist.generate.imagenet import class_name
+
     return make_sheet([out["mask"], out["premask"], out["foreground"], out["background"], out["composite"],
-                       out["x_gt"]], unit=[True, False, False, False, False, False])
+                       out["x_gt"]], unit=[True, False, False, False, False, False], titles=list(SHEET_COLUMNS),
+                      row_labels=[f"{c} {class_name(c)}" for c in classes])
 
 
-def train_imagenet(cfg: Config, env: DistEnv | None = None) -> dict:
+def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter | None = None) -> dict:
     env = env or read_env(cfg.train.device)
+    reporter = reporter or NullReporter()
     t, ic = cfg.train, cfg.imagenet
     if t.max_steps <= 0:
         raise ValueError("train.max_steps must be > 0 for ImageNet CGN (the number of optimizer updates)")
@@ -58,6 +70,13 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None) -> dict:
     run_dir = prepare_run_dir(cfg, env.is_main)
     setup_logging(run_dir, env.is_main)
     logger = build_logger(run_dir, env.is_main)
+    ckpt = find_resume_checkpoint(run_dir, reporter) if t.resume else None
+    if ckpt is not None and checkpoint_step(ckpt) >= t.max_steps:
+        logger.info(complete_line(run_dir, checkpoint_step(ckpt)))
+        logger.close()
+        if owns_group:
+            destroy_process_group()
+        return read_summary(run_dir) or build_summary(run_dir, t.max_steps, checkpoint_step(ckpt), ckpt, {})
 
     cgn = build_cgn(cfg).to(env.device)
     vgg = VGG16Features(ic.vgg_weights).to(env.device)
@@ -67,10 +86,10 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None) -> dict:
     engines = {"mechanisms": engine}
 
     start = 0
-    ckpt = find_resume_checkpoint(run_dir) if t.resume else None
     if ckpt is not None:
         start = load_checkpoint(ckpt, engines, rank=env.rank)["step"]
         logger.info(f"resumed from {ckpt} at update {start}")
+    logger.info(start_line(cfg, env.world_size, t.max_steps, start, env.device))
 
     global_batch = t.micro_batch_size * t.grad_accum * env.world_size
     bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, unit="update",
@@ -98,8 +117,10 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None) -> dict:
         done = step + 1
         logs = {f"loss/{k}": v for k, v in sums.items() if k != "mask_mean"} | {"mask/mean": sums["mask_mean"],
                                                                                  "perf/samples_per_s": meter.update()}
+        logs |= engine_scalars(engines)
         if done % t.log_every == 0 or done == t.max_steps:
             logger.scalars(logs, done)
+            logger.info(progress_line(done, t.max_steps, logs))
             bar.set_postfix(loss=f"{sums['total']:.2f}", samples_s=f"{logs['perf/samples_per_s']:.2f}")
         if done % t.sample_every == 0 or done == t.max_steps:
             cgn.eval()
@@ -107,9 +128,13 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None) -> dict:
                                                          engine.forward_module), done)
         if done % t.checkpoint_every == 0 or done == t.max_steps:
             path = save_checkpoint(run_dir, done, engines, cfg=cfg, keep_last=t.keep_last, rank=env.rank)
-            ray_report(done, logs, path, env.is_main)
+            reporter.report(done, logs, path, env.is_main)
+    summary = build_summary(run_dir, t.max_steps, t.max_steps, latest_checkpoint(run_dir), logs)
+    if env.is_main:
+        write_summary(run_dir, summary)
+        logger.info(f"finished {run_dir}: {progress_line(t.max_steps, t.max_steps, logs)}; summary.json written")
     logger.flush()
     logger.close()
     if owns_group:
         destroy_process_group()
-    return {"run_dir": str(run_dir), "steps": t.max_steps, **logs}
+    return summary

@@ -9,6 +9,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 
@@ -36,9 +37,21 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
 
 
-def make_sheet(columns: list[torch.Tensor], unit: list[bool] | None = None, upsample: int = 1) -> torch.Tensor:
-    """A grid with one row per class and one column per entry of ``columns`` (each B×C×H×W)."""
+SHEET_PAD = 2  # make_grid's padding between tiles
+MIN_LABELLED_TILE = 64  # tiles are upsampled (nearest) to at least this many pixels when the sheet has titles
+
+
+def make_sheet(columns: list[torch.Tensor], unit: list[bool] | None = None, upsample: int = 1,
+               titles: list[str] | None = None, row_labels: list[str] | None = None) -> torch.Tensor:
+    """A grid with one row per class and one column per entry of ``columns`` (each B×C×H×W), 3×H×W in [0, 1].
+
+    With ``titles`` (one per column) and ``row_labels`` (one per row) the grid gets a header strip and a
+    left margin with that text, so a sheet read on its own says what it shows; small tiles are then enlarged
+    (nearest) to at least MIN_LABELLED_TILE pixels so the titles fit."""
     unit = unit or [False] * len(columns)
+    if titles or row_labels:
+        side = columns[0].shape[-1] * upsample
+        upsample *= max(1, -(-MIN_LABELLED_TILE // side))
     cols = []
     for x, is_unit in zip(columns, unit):
         x = x.detach().float().cpu()
@@ -50,7 +63,55 @@ def make_sheet(columns: list[torch.Tensor], unit: list[bool] | None = None, upsa
         cols.append(x)
     b = cols[0].shape[0]
     tiles = torch.stack(cols, dim=1).reshape(b * len(cols), *cols[0].shape[1:])
-    return torchvision.utils.make_grid(tiles, nrow=len(cols), padding=2, pad_value=1.0)
+    grid = torchvision.utils.make_grid(tiles, nrow=len(cols), padding=SHEET_PAD, pad_value=1.0)
+    if titles or row_labels:
+        grid = label_grid(grid, cols[0].shape[-1], titles or [], row_labels or [])
+    return grid
+
+
+def label_grid(grid: torch.Tensor, tile: int, titles: list[str], row_labels: list[str]) -> torch.Tensor:
+    """Add a header strip (column titles, centred over their tiles) and a left margin (row labels, centred on
+    their rows) in black on white around a make_grid grid of square ``tile``-pixel tiles."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def size(text: str) -> tuple[int, int]:
+        x0, y0, x1, y1 = probe.textbbox((0, 0), text, font=font)
+        return x1 - x0, y1 - y0
+
+    text_h = max([size(t)[1] for t in titles + row_labels] or [0])
+    top = text_h + 6 if titles else 0
+    left = max([size(t)[0] for t in row_labels] or [0]) + 8 if row_labels else 0
+    h, w = grid.shape[1:]
+    canvas = Image.new("RGB", (w + left, h + top), "white")
+    body = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    canvas.paste(Image.fromarray(body), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    step = tile + SHEET_PAD
+    for j, text in enumerate(titles):
+        tw, _ = size(text)
+        draw.text((left + SHEET_PAD + j * step + (tile - tw) // 2, 2), text, fill="black", font=font)
+    for i, text in enumerate(row_labels):
+        tw, th = size(text)
+        draw.text((left - tw - 4, top + SHEET_PAD + i * step + (tile - th) // 2), text, fill="black", font=font)
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255
+
+
+def engine_scalars(engines: dict) -> dict[str, float]:
+    """TensorBoard scalars of the optimizers: ``lr/<group>`` for every parameter group (its "name", else
+    ``<engine>_<i>``) and ``grad_norm/<engine>`` (L2 norm of all gradients at the last update)."""
+    out: dict[str, float] = {}
+    for name, engine in engines.items():
+        groups = engine.optimizer.param_groups
+        for i, g in enumerate(groups):
+            label = g.get("name") or (name if len(groups) == 1 else f"{name}_{i}")
+            out[f"lr/{label}"] = float(g["lr"])
+        norm = getattr(engine, "grad_norm", None)
+        if norm is not None:
+            out[f"grad_norm/{name}"] = float(norm)
+    return out
 
 
 class Logger:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -19,13 +18,12 @@ from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_proces
 from cgn_dist.losses import VGG16Features, binary_entropy_loss, lsgan_loss, perceptual_loss
 from cgn_dist.models.cgn_mnist import CGNMnist, init_cgn_weights
 from cgn_dist.models.discriminator import DiscConv, DiscLin
-from cgn_dist.distributed.ray_train import ray_report
-from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
-from cgn_dist.train.metrics import Throughput, build_logger, make_sheet, setup_logging
-
-
-def step_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
-    return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0])
+from cgn_dist.train.checkpoint import (find_resume_checkpoint, latest_checkpoint, load_checkpoint, prepare_run_dir,
+                                      save_checkpoint)
+from cgn_dist.train.common import NullReporter, Reporter, step_seed
+from cgn_dist.train.run_dir import (build_summary, checkpoint_step, complete_line, progress_line, read_summary,
+                                    start_line, write_summary)
+from cgn_dist.train.metrics import Throughput, build_logger, engine_scalars, make_sheet, setup_logging
 
 
 # --------------------------------------------------------------------------- models
@@ -39,7 +37,9 @@ def build_generator(cfg: Config) -> CGNMnist:
     if m.init_from:
         from cgn_dist.models.original_mnist import load_mnist_weights
 
-        load_mnist_weights(m.init_from, g)
+        from cgn_dist import weights
+
+        load_mnist_weights(weights.resolve(m.init_from, "mnist.init_from"), g)
     return g
 
 
@@ -76,6 +76,9 @@ class BatchStream:
 # --------------------------------------------------------------------------- sheets
 
 
+SHEET_COLUMNS = ("mask", "foreground", "background", "composite")
+
+
 @torch.no_grad()
 def class_sheet(gen: CGNMnist, n_classes: int, device, seed: int = 1234) -> torch.Tensor:
     """One row per class: mask | foreground | background | composite, fixed noise."""
@@ -86,14 +89,16 @@ def class_sheet(gen: CGNMnist, n_classes: int, device, seed: int = 1234) -> torc
     u = gen.sample_noise(n_classes, generator=g).to(device)
     mask, fg, bg, x = gen(y, u=u, shuffle=False)
     gen.train(was_training)
-    return make_sheet([mask, fg, bg, x], unit=[True, False, False, False], upsample=2)
+    return make_sheet([mask, fg, bg, x], unit=[True, False, False, False], upsample=2, titles=list(SHEET_COLUMNS),
+                      row_labels=[str(c) for c in range(n_classes)])
 
 
 # --------------------------------------------------------------------------- loop
 
 
-def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
+def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | None = None) -> dict:
     env = env or read_env(cfg.train.device)
+    reporter = reporter or NullReporter()
     t, m = cfg.train, cfg.mnist
     owns_group = init_process_group(env)  # torchrun / deepspeed launchers; Ray Train made its own
     run_dir = prepare_run_dir(cfg, env.is_main)
@@ -105,6 +110,13 @@ def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
                                   download=cfg.data.download)
     stream = BatchStream(dataset, t.micro_batch_size, cfg.seed, env.rank, env.world_size)
     total = t.max_steps or math.ceil(t.epochs * stream.batches_per_epoch / t.grad_accum)
+    ckpt = find_resume_checkpoint(run_dir, reporter) if t.resume else None
+    if ckpt is not None and checkpoint_step(ckpt) >= total:
+        logger.info(complete_line(run_dir, checkpoint_step(ckpt)))
+        logger.close()
+        if owns_group:
+            destroy_process_group()
+        return read_summary(run_dir) or build_summary(run_dir, total, checkpoint_step(ckpt), ckpt, {})
 
     gen, disc = build_generator(cfg), build_discriminator(cfg)
     vgg = VGG16Features(m.vgg_weights).to(env.device)
@@ -115,10 +127,10 @@ def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
     engines = {"generator": eng_g, "discriminator": eng_d}
 
     start = 0
-    ckpt = find_resume_checkpoint(run_dir) if t.resume else None
     if ckpt is not None:
         start = load_checkpoint(ckpt, engines, rank=env.rank)["step"]
         logger.info(f"resumed from {ckpt} at update {start}")
+    logger.info(start_line(cfg, env.world_size, total, start, env.device))
 
     bar = tqdm(range(start, total), initial=start, total=total, disable=not (t.progress and env.is_main),
                desc=f"cgn-mnist {cfg.data.dataset}", unit="it")
@@ -156,19 +168,24 @@ def train_mnist(cfg: Config, env: DistEnv | None = None) -> dict:
 
         logs = {"loss/g_adv": l_adv.item(), "loss/g_binary": l_bin.item(), "loss/g_perceptual": l_perc.item(),
                 "loss/g_total": loss_g.item(), "loss/d": loss_d.item(), "mask/mean": mask.mean().item(),
-                "perf/samples_per_s": meter.update()}
+                "perf/samples_per_s": meter.update()} | engine_scalars(engines)
         done = step + 1
         if done % t.log_every == 0 or done == total:
             logger.scalars(logs, done)
+            logger.info(progress_line(done, total, logs))
             bar.set_postfix(g=f"{logs['loss/g_total']:.3f}", d=f"{logs['loss/d']:.3f}",
                             samples_s=f"{logs['perf/samples_per_s']:.1f}")
         if done % t.sample_every == 0 or done == total:
             logger.image("sheet/classes", class_sheet(gen, m.n_classes, env.device), done)
         if done % t.checkpoint_every == 0 or done == total:
             path = save_checkpoint(run_dir, done, engines, cfg=cfg, keep_last=t.keep_last, rank=env.rank)
-            ray_report(done, logs, path, env.is_main)
+            reporter.report(done, logs, path, env.is_main)
+    summary = build_summary(run_dir, total, total, latest_checkpoint(run_dir), logs)
+    if env.is_main:
+        write_summary(run_dir, summary)
+        logger.info(f"finished {run_dir}: {progress_line(total, total, logs)}; summary.json written")
     logger.flush()
     logger.close()
     if owns_group:
         destroy_process_group()
-    return {"run_dir": str(run_dir), "steps": total, **logs}
+    return summary

@@ -1,0 +1,70 @@
+"""Time per invariant-classifier update: ResNet-50 trunk + 3 heads, batch B real + B counterfactual
+images in one forward (as the training loop does), cross-entropy terms, backward, SGD step.
+fp32 and bf16 autocast are timed alternately in the same run, so their ratio survives a noisy machine.
+
+    python benchmarks/bench_classifier_step.py --batch 8 --size 224 --steps 3 --device cpu
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+
+import torch
+
+from cgn_dist.models.invariant import InvariantClassifier
+from cgn_dist.train.classifier import classifier_losses
+
+
+def one_step(model, opt, x, y, cf, precision: str, device: torch.device) -> float:
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with ctx:
+        out = model(x)
+    terms, _ = classifier_losses(out, y, cf, len(y))
+    terms["total"].backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--batch", type=int, default=8, help="real images per step (as many counterfactuals)")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per precision (after one warm-up each)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backbone", default="resnet50")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    model = InvariantClassifier(args.backbone, weights="random").to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(0)
+    b = args.batch
+    x = torch.randn(2 * b, 3, args.size, args.size, generator=g).to(device)
+    y = torch.randint(0, 1000, (b,), generator=g).to(device)
+    cf = {k: torch.randint(0, 1000, (b,), generator=g).to(device) for k in ("shape_cls", "texture_cls", "bg_cls")}
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for prec in times:
+        one_step(model, opt, x, y, cf, prec, device)  # warm-up
+    for _ in range(args.steps):
+        for prec in times:
+            times[prec].append(one_step(model, opt, x, y, cf, prec, device))
+    res = {"device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+           "threads": torch.get_num_threads(), "backbone": args.backbone, "real_batch": b, "cf_batch": b,
+           "size": args.size}
+    for prec, ts in times.items():
+        med = sorted(ts)[len(ts) // 2]
+        res[prec] = {"s_per_step_median": round(med, 3), "all": [round(t, 3) for t in ts],
+                     "images_per_s": round(2 * b / med, 2)}
+    res["bf16_speedup"] = round(res["fp32"]["s_per_step_median"] / res["bf16"]["s_per_step_median"], 2)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

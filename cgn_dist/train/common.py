@@ -1,0 +1,30 @@
+"""What both training loops share: per-update seeds and the reporter a launcher hands them.
+
+A loop never knows which launcher started it (a plain call, torchrun/deepspeed, Ray Train). The launcher
+passes a ``Reporter``: the loop asks it once for a checkpoint to resume from and tells it about every
+checkpoint it writes. The default ``NullReporter`` does neither, so the run dir alone decides resumption.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def step_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
+    """A 32-bit seed for one (micro) update; independent streams per (seed, rank, step, micro)."""
+    return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1)[0])
+
+
+class Reporter:
+    """Checkpoint and metrics hand-off from a training loop to its launcher. The base class does nothing."""
+
+    def resume_checkpoint(self) -> Path | None:
+        """A checkpoint the launcher wants the loop to resume from (e.g. after a worker restart), else None."""
+        return None
+
+    def report(self, step: int, metrics: dict[str, float], checkpoint_dir: Path | None, is_main: bool) -> None:
+        """Called by every rank right after the checkpoint of ``step`` is complete on disk."""
+
+
+NullReporter = Reporter

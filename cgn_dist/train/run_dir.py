@@ -1,0 +1,128 @@
+"""What a training run says about itself: refusing a resume whose settings changed, the lines log.txt
+holds (start, progress, result), one summary.json whichever launcher ran the loop, and no half-started
+run directories left behind."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cgn_dist.config import Config, ConfigError, config_to_dict
+
+log = logging.getLogger("cgn_dist")
+
+SUMMARY_NAME = "summary.json"
+# Keys that may change between the runs of one training run: where it runs, how often it reports, how long
+# it trains (extending a finished run is a legitimate resume), and other subcommands' sections.
+_FREE_KEYS = {"name", "out_dir", "train.max_steps", "train.epochs", "train.log_every", "train.sample_every",
+              "train.checkpoint_every", "train.keep_last", "train.resume", "train.progress", "train.device",
+              "train.allow_config_change", "data.root", "data.download", "imagenet.cache_dir"}
+_FREE_SECTIONS = ("generate.", "classifier.", "pipeline.", "ray.", "distributed.", "shards.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every training setting that differs (the other task's section ignored)."""
+    a, b = _flat(old), _flat(new)
+    other = "imagenet." if b.get("task") == "mnist" else "mnist."
+    return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in _FREE_KEYS and not k.startswith(_FREE_SECTIONS + (other,))]
+
+
+def check_config_change(cfg: Config, run_dir: Path, resuming: bool, is_main: bool) -> None:
+    """Resuming with other training settings than the run's config.yaml: refused with the diff, unless
+    train.allow_config_change=true, which keeps the earlier file as config.<time>.yaml beside the new one."""
+    saved = run_dir / "config.yaml"
+    if not (resuming and saved.is_file()):
+        return
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    changes = config_changes(old, config_to_dict(cfg))
+    if not changes:
+        return
+    if not cfg.train.allow_config_change:
+        raise ConfigError(f"{run_dir} was trained with other settings; resuming would mix them: "
+                          + "; ".join(changes) + ". Use the run's settings, another name=, or "
+                          "train.allow_config_change=true to resume with the new ones")
+    if is_main:
+        kept = run_dir / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+        shutil.copyfile(saved, kept)
+        log.warning("resuming %s with changed settings (%s); the earlier config is kept as %s", run_dir,
+                    "; ".join(changes), kept.name)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The update a checkpoint directory holds (its meta.json), without loading it."""
+    return int(json.loads((Path(path) / "meta.json").read_text())["step"])
+
+
+def discard_unstarted(run_dir: Path, existed: bool) -> None:
+    """After a failed run: remove a run directory this run created when no checkpoint made it into it,
+    so the next run starts fresh instead of looking like a resume."""
+    from cgn_dist.train.checkpoint import CKPT_DIR
+
+    run_dir = Path(run_dir)
+    if existed or not run_dir.is_dir():
+        return
+    ckpts = run_dir / CKPT_DIR
+    if ckpts.is_dir() and any(p.is_dir() and not p.name.endswith(".tmp") for p in ckpts.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# --- lines for the console and log.txt -------------------------------------------------------------------------
+
+def start_line(cfg: Config, world: int, total: int, start: int, device: Any) -> str:
+    t = cfg.train
+    what = f"CGN-MNIST {cfg.data.dataset}" if cfg.task == "mnist" else f"CGN-ImageNet (BigGAN {cfg.imagenet.biggan})"
+    state = f"resuming at update {start}" if start else "starting at update 0"
+    return (f"{what} -> {cfg.run_dir}: {total} updates of {t.micro_batch_size * t.grad_accum * world} samples "
+            f"(micro batch {t.micro_batch_size} x accumulation {t.grad_accum} x {world} process(es)), "
+            f"engine {t.engine} {t.precision}, device {device}, seed {cfg.seed}; {state}")
+
+
+def progress_line(done: int, total: int, logs: dict[str, float]) -> str:
+    parts = [f"{k} {v:.4g}" for k, v in logs.items() if k.startswith(("loss/", "mask/"))]
+    if "perf/samples_per_s" in logs:
+        parts.append(f"{logs['perf/samples_per_s']:.1f} samples/s")
+    return f"update {done}/{total}: " + ", ".join(parts)
+
+
+def complete_line(run_dir: Path, step: int) -> str:
+    return (f"{run_dir} is complete (update {step} of {step}): nothing to do. Train longer with a larger "
+            "train.max_steps, or start another run with name=...")
+
+
+# --- the summary ------------------------------------------------------------------------------------------------
+
+def build_summary(run_dir: Path, steps: int, step: int, checkpoint: Path | None, logs: dict) -> dict[str, Any]:
+    return {"run_dir": str(Path(run_dir).resolve()), "steps": steps, "step": step,
+            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+            **{k: float(v) for k, v in logs.items()}}
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    tmp = Path(run_dir) / (SUMMARY_NAME + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(Path(run_dir) / SUMMARY_NAME)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    p = Path(run_dir) / SUMMARY_NAME
+    return json.loads(p.read_text()) if p.is_file() else None
