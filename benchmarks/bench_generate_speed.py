@@ -59,23 +59,24 @@ def time_forward(sampler, n: int, batch: int, keep: bool = False):
     sampler.forward(*batches[0])  # warm-up
     _sync(sampler.device)
     outs = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for b in batches:
         out = sampler.forward(*b)
         if keep:
             outs.append({k: out[k].float().cpu() for k in ("composite", "mask")})
     _sync(sampler.device)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     kept = {k: torch.cat([o[k] for o in outs]) for k in ("composite", "mask")} if keep else None
-    return len(batches) * batch / seconds, kept
+    n_img = len(batches) * batch
+    return n_img / seconds, kept, cpu / n_img
 
 
-def time_engine(sampler, n: int, batch: int, out: Path) -> float:
-    """images/s of write_shard (one shard of n samples, engine batch = forward batch), after one warm-up shard."""
-    write_shard(sampler, ShardSpec(shard_id=0, n=batch, seed=1), out, batch)
-    t0 = time.perf_counter()
+def time_engine(sampler, n: int, batch: int, out: Path) -> tuple[float, float]:
+    """(images/s, CPU s/image) of write_shard (one shard of n samples, engine batch = forward batch); the
+    sampler is warm."""
+    t0, c0 = time.perf_counter(), time.process_time()
     write_shard(sampler, ShardSpec(shard_id=1, n=n, seed=1), out, batch)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), (time.process_time() - c0) / n
 
 
 def gflop_per_image(sampler) -> tuple[float, float]:
@@ -102,6 +103,113 @@ def quality(ref: dict, test: dict) -> dict:
             "mask_max_abs_diff": round(float((ref["mask"] - test["mask"]).abs().max()), 4)}
 
 
+def authors_images(cgn, sampler, indices, out: Path) -> None:
+    """bench_generate_cgn's reproduction of the authors' loop on these sample indices: per image one
+    training forward at batch 1 (teacher, three mechanisms, U²-Net on pre-mask and background) and one
+    save_image(normalize=True) JPEG file; ``cgn`` is a plain fp32 model (spectral-norm hooks, NCHW)."""
+    from torchvision.utils import save_image
+
+    nc, trunc = sampler.n_classes, sampler.cfg.truncation
+    for i in indices:
+        seed = sample_seed(0, 0, i)
+        s, t, b = (class_vector([c], nc) for c in draw_classes("random", seed, nc))
+        u = truncated_noise(1, cgn.z_dim, trunc, seed=[seed])
+        with torch.no_grad():
+            res = cgn(u, s, trunc, mechanisms=lambda u_, ys, yt, yb, tr: cgn.mechanisms(u_, ys, t, b, tr))
+        save_image(res["composite"], out / f"run_{i:07d}_x_gen.jpg", normalize=True)
+
+
+def run_interleaved(args, base: dict, variants: list[str], tmp: Path, results: dict) -> None:
+    """CPU: every variant built first, then ``--rounds`` rounds; each round times, one after the other, the
+    authors' path on B images, each variant's forward on one batch of B (the same seeds for all) and each
+    variant's engine on one shard of B. The load of a shared machine drifts over minutes: ratios are taken
+    within each round, and the medians over rounds are reported."""
+    import statistics
+
+    from cgn_dist.generate.imagenet import build_generation_model
+
+    b = args.batch
+    samplers = {}
+    for v in variants:
+        t0 = time.perf_counter()
+        print(f"{v}: building the model{' and compiling' if 'compile' in v else ''}...", flush=True)
+        samplers[v] = ImagenetCounterfactualFactory(**base, **VARIANTS[v], forward_batch=b)()
+        print(f"{v}: ready in {time.perf_counter() - t0:.0f} s ({samplers[v].forward_kind})", flush=True)
+    first = samplers[variants[0]]
+    gflop, gflop_authors = gflop_per_image(first)
+    results["gflop_per_image"] = {"generation": gflop, "authors_training_forward": gflop_authors}
+    print(f"counted: generation forward {gflop:.4g} GFLOP/image; authors' training forward {gflop_authors:.4g} "
+          "GFLOP/image (FlopCounterMode: convolutions and matmuls)", flush=True)
+    authors_cgn = None
+    if not args.no_authors:
+        authors_cgn, _ = build_generation_model("", base["biggan"], base["u2net"], "", 0)
+        (tmp / "authors").mkdir(parents=True, exist_ok=True)
+        authors_images(authors_cgn, first, [10**6], tmp / "authors")  # warm-up
+    for v in variants:  # warm-up forward, untimed (one-time kernel set-up)
+        samplers[v].forward(*_inputs(samplers[v], [sample_seed(0, 9, i) for i in range(b)]))
+    per: dict[str, list[dict]] = {k: [] for k in ["authors", *variants]}
+    kept: dict[str, list] = {v: [] for v in variants}
+    for r in range(args.rounds):
+        idx = list(range(r * b, (r + 1) * b))
+        if authors_cgn is not None:
+            t0, c0 = time.perf_counter(), time.process_time()
+            authors_images(authors_cgn, first, idx, tmp / "authors")
+            per["authors"].append({"s": (time.perf_counter() - t0) / b, "cpu": (time.process_time() - c0) / b})
+        for v in variants:
+            sp = samplers[v]
+            x = _inputs(sp, [sample_seed(0, 0, i) for i in idx])
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = sp.forward(*x)
+            per[v].append({"fwd_s": (time.perf_counter() - t0) / b, "fwd_cpu": (time.process_time() - c0) / b})
+            kept[v].append({k: out[k].float().cpu() for k in ("composite", "mask")})
+        for v in variants:
+            t0, c0 = time.perf_counter(), time.process_time()
+            write_shard(samplers[v], ShardSpec(shard_id=r, n=b, seed=2), tmp / f"engine_{v}", b)
+            per[v][-1].update(eng_s=(time.perf_counter() - t0) / b, eng_cpu=(time.process_time() - c0) / b)
+        line = [f"round {r + 1}/{args.rounds}:"]
+        if per["authors"]:
+            line.append(f"authors {per['authors'][-1]['s']:.2f} s/img")
+        line += [f"{v} fwd {per[v][-1]['fwd_s']:.2f} eng {per[v][-1]['eng_s']:.2f}" for v in variants]
+        print("  ".join(line), flush=True)
+
+    med = statistics.median
+    print(f"\ns/image, median of {args.rounds} interleaved rounds (wall; CPU = process CPU seconds per image, all "
+          "threads); ratios: median over rounds of the per-round ratio")
+    if per["authors"]:
+        a = per["authors"]
+        results["rows"].append({"variant": "(a) authors' path", "batch": 1, "s_per_img": med(r["s"] for r in a),
+                                "cpu_s_per_img": med(r["cpu"] for r in a)})
+        print(f"  {'(a) authors (batch 1)':24s} engine {med(r['s'] for r in a):7.2f} s/img (CPU {med(r['cpu'] for r in a):.2f})")
+    f32 = per.get("fp32")
+    for v in variants:
+        rows = per[v]
+        row = {"variant": v, "batch": b, "forward_s_per_img": med(r["fwd_s"] for r in rows),
+               "engine_s_per_img": med(r["eng_s"] for r in rows), "forward_cpu_s_per_img": med(r["fwd_cpu"] for r in rows),
+               "engine_cpu_s_per_img": med(r["eng_cpu"] for r in rows), "forward_kind": samplers[v].forward_kind}
+        row["gflop_s"] = gflop / row["forward_s_per_img"]
+        row["engine_over_forward"] = med(r["fwd_s"] / r["eng_s"] for r in rows)
+        if f32:
+            row["forward_vs_fp32"] = med(f["fwd_s"] / r["fwd_s"] for f, r in zip(f32, rows))
+        if per["authors"]:
+            row["engine_vs_authors"] = med(a["s"] / r["eng_s"] for a, r in zip(per["authors"], rows))
+        results["rows"].append(row)
+        extra = (f"  forward {row['forward_vs_fp32']:.2f}x fp32" if f32 else "") + (
+            f"  engine {row['engine_vs_authors']:.2f}x authors" if per["authors"] else "")
+        print(f"  {v + f' (batch {b})':24s} forward {row['forward_s_per_img']:7.2f} s/img (CPU "
+              f"{row['forward_cpu_s_per_img']:.2f}, {row['gflop_s']:.4g} GFLOP/s)  engine {row['engine_s_per_img']:7.2f} "
+              f"s/img (CPU {row['engine_cpu_s_per_img']:.2f}; {row['engine_over_forward'] * 100:.0f} % of forward "
+              f"images/s){extra}  [{row['forward_kind']}]")
+    if "fp32" in kept and "bf16" in kept:
+        cat = {v: {k: torch.cat([o[k] for o in kept[v]]) for k in ("composite", "mask")} for v in ("fp32", "bf16")}
+        results["bf16_vs_fp32"] = q = quality(cat["fp32"], cat["bf16"])
+        print(f"bf16 vs fp32, same seeds, {len(q['psnr_db'])} images: PSNR {min(q['psnr_db']):.1f}.."
+              f"{max(q['psnr_db']):.1f} dB (per image {q['psnr_db']}), max |Δ| {max(q['max_abs_diff']):.4f} (per image "
+              f"{q['max_abs_diff']}), mask agreement {min(q['mask_agreement']) * 100:.3f}..{max(q['mask_agreement']) * 100:.3f} %, "
+              f"mask max |Δ| {q['mask_max_abs_diff']}")
+    for sp in samplers.values():
+        sp.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="32 px random model (biggan=tiny, u2net=tiny)")
@@ -114,6 +222,7 @@ def main() -> None:
     ap.add_argument("--batches", default="16,64,128")
     ap.add_argument("--budget-s", type=float, default=0, help="stop starting measurements after this (0 = none)")
     ap.add_argument("--json", default="", help="also write the results here")
+    ap.add_argument("--rounds", type=int, default=3, help="CPU: interleaved rounds (0 = one block per variant)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     if args.threads:
@@ -125,9 +234,23 @@ def main() -> None:
     print(f"device: {name}; dense bf16 peak {peak or 'unknown'} TFLOP/s; torch {torch.__version__}; "
           f"threads {torch.get_num_threads()}; model biggan={biggan} u2net={u2net} (random weights)", flush=True)
     base = dict(biggan=biggan, u2net=u2net, num_threads=args.threads, image_format="jpg", truncation=0.5)
+    if args.device_check:  # a GPU forward outruns 2 Pillow threads: encode on half the cores
+        base["encode_threads"] = max(2, (os.cpu_count() or 4) // 2)
     batches = [int(b) for b in args.batches.split(",")] if args.device_check else [args.batch]
     results: dict = {"device": name, "peak_bf16_tflops": peak, "rows": []}
     tmp = Path(tempfile.mkdtemp(prefix="bench_speed_"))
+
+    def dump() -> None:  # after every row: a run cut short by a time limit keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+    if args.rounds and not args.device_check:
+        run_interleaved(args, base, args.variants.split(","), tmp, results)
+        print(f"total {time.perf_counter() - t_start:.0f} s")
+        dump()
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
 
     def over_budget() -> bool:
         return bool(args.budget_s) and time.perf_counter() - t_start > args.budget_s
@@ -136,44 +259,57 @@ def main() -> None:
     kept: dict = {}
     authors = None
     for vname in args.variants.split(","):
+        if over_budget():
+            print(f"{vname}: skipped (time budget {args.budget_s:.0f} s spent)", flush=True)
+            continue
+        # One model per variant, its forward batch the largest timed (compile warms up at that shape; other
+        # batch sizes compile at their untimed warm-up call).
+        print(f"{vname}: building the model{' and compiling' if 'compile' in vname else ''}...", flush=True)
+        t0 = time.perf_counter()
+        factory = ImagenetCounterfactualFactory(**base, **VARIANTS[vname], forward_batch=batches[-1])
+        sampler = factory()
+        build_s = time.perf_counter() - t0
+        if gflop is None:  # FLOPs do not depend on the precision; counted once
+            gflop, gflop_authors = gflop_per_image(sampler)
+            print(f"counted: generation forward {gflop:.4g} GFLOP/image; authors' training forward "
+                  f"{gflop_authors:.4g} GFLOP/image (FlopCounterMode: convolutions and matmuls)", flush=True)
+        if vname == "fp32" and authors is None and not args.no_authors and not args.device_check:
+            from bench_generate_cgn import bench_authors_path
+
+            a = bench_authors_path(factory, args.n, tmp / "authors")
+            authors = {"variant": "(a) authors' path (batch 1, fp32)", "batch": 1, "forward_img_s": None,
+                       "engine_img_s": a["img_per_s"], "s_per_img": 1 / a["img_per_s"],
+                       "engine_cpu_s_per_img": a["cpu_ms_per_img"] / 1000}
+            results["rows"].append(authors)
+            print(f"(a) authors' path: {1 / a['img_per_s']:.3f} s/image, CPU {a['cpu_ms_per_img'] / 1000:.3g} "
+                  "s/image", flush=True)
         for batch in batches:
             if over_budget():
                 print(f"{vname} batch {batch}: skipped (time budget {args.budget_s:.0f} s spent)", flush=True)
                 continue
-            t0 = time.perf_counter()
-            factory = ImagenetCounterfactualFactory(**base, **VARIANTS[vname], forward_batch=batch)
-            sampler = factory()
-            build_s = time.perf_counter() - t0
-            if gflop is None:  # FLOPs do not depend on the precision; counted once, fp32 or not
-                gflop, gflop_authors = gflop_per_image(sampler)
-                print(f"counted: generation forward {gflop:.1f} GFLOP/image; authors' training forward "
-                      f"{gflop_authors:.1f} GFLOP/image (FlopCounterMode: convolutions and matmuls)", flush=True)
-            if vname == "fp32" and authors is None and not args.no_authors and not args.device_check:
-                from bench_generate_cgn import bench_authors_path
-
-                a = bench_authors_path(factory, args.n, tmp / "authors")
-                authors = {"variant": "(a) authors' path (batch 1, fp32)", "batch": 1,
-                           "forward_img_s": None, "engine_img_s": a["img_per_s"], "s_per_img": 1 / a["img_per_s"]}
-                results["rows"].append(authors)
-                print(f"(a) authors' path: {1 / a['img_per_s']:.3f} s/image", flush=True)
-            fwd, out = time_forward(sampler, max(args.n, batch), batch, keep=not args.device_check)
+            fwd, out, fwd_cpu = time_forward(sampler, max(args.n, batch), batch, keep=not args.device_check)
             if out is not None:
                 kept[vname] = out
-            eng = None if args.device_check and batch != batches[-1] else time_engine(
-                sampler, max(args.n, batch), batch, tmp / f"{vname}_{batch}")
+            eng = eng_cpu = None
+            if batch == batches[-1] and not over_budget():
+                # 4 forward groups: the overlap computes group k+1 while group k is encoded and written
+                eng, eng_cpu = time_engine(sampler, 4 * batch, batch, tmp / f"{vname}_{batch}")
             row = {"variant": vname, "batch": batch, "forward_img_s": fwd, "engine_img_s": eng,
                    "s_per_img": 1 / (eng or fwd), "build_s": build_s, "forward_kind": sampler.forward_kind,
-                   "gflop_s": fwd * gflop}
+                   "gflop_s": fwd * gflop, "forward_cpu_s_per_img": fwd_cpu, "engine_cpu_s_per_img": eng_cpu}
             if peak:
                 row["mfu"] = fwd * gflop / (peak * 1e3)
             results["rows"].append(row)
+            dump()
             mfu = f"  MFU {row['mfu'] * 100:5.1f} %" if peak else ""
             engine = f"  engine {eng:9.3f} img/s ({eng / fwd * 100:4.0f} % of forward)" if eng else ""
+            if dev.type == "cpu":
+                engine += f"  CPU s/img: forward {fwd_cpu:.3g}" + (f", engine {eng_cpu:.3g}" if eng else "")
             print(f"{vname:13s} batch {batch:4d}: forward {fwd:9.3f} img/s = {1 / fwd:7.3f} s/img, "
-                  f"{fwd * gflop:9.1f} GFLOP/s{mfu}{engine}  [build {build_s:.0f} s, {sampler.forward_kind}]",
+                  f"{fwd * gflop:9.4g} GFLOP/s{mfu}{engine}  [build {build_s:.0f} s, {sampler.forward_kind}]",
                   flush=True)
-            sampler.close()
-            del sampler
+        sampler.close()
+        del sampler
     results["gflop_per_image"] = {"generation": gflop, "authors_training_forward": gflop_authors}
     if "fp32" in kept and "bf16" in kept:
         results["bf16_vs_fp32"] = q = quality(kept["fp32"], kept["bf16"])
@@ -191,8 +327,7 @@ def main() -> None:
                       f"{r['engine_img_s'] / authors['engine_img_s']:5.2f}x authors; engine/forward "
                       f"{r['engine_img_s'] / r['forward_img_s'] * 100:4.0f} %")
     print(f"total {time.perf_counter() - t_start:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    dump()
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
 

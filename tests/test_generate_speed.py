@@ -110,3 +110,19 @@ def test_flop_count_matches_a_hand_count():
     assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
     assert peak_bf16_tflops("NVIDIA A100-SXM4-40GB") == 312.0
     assert peak_bf16_tflops("NVIDIA H200") == 989.0 and peak_bf16_tflops("Tesla T4") is None
+
+
+def test_bf16_run_regenerates_bit_exactly_and_refuses_mixing(tmp_path):
+    from cgn_dist.data.shards import read_tar_samples
+    from cgn_dist.generate.regenerate import regenerate_sample
+    from cgn_dist.generate.writer import GenerationError
+
+    _, m = _shards(tmp_path, "b16", precision="bf16")
+    assert m["sampler_info"]["precision"] == "bf16"
+    stored = {s["__key__"]: s for s in read_tar_samples(tmp_path / "b16" / "shard-000001.tar")}
+    key = sorted(stored)[5]
+    again = regenerate_sample(tmp_path / "b16" / "manifest.json", key)
+    assert again["jpg"] == stored[key]["jpg"]
+    # the same folder, completed at another precision: refused, nothing mixed
+    with pytest.raises((GenerationError, ValueError)):
+        _shards(tmp_path, "b16", precision="fp32")

@@ -149,7 +149,6 @@ class ImagenetCounterfactualSampler:
 
         c = self.cfg
         weights = str(self.weights_file) if self.weights_file else f"random init {c.biggan} seed {c.model_seed}"
-        jpg = c.image_format == "jpg" or c.save_layers
         return {"sampler": SAMPLER_NAME, "checkpoint_sha256": self.sha256, "weights": weights,
                 "mode": c.mode, "classes": c.classes, "truncation": c.truncation, "n_classes": self.n_classes,
                 "image_size": self.model.image_size, "image_format": c.image_format,
@@ -158,7 +157,7 @@ class ImagenetCounterfactualSampler:
                 "num_threads": c.num_threads, "device": self.device.type, "torch": torch.__version__,
                 "pillow": PIL.__version__, "cgn_dist": self.version, "precision": c.precision,
                 "channels_last": c.channels_last, "forward": self.forward_kind,
-                "jpeg_encoder": c.jpeg_encoder if jpg and c.image_format == "jpg" else None}
+                "jpeg_encoder": c.jpeg_encoder if c.image_format == "jpg" else None}
 
     # --- numerics -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
