@@ -265,3 +265,24 @@ def test_interpolation_moves_only_the_chosen_mechanism(tmp_path, tiny_random):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     with pytest.raises(ValueError, match="out of range"):
         tiny_random.interpolate([1, 2, 3], 10)
+
+
+def test_u2net_upsampling_option_reaches_the_generation_model():
+    # Default: the CGN authors' U²-Net (align_corners=True); false: upstream's, recorded in the provenance.
+    ours = ImagenetCounterfactualFactory(**TINY)()
+    upstream = ImagenetCounterfactualFactory(**TINY, u2net_align_corners=False)()
+    rsus = lambda s: [m for m in s.model.u2net.modules() if hasattr(m, "align_corners")]  # noqa: E731
+    assert rsus(ours) and all(m.align_corners for m in rsus(ours))
+    assert all(not m.align_corners for m in rsus(upstream))
+    assert "u2net_align_corners" not in ours.info() and upstream.info()["u2net_align_corners"] is False
+    refs = sample_refs(make_plan(4, 4, run_seed=1)[0])
+    a, b = ours.sample(refs), upstream.sample(refs)
+    assert [s["json"]["mask_mean"] for s in a] != [s["json"]["mask_mean"] for s in b]
+
+
+def test_u2net_upsampling_option_from_the_config(tmp_path):
+    from cgn_dist.config import load_config
+    from cgn_dist.generate.command import imagenet_factory
+
+    cfg = load_config("configs/debug/generate_tiny.yaml", [f"out_dir={tmp_path}", "imagenet.u2net_align_corners=false"])
+    assert imagenet_factory(cfg).u2net_align_corners is False

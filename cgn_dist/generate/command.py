@@ -57,14 +57,12 @@ def imagenet_factory(cfg: Config):
     g, ic = cfg.generate, cfg.imagenet
     if g.mode not in IMAGENET_MODES:
         raise ValueError(f"generate.mode={g.mode!r} is not an ImageNet mode; accepted: {', '.join(IMAGENET_MODES)}")
-    if not ic.u2net_align_corners:
-        raise ValueError("imagenet.u2net_align_corners=false (upstream U²-Net upsampling) is a training option; "
-                         "generation always uses the CGN authors' upsampling: drop the override")
     # A run directory means its latest checkpoint NOW: every worker must load the same one.
     checkpoint = str(resolve_cgn_checkpoint(_checkpoint(g.checkpoint)).resolve()) if g.checkpoint else ""
     mode = "random" if g.mode == "interpolation" else g.mode
     return ImagenetCounterfactualFactory(
         checkpoint=checkpoint, biggan=_abs(ic.biggan), u2net=_abs(ic.u2net), cache_dir=_abs(ic.cache_dir),
+        u2net_align_corners=ic.u2net_align_corners,
         model_seed=cfg.seed, mode=mode, classes=list(g.classes) if mode == "fixed_classes" else [],
         truncation=g.truncation, image_format=image_format(cfg), jpeg_quality=g.jpeg_quality, normalize=g.normalize,
         save_layers=g.save_layers, forward_batch=g.forward_batch, device=g.device, num_threads=g.num_threads,

@@ -28,6 +28,7 @@ class ImagenetCounterfactualFactory:
     checkpoint: str = ""  # resolved weights file (see resolve_cgn_checkpoint); "" = no weights (random sources)
     biggan: str = "biggan-deep-256"  # layout: biggan-deep-256 (not downloaded), a local dir, "tiny", "random-256"
     u2net: str = "u2net"  # U²-Net weights (ours need it; the authors' cgn.pth brings its own)
+    u2net_align_corners: bool = True  # U²-Net upsampling: True = the CGN authors' copy, False = upstream's
     cache_dir: str = ""  # pytorch-pretrained-biggan cache, for other named BigGANs
     model_seed: int = 0  # random init of random sources (the model itself when there is no checkpoint)
     mode: str = "random"  # random | best_classes | fixed_classes

@@ -127,7 +127,8 @@ class ImagenetCounterfactualSampler:
                              f"{self.device.type}; use jpeg_encoder=pil")
         with self._threads():
             self.model, self.weights_file = build_generation_model(cfg.checkpoint, cfg.biggan, cfg.u2net,
-                                                                   cfg.cache_dir, cfg.model_seed)
+                                                                   cfg.cache_dir, cfg.model_seed,
+                                                                   cfg.u2net_align_corners)
             prepare_model(self.model, self.device, cfg.precision, cfg.channels_last)
         self.model.requires_grad_(False)
         self.n_classes = self.model.n_classes
@@ -157,7 +158,9 @@ class ImagenetCounterfactualSampler:
                 "num_threads": c.num_threads, "device": self.device.type, "torch": torch.__version__,
                 "pillow": PIL.__version__, "cgn_dist": self.version, "precision": c.precision,
                 "channels_last": c.channels_last, "forward": self.forward_kind,
-                "jpeg_encoder": c.jpeg_encoder if c.image_format == "jpg" else None}
+                "jpeg_encoder": c.jpeg_encoder if c.image_format == "jpg" else None,
+                # only when not the default, so folders written before the option existed stay resumable
+                **({} if c.u2net_align_corners else {"u2net_align_corners": False})}
 
     # --- numerics -----------------------------------------------------------------------------------------
     @contextlib.contextmanager

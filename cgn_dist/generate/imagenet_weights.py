@@ -149,28 +149,33 @@ def biggan_num_classes(biggan: str) -> int:
 
 
 def build_generation_model(checkpoint: str = "", biggan: str = "biggan-deep-256", u2net: str = "u2net",
-                           cache_dir: str = "", seed: int = 0):
+                           cache_dir: str = "", seed: int = 0, u2net_align_corners: bool = True):
     """A CGNImageNet (eval mode, frozen, on CPU) for generation; returns (model, weights file or None).
 
     checkpoint "" -> no weights: the mechanisms are copies of the BigGAN source (random init from
     ``seed`` for "tiny" / "random-256": tests and timing only). Ours (mechanisms only): the model is laid
     out after ``biggan`` (not downloaded: only the layout is needed) and U²-Net loads from ``u2net``.
     The authors' cgn.pth holds all five networks: ``u2net`` is not read ("tiny" keeps the small layout).
+    ``u2net_align_corners``: True = the CGN authors' U²-Net upsampling (what their cgn.pth was trained with).
     """
     from cgn_dist.models.cgn_imagenet import build_cgn_imagenet
     from cgn_dist.models.original_imagenet import load_original_state_dict
 
     if not checkpoint:
-        cgn, file = build_cgn_imagenet(biggan, u2net, cache_dir=cache_dir or None, seed=seed), None
+        cgn = build_cgn_imagenet(biggan, u2net, cache_dir=cache_dir or None, seed=seed,
+                                 u2net_align_corners=u2net_align_corners)
+        file = None
     else:
         file = resolve_cgn_checkpoint(checkpoint)
         kind, state = read_cgn_weights(file)
         if kind == "original":
             cgn = build_cgn_imagenet("tiny" if biggan == "tiny" else _layout_source(biggan),
-                                     "tiny" if u2net == "tiny" else "random", cache_dir=cache_dir or None, seed=seed)
+                                     "tiny" if u2net == "tiny" else "random", cache_dir=cache_dir or None, seed=seed,
+                                     u2net_align_corners=u2net_align_corners)
             load_original_state_dict(cgn, state)
         else:
-            cgn = build_cgn_imagenet(_layout_source(biggan), u2net, cache_dir=cache_dir or None, seed=seed)
+            cgn = build_cgn_imagenet(_layout_source(biggan), u2net, cache_dir=cache_dir or None, seed=seed,
+                                     u2net_align_corners=u2net_align_corners)
             cgn.load_trainable_state_dict({k: v.float() for k, v in state.items()})  # bf16 DeepSpeed files too
         del state
     cgn.eval().requires_grad_(False)
