@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/bench_mnist_update.py [--datasets colored wildlife] [--updates 10]
         [--rounds 5] [--threads 0] [--json benchmarks/results/mnist_update.json]
 
-Three steps on the same data set, the same model sizes and the same losses (spec §1.4), at batch 16:
+Three steps on the same data set, the same model sizes and the same losses, at batch 16:
   authors   the original training script's update, rebuilt from the spec (no code of theirs here):
             a per-sample dataset (uint8 -> PIL -> NEAREST resize to 32 -> ToTensor -> Normalize; wildlife
             also resizes each texture to 150 px and random-crops it with 3 px reflect padding per sample)

@@ -191,7 +191,7 @@ class PipelineConfig:
 
 @dataclass
 class InvariantConfig:
-    """The ImageNet invariant classifier (spec §2.6): ResNet trunk + shape/texture/bg heads."""
+    """The ImageNet invariant classifier: ResNet trunk + shape/texture/bg heads."""
     backbone: str = "resnet50"  # torchvision trunk (resnet50 = paper; resnet18 etc. for smoke runs and tests)
     weights: str = "auto"  # trunk: "imagenet", "random", "auto" (imagenet if cached/downloadable, else random, logged), or a file
     n_classes: int = 1000  # classes of each head (ImageNet: 1000)
@@ -215,7 +215,7 @@ class InvariantConfig:
 
 @dataclass
 class EvalConfig:
-    """ImageNet evaluations (spec §2.7): what to evaluate and on which data."""
+    """ImageNet evaluations: what to evaluate and on which data."""
     model: str = ""  # our classifier (run dir, checkpoint dir or state-dict file), or torchvision:<arch> (e.g. torchvision:resnet50)
     weights: str = "auto"  # weights of a torchvision:<arch> model ("imagenet", "auto", "random" or a file)
     cue_conflict: str = ""  # cue-conflict stimuli folder (<class>/<shape><n>-<texture><m>.png)

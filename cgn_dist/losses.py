@@ -1,4 +1,4 @@
-"""CGN losses (MNIST and ImageNet) as pure functions of tensors (cgn_spec.md §1.4, §2.3, §5).
+"""CGN losses (MNIST and ImageNet) as pure functions of tensors.
 
 Unweighted: callers multiply by their lambdas. The "perceptual" losses of CGN are
 Gram/style-only (content weight 0), with the per-layer weight SQUARED and an extra x5000,
@@ -142,7 +142,7 @@ def _trunk_state(sd: dict) -> dict:
 class VGG16Features(nn.Module):
     """Frozen VGG16 trunk up to relu4_3 returning [relu1_2, relu2_2, relu3_3, relu4_3].
 
-    Inputs are used as given ([-1, 1] in CGN): no ImageNet normalisation (spec §5.1).
+    Inputs are used as given ([-1, 1] in CGN): no ImageNet normalisation.
 
     weights:
       "imagenet": torchvision IMAGENET1K_V1, from the torch hub cache or downloaded (10 s
@@ -252,7 +252,7 @@ def texture_collage_target(x_gt: torch.Tensor, mask: torch.Tensor,
                            generator: torch.Generator | None = None, patch: int = 15,
                            top_k: int = 100, grid: int = 6, work_size: int = 128,
                            out_size: int = 256) -> torch.Tensor:
-    """Patch collage of object-interior texture (spec §2.3), no gradient.
+    """Patch collage of object-interior texture, no gradient.
 
     x_gt (B x C x H x W) and mask (B x 1|C x H x W) are resized bicubically to work_size;
     every patch x patch window (stride 1, no padding) is ranked by its mean mask value; per

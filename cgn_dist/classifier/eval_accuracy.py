@@ -19,7 +19,7 @@ from cgn_dist.data.shards import iter_tar_samples
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CF_LABELS = {"shape": "shape_cls", "texture": "texture_cls", "bg": "bg_cls"}
-PAPER = {"imagenet_val": {"top1": 74.0, "top5": 91.7}}  # IN + CGN, avg output [paper*, spec §2.8]
+PAPER = {"imagenet_val": {"top1": 74.0, "top5": 91.7}}  # IN + CGN, avg output [paper, via MLRC-2021]
 BASELINE = {"ResNet-50 (IN)": {"top1": 76.13, "top5": 92.86}}
 
 
@@ -115,7 +115,7 @@ def accuracy_table(real: dict[str, Any] | None, cf: dict[str, Any] | None) -> di
     for name, v in BASELINE.items():
         rows.append({"set": "ImageNet val", "output": name, "paper_top1": v["top1"], "paper_top5": v["top5"]})
     return {"columns": ["set", "output", "top1", "top5", "paper_top1", "paper_top5", "images"], "rows": rows,
-            "notes": ["paper: IN + CGN avg output 74.0 / 91.7 [paper*, spec §2.8]; counterfactual val: each head "
+            "notes": ["paper: IN + CGN avg output 74.0 / 91.7 [paper, via MLRC-2021]; counterfactual val: each head "
                       "against its own class"]}
 
 

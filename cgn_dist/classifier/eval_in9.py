@@ -1,4 +1,4 @@
-"""The Backgrounds Challenge, IN-9 (Xiao et al.; spec §2.7).
+"""The Backgrounds Challenge, IN-9 (Xiao et al.).
 
 Layout: ``<root>/<variant>/val/<class folder>/*`` (MadryLab's release; ``<root>/<variant>/<class folder>``
 also works), nine class folders per variant whose sorted order gives labels 0..8. Every variant folder
@@ -24,7 +24,7 @@ IN9_MEAN = (0.4717, 0.4499, 0.3837)
 IN9_STD = (0.2600, 0.2516, 0.2575)
 IN9_SIZE = 224
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-# Published top-1 % (spec §2.8): IN-9 original, mixed_same, mixed_rand, BG-gap.
+# Published top-1 %: IN-9 original, mixed_same, mixed_rand, BG-gap.
 PAPER = {"IN + CGN (paper)": {"original": 94.2, "mixed_same": 83.4, "mixed_rand": 80.1, "bg_gap": 3.3},
          "IN (ResNet-50)": {"original": 95.6, "mixed_same": 86.2, "mixed_rand": 78.9, "bg_gap": 7.3},
          "SIN": {"original": 89.2, "mixed_same": 73.1, "mixed_rand": 63.7, "bg_gap": 9.4},
@@ -141,7 +141,7 @@ def in9_table(result: dict[str, Any]) -> dict[str, Any]:
     n = {v: result["accuracy"][v][heads[0]]["images"] if heads else 0 for v in variants}
     return {"columns": columns, "rows": rows,
             "notes": [f"images per variant: {n}", "BG-gap = mixed_same - mixed_rand of shape_texture "
-                      "(logits for a plain classifier); paper values [paper*, spec §2.8]"]}
+                      "(logits for a plain classifier); paper values [paper, via MLRC-2021]"]}
 
 
 __all__ = ["evaluate_in9", "list_variants", "load_in_to_in9", "in9_transform", "in9_table", "PAPER"]

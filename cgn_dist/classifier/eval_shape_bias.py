@@ -1,4 +1,4 @@
-"""Shape bias on Geirhos et al.'s cue-conflict stimuli (spec §2.7).
+"""Shape bias on Geirhos et al.'s cue-conflict stimuli.
 
 Per image: Resize 256, CenterCrop 224, ImageNet normalisation; softmax over the 1,000 logits; each of the
 16 categories gets the MEAN probability over its ImageNet indices; the decision is the argmax. Images whose
@@ -25,7 +25,7 @@ from cgn_dist.classifier.evaluation import (gather_rows, image_batches, imagenet
 STIMULUS = re.compile(r"(?:^|_)([a-z]+)\d+-([a-z]+)\d+\.(?:png|jpe?g)$", re.IGNORECASE)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
-# Published shape bias (%) for reference rows (spec §2.8).
+# Published shape bias (%) for reference rows.
 PAPER_HEADS = {"shape": 54.8, "texture": 16.7, "bg": 22.9}  # IN + CGN, per head
 BASELINES = {"ResNet-50 (IN), Geirhos release": 21.39, "ResNet-50 (IN), texture-vs-shape paper": 22.1,
              "SIN": 81.37, "IN+SIN": 34.65, "IN+SIN->IN": 20.54}
@@ -157,7 +157,7 @@ def shape_bias_table(result: dict[str, Any], csv_result: dict[str, Any] | None =
         rows.append({"model": name, "output": "-", "shape_bias_%": None, "paper_%": v})
     return {"columns": ["model", "output", "shape_bias_%", "paper_%", "shape_hits", "texture_hits", "images"],
             "rows": rows,
-            "notes": ["paper (IN + CGN): 54.8 shape / 16.7 texture / 22.9 bg head [paper*, spec §2.8]",
+            "notes": ["paper (IN + CGN): 54.8 shape / 16.7 texture / 22.9 bg head [paper, via MLRC-2021]",
                       "16-class decision = argmax of the mean softmax probability per category; shape == texture "
                       "stimuli excluded"]}
 

@@ -25,7 +25,7 @@ from cgn_dist.config import Config, save_config
 
 log = logging.getLogger("cgn_dist.imagenet_pipeline")
 
-PAPER_ROWS = [  # (metric, metrics key, paper value) [paper*, spec §2.8]
+PAPER_ROWS = [  # (metric, metrics key, paper value) [paper, via MLRC-2021]
     ("shape bias %, shape head", "shape_bias/shape", 54.8),
     ("shape bias %, texture head", "shape_bias/texture", 16.7),
     ("shape bias %, bg head", "shape_bias/bg", 22.9),
@@ -69,7 +69,7 @@ def build_table(metrics: dict[str, float]) -> dict[str, Any]:
     rows = [{"metric": name, "ours": None if key not in metrics else round(metrics[key], 2), "paper": paper}
             for name, key, paper in PAPER_ROWS]
     return {"columns": ["metric", "ours", "paper"], "rows": rows,
-            "notes": ["paper: ResNet-50 trained on IN + CGN, 3 heads [paper*, spec §2.8]; – = not evaluated "
+            "notes": ["paper: ResNet-50 trained on IN + CGN, 3 heads [paper, via MLRC-2021]; – = not evaluated "
                       "(data not configured)"]}
 
 

@@ -1,4 +1,4 @@
-"""Inception Score and μ_mask of generated samples (the paper's loss ablation, spec §2.8).
+"""Inception Score and μ_mask of generated samples (the paper's loss ablation).
 
 IS = exp(E_x KL(p(y|x) || p(y))) per split, p(y) the mean of p(y|x) over the split; reported as the mean
 and standard deviation over 10 contiguous splits of the samples in shard order (the usual protocol of
@@ -6,7 +6,7 @@ Salimans et al.). p(y|x) comes from torchvision's Inception v3 at 299 x 299 (bil
 normalisation; the weights' own input transform then applies). μ_mask = mean mask value: the per-sample
 ``mask_mean`` each generated sample's json carries (or its stored mask).
 
-The paper gives no sample count or truncation for IS (spec §2.7); the reproduction found ~2,000 samples
+The paper gives no sample count or truncation for IS; the reproduction found ~2,000 samples
 give the paper's magnitudes. Ours: eval.is_samples (0 = every sample of the run).
 """
 from __future__ import annotations
@@ -121,7 +121,7 @@ def is_table(result: dict[str, Any]) -> dict[str, Any]:
     rows += [{"model": f"paper: {k}", "IS": v[0], "mu_mask": v[1]} for k, v in PAPER.items()]
     return {"columns": ["model", "IS", "IS_std", "mu_mask", "samples"], "rows": rows,
             "notes": [f"Inception v3 weights: {result['classifier']}; {result['splits']} splits",
-                      "the paper states no IS sample count or truncation [spec §2.7]"]}
+                      "the paper states no IS sample count or truncation"]}
 
 
 def _r(v, d: int = 2):

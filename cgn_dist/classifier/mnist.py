@@ -1,4 +1,4 @@
-"""Training and evaluating the MNIST classifier on original and counterfactual shards (cgn_spec.md §1.6).
+"""Training and evaluating the MNIST classifier on original and counterfactual shards.
 
 Protocol: the CNN of cgn_dist.models.classifier, NLL loss, Adadelta (lr 1.0), StepLR (step 1 epoch,
 gamma 0.7), 10 epochs, batch 64 for training and 640 for testing, evaluated on the de-correlated test set.

@@ -1,4 +1,4 @@
-"""The paper's MNIST table: our accuracies beside the published ones (cgn_spec.md §1.7).
+"""The paper's MNIST table: our accuracies beside the published ones.
 
 Rows: Original, Original + CGN, CGN only. Columns: colored / double-colored / wildlife MNIST x train / test
 accuracy (%). Written as text, JSON, CSV and a PNG figure; a cell of a data set not run shows "–".
@@ -27,7 +27,7 @@ ROWS = ("original", "combined", "counterfactual")  # keys of run_mnist_experimen
 ROW_TITLES = {"original": "Original", "combined": "Original + CGN", "counterfactual": "CGN only"}
 MISSING = "–"
 
-# Paper values [paper*, spec §1.7]: (train, test) per data set; None where the paper has no such row.
+# Paper values [paper, via MLRC-2021]: (train, test) per data set; None where the paper has no such row.
 PAPER: dict[str, dict[str, tuple[float, float] | None]] = {
     "original": {"colored": (99.5, 35.9), "double_colored": (100.0, 10.3), "wildlife": (100.0, 10.1)},
     "combined": {"colored": (99.7, 95.1), "double_colored": (97.4, 89.0), "wildlife": (99.2, 85.7)},

@@ -1,4 +1,4 @@
-"""Real + counterfactual batches per step (spec §2.6).
+"""Real + counterfactual batches per step.
 
 Each step pairs a real batch of ``b`` with a counterfactual batch of ``int(cf_ratio * b)``. The real stream
 sets the epoch: ``steps`` full batches per rank. The counterfactual stream is sized to match: its epoch is

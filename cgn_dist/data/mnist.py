@@ -1,4 +1,4 @@
-"""MNIST variants for CGN: colored, double-colored and wildlife MNIST (cgn_spec.md §1.1).
+"""MNIST variants for CGN: colored, double-colored and wildlife MNIST.
 
 Every item is (3 x 32 x 32 float in [-1, 1], int label).
 
@@ -52,7 +52,7 @@ COLORED_VAR = 0.02
 LNTL_FILE = "mnist_10color_jitter_var_0.020.npy"
 DOWNLOAD_TIMEOUT_S = 10.0
 
-# Double-colored palettes: PIL colour names, list index = class (spec §1.1).
+# Double-colored palettes: PIL colour names, list index = class.
 BG_COLOR_NAMES = ("darkgreen", "darkblue", "#b03060", "orangered", "yellow",
                   "burlywood", "lime", "aqua", "fuchsia", "#6495ed")
 OBJ_COLOR_NAMES = tuple(BG_COLOR_NAMES[i - 6] for i in range(N_CLASSES))
@@ -279,7 +279,7 @@ class ColoredMNIST(Dataset):
 # --- double-colored MNIST -------------------------------------------------------------------
 
 class DoubleColoredMNIST(_EpochMixin, Dataset):
-    """Binarised digit in an object colour on a background colour (spec §1.1).
+    """Binarised digit in an object colour on a background colour.
 
     Train: both colour indices = label. Test: two independent uniform indices, fixed per
     (seed, index). Each colour gets N(0, 0.01) jitter per channel on a copy of the palette
@@ -319,7 +319,7 @@ class DoubleColoredMNIST(_EpochMixin, Dataset):
 # --- wildlife MNIST -------------------------------------------------------------------------
 
 class WildlifeMNIST(DoubleColoredMNIST):
-    """Binarised digit filled with an object texture on a background texture (spec §1.1).
+    """Binarised digit filled with an object texture on a background texture.
 
     Index rules as DoubleColoredMNIST; each texture is a random 32 px crop (3 px reflect
     padding) of its 150 x 150 texture, object crop drawn before background crop.

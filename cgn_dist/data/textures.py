@@ -4,7 +4,7 @@ Two sources:
 
 * A folder in the layout of the original release: `<dir>/object/<cls>_*.jpg` and
   `<dir>/background/<cls>_*.jpg` for cls = 0..9 (DTD "striped" objects and "veined"
-  backgrounds; see cgn_spec.md §1.1). `load_texture_folder` reads them.
+  backgrounds). `load_texture_folder` reads them.
 * A procedural default that needs no file and no download (`make_procedural_textures`),
   deterministic on every machine, 150 x 150 RGB:
   - object (striped), class c: sinusoidal stripes at angle 18°·c with period 7 + 2.5·(c mod 5)
@@ -17,7 +17,7 @@ Two sources:
   Hue, orientation and scale differ per class, so every class has a distinct texture.
   They stand in for the DTD images offline; they are not those images.
 
-Per-sample transform (spec §1.1): resize to 150 x 150 (NEAREST, done once by
+Per-sample transform: resize to 150 x 150 (NEAREST, done once by
 `prepare_texture`), random 32 x 32 crop with 3 px reflect padding, scale to [-1, 1]
 (`random_texture_crop`, offsets drawn from a numpy Generator).
 """

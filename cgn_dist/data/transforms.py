@@ -1,4 +1,4 @@
-"""Decoding and the classifier's image transforms (spec §2.6), run per sample in the DataLoader workers.
+"""Decoding and the classifier's image transforms, run per sample in the DataLoader workers.
 
 train: RandomResizedCrop(224, scale (0.08, 1), ratio (3/4, 4/3)) + horizontal flip;
 val:   Resize(256) (short side) + CenterCrop(224);

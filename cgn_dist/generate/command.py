@@ -71,7 +71,7 @@ def imagenet_factory(cfg: Config):
 
 
 def mnist_factory(cfg: Config):
-    """The MNIST counterfactual sampler factory (cgn_spec.md §1.5) for ``cfg``."""
+    """The MNIST counterfactual sampler factory for ``cfg``."""
     import torch
 
     from cgn_dist.generate.mnist import MnistCounterfactualFactory, resolve_generator_file
@@ -269,7 +269,7 @@ def _dry_run(cfg: Config, factory: Any) -> dict[str, Any]:
 # --- interpolation ----------------------------------------------------------------------------------------
 
 def run_interpolation(cfg: Config, factory: Any = None) -> dict[str, Any]:
-    """cgn_spec.md §2.5 interpolation into ``<run_dir>/interpolation/`` (sheet.png, frames, json).
+    """Class interpolation into ``<run_dir>/interpolation/`` (sheet.png, frames, json).
 
     Start classes: generate.classes, else a random triple from the run seed; target: generate.interp_target,
     else random from the run seed; noise: generate.interp_noise (used as stored), else drawn from the seed."""

@@ -1,4 +1,4 @@
-"""Class interpolation with a built ImageNet counterfactual sampler (cgn_spec.md §2.5), and its output folder."""
+"""Class interpolation with a built ImageNet counterfactual sampler, and its output folder."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""Counterfactual ImageNet (cgn_spec.md §2.5) as a sampler for the generation engine.
+"""Counterfactual ImageNet as a sampler for the generation engine.
 
 Per sample, everything comes from the sample's seed (``SampleRef.seed``):
   u       = truncated_noise(seed=[seed]): truncation * truncnorm(-2, 2), one vector SHARED by the three
@@ -322,7 +322,7 @@ class ImagenetCounterfactualSampler:
     # --- interpolation ----------------------------------------------------------------------------------
     def interpolate(self, start: Sequence[int], target: int, mechanism: str = "all", midpoints: int = 6,
                     u: torch.Tensor | None = None, seed: int = 0) -> dict[str, Any]:
-        """cgn_spec.md §2.5 interpolation (see imagenet_interp.interpolate)."""
+        """Class interpolation (see imagenet_interp.interpolate)."""
         from cgn_dist.generate.imagenet_interp import interpolate
 
         return interpolate(self, start, target, mechanism, midpoints, u, seed)

@@ -1,4 +1,4 @@
-"""Counterfactual MNIST data sets (cgn_spec.md §1.5) as a sampler for the generation engine.
+"""Counterfactual MNIST data sets as a sampler for the generation engine.
 
 The paper's recipe works per group of ``group_size`` (= 100) labels:
   1. draw y ~ U{0..9} (group_size labels);

@@ -1,4 +1,4 @@
-"""CGN-ImageNet (cgn_spec.md §2.2): three trainable BigGAN-deep copies as independent
+"""CGN-ImageNet: three trainable BigGAN-deep copies as independent
 mechanisms (shape, texture, background), a frozen BigGAN teacher and a frozen U^2-Net.
 
     premask = f_shape(u, y_s)            mask = clamp(U2Net(premask), 1e-4, 0.9999)

@@ -1,4 +1,4 @@
-"""CGN generator for the MNIST variants (Sauer & Geiger, ICLR 2021; cgn_spec.md §1.2).
+"""CGN generator for the MNIST variants (Sauer & Geiger, ICLR 2021).
 
 Three independent mechanisms share one label embedding:
   f_shape(u, y_s) -> mask m in [1e-4, 0.9999], 1 x H x W
@@ -28,7 +28,7 @@ class ShapeMechanism(nn.Module):
     """f_shape: Linear -> IN -> [up, conv, BN, LReLU, IN] x 2. Output is NOT squashed.
 
     The mask comes out of an InstanceNorm and is clamped by the caller; there is no
-    sigmoid (spec §5.3). InstanceNorms have no affine parameters and no running stats.
+    sigmoid. InstanceNorms have no affine parameters and no running stats.
     """
 
     def __init__(self, in_dim: int, ngf: int, init_size: int):
@@ -100,7 +100,7 @@ def tile_and_crop(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def shuffle_texture(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The texture "shuffler": a random cyclic translation per sample (spec §1.2), so a
+    """The texture "shuffler": a random cyclic translation per sample, so a
     texture map cannot carry the digit's shape."""
     offsets = draw_crop_offsets(x.shape[0], x.shape[-2], x.shape[-1], generator, x.device)
     return tile_and_crop(x, offsets)

@@ -1,4 +1,4 @@
-"""The small CNN of the MNIST classifier experiment (cgn_spec.md §1.6).
+"""The small CNN of the MNIST classifier experiment.
 
 Input 3 x 32 x 32 in [-1, 1]; output log-probabilities over 10 classes (train with NLL).
 Spatial sizes: 32 -conv5-> 32 -maxpool(3, s2, p1)-> 16 -conv3-> 16 -conv3 s2-> 8 -conv3-> 8

@@ -1,4 +1,4 @@
-"""Class-conditional discriminators for the MNIST CGN (cgn_spec.md §1.3).
+"""Class-conditional discriminators for the MNIST CGN.
 
 DiscLin (colored, double-colored; ndf 512) and DiscConv (wildlife; ndf 32). Both return
 one realness score per sample, shape (B,), for an LSGAN (MSE) objective.

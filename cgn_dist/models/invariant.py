@@ -1,4 +1,4 @@
-"""The invariant classifier (spec §2.6): one torchvision ResNet trunk, three fresh linear heads.
+"""The invariant classifier: one torchvision ResNet trunk, three fresh linear heads.
 
 Outputs (a dict of logits): ``shape``, ``texture``, ``bg`` (each head), ``avg`` (mean of the three,
 what real ImageNet images supervise) and ``shape_texture`` (mean of shape and texture, the BG-gap's

@@ -1,4 +1,4 @@
-"""The ImageNet invariant classifier (spec §2.6) on real + counterfactual streams.
+"""The ImageNet invariant classifier on real + counterfactual streams.
 
 Per step: a real batch (b images) and a counterfactual batch (int(cf_ratio * b)) from
 cgn_dist.data.mix; loss = CE(avg, y) on the real images + CE(shape, y_shape) + CE(texture, y_texture)

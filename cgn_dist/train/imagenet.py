@@ -1,4 +1,4 @@
-"""CGN-ImageNet training (spec §2.2–2.4): three BigGAN mechanisms as ONE engine.
+"""CGN-ImageNet training: three BigGAN mechanisms as ONE engine.
 
 The frozen teacher, U²-Net and VGG16 stay outside the engine and out of the
 checkpoints. Each micro batch draws one class (shared by the three mechanisms

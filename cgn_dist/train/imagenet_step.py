@@ -1,4 +1,4 @@
-"""One CGN-ImageNet training iteration: losses (cgn_spec.md §2.3), the optimizer of the
+"""One CGN-ImageNet training iteration: losses, the optimizer of the
 three mechanisms (§2.4) and a forward + backward step. The loop (accumulation, optimizer
 step, logging, checkpoints) lives with the caller."""
 from __future__ import annotations
@@ -24,7 +24,7 @@ __all__ = ["ImagenetLossWeights", "imagenet_losses", "build_optimizer", "imagene
 
 @dataclass
 class ImagenetLossWeights:
-    """Loss weights of CGN-ImageNet (authors' code values; see cgn_spec.md §2.3)."""
+    """Loss weights of CGN-ImageNet (the authors' code values)."""
 
     l1: float = 100.0  # L1 reconstruction against the teacher
     perceptual: tuple[float, ...] = (4.0, 4.0, 4.0, 4.0)  # Gram loss per VGG layer (paper: 5)

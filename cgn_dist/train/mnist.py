@@ -1,4 +1,4 @@
-"""CGN-MNIST training: LSGAN + binary mask + Gram-only VGG16 style losses (spec §1.4).
+"""CGN-MNIST training: LSGAN + binary mask + Gram-only VGG16 style losses.
 
 Every random draw of an update (batch order, colour jitter, generated labels,
 noise, shuffler crops, dropout) comes from the global RNG re-seeded from
@@ -146,7 +146,7 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
             x_real, y_real = x_real.to(env.device), y_real.to(env.device)
             b = x_real.shape[0]
 
-            # generator labels independent of the real batch (spec §1.4)
+            # generator labels independent of the real batch
             y_gen = torch.randint(0, m.n_classes, (b,), device=env.device)
             out = update(x_real, y_real, y_gen)
 

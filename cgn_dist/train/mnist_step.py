@@ -1,6 +1,6 @@
 """One CGN-MNIST micro step (G then D), in the plain layout or the fast one (`mnist.fast_update`).
 
-Same losses either way (spec §1.4): LSGAN on D(x_gen, y_gen), lambda_mask * binary entropy of the mask,
+Same losses either way: LSGAN on D(x_gen, y_gen), lambda_mask * binary entropy of the mask,
 the Gram-only VGG16 style loss against a real batch, then D on (real, 1) and (fake, 0).
 
 The fast layout changes only how it is computed:
