@@ -109,14 +109,6 @@ def _dry_run(cfg: Config, listing, files, shards, totals: dict[str, Any]) -> dic
 def _start_ray(cfg: Config) -> bool:
     if cfg.shards.backend != "ray":
         return False
-    import ray
+    from cgn_dist.distributed.ray_utils import start_ray_here
 
-    from cgn_dist.distributed.ray_utils import init_ray
-
-    if ray.is_initialized():
-        return False
-    if cfg.ray.address:
-        init_ray(address=cfg.ray.address)
-    else:
-        init_ray(num_cpus=cfg.ray.num_cpus or None)
-    return True
+    return start_ray_here(cfg.ray.address, cfg.ray.num_cpus)

@@ -116,6 +116,21 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     return dict(ctx.address_info) if hasattr(ctx, "address_info") else {}
 
 
+def start_ray_here(address: str = "", num_cpus: int = 0) -> bool:
+    """Join the cluster at ``address`` (a config's ray.address), or start an embedded one of ``num_cpus``
+    (loopback only, init_ray's default), unless Ray is already up. True when this call started it, so the
+    caller knows to shut it down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        init_ray(address=address)
+    else:
+        init_ray(num_cpus=num_cpus or None)
+    return True
+
+
 def shutdown_ray() -> None:
     import ray
     if ray.is_initialized():

@@ -228,17 +228,9 @@ def _start_ray(cfg: Config) -> bool:
     an embedded cluster stays on loopback (init_ray's default). True when this call started it."""
     if cfg.generate.backend != "ray":
         return False
-    import ray
+    from cgn_dist.distributed.ray_utils import start_ray_here
 
-    from cgn_dist.distributed.ray_utils import init_ray
-
-    if ray.is_initialized():
-        return False
-    if cfg.ray.address:
-        init_ray(address=cfg.ray.address)
-    else:
-        init_ray(num_cpus=cfg.ray.num_cpus or None)
-    return True
+    return start_ray_here(cfg.ray.address, cfg.ray.num_cpus)
 
 
 def _dry_run(cfg: Config, factory: Any) -> dict[str, Any]:
