@@ -12,13 +12,14 @@ use, said so in the listing.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from cgn_dist.data.shards import sha256_file
 
 CACHE_ENV = "CGN_DIST_CACHE"
 DOWNLOAD_TIMEOUT_S = 30
@@ -211,14 +212,6 @@ def unreadable_reason(path: str | os.PathLike, err: BaseException) -> str:
 
 
 # --- fetching ----------------------------------------------------------------------------------------------
-
-def sha256_file(path: str | os.PathLike) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            sha.update(block)
-    return sha.hexdigest()
-
 
 def _download(url: str, dest: Path, progress: bool, label: str) -> None:
     """url -> dest (whole file or an exception), with a tqdm bar in bytes."""

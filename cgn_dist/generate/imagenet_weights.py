@@ -2,7 +2,6 @@
 built from it (eval mode, frozen)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -12,6 +11,7 @@ from typing import Any
 
 import torch
 
+from cgn_dist.data.shards import sha256_file as sha256_of  # noqa: F401  (re-exported)
 from cgn_dist.generate.imagenet_labels import IMAGENET_CLASSES
 
 MECHANISMS_FILE = "mechanisms.pt"  # what the ImageNet training loop's torch engine saves per checkpoint
@@ -117,14 +117,6 @@ def read_cgn_weights(file: str | os.PathLike) -> tuple[str, dict[str, torch.Tens
 def checkpoint_kind(file: str | os.PathLike) -> str:
     """"mechanisms" or "original" (cheap: the file is memory-mapped, tensors are not read)."""
     return read_cgn_weights(file)[0]
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def _layout_source(biggan: str) -> str:
