@@ -1,6 +1,7 @@
 """Losing a whole node (raylet, object store and every worker on it) of a simulated two-node Ray cluster:
 generation completes on the remaining node with the bytes of an undisturbed run; training resumes from the
 last checkpoint on a replacement node and ends with the weights of an uninterrupted run."""
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,9 @@ from cgn_dist.generate import generate_dataset, verify_output
 from cgn_dist.generate.toy import ToySamplerFactory
 from cgn_dist.train.checkpoint import list_checkpoints
 
+sys.path.insert(0, str(Path(__file__).parent))
+from ray_helpers import two_node_cluster  # noqa: E402
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,15 +25,8 @@ N, SHARD, SEED = 24, 3, 5  # 8 shards
 
 @pytest.fixture
 def two_nodes():
-    from cgn_dist.distributed.ray_utils import LoopbackCluster, shutdown_ray
-
-    shutdown_ray()
-    cluster = LoopbackCluster(num_nodes=2, cpus_per_node=1, object_store_mb=200).start()
-    try:
-        cluster.connect()
+    with two_node_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.shutdown()
 
 
 def _tars(out: Path) -> dict[str, bytes]:

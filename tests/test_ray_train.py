@@ -1,11 +1,9 @@
 """CGN training under Ray Train on a simulated two-node cluster: DeepSpeed in each worker,
 checkpoints reported to Ray, and a killed worker restarted from the latest checkpoint."""
-import os
+import sys
 import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
@@ -14,22 +12,17 @@ from cgn_dist.distributed.ray_train import checkpoint_from_pointer, train_with_r
 from cgn_dist.train.mnist import train_mnist
 from cgn_dist.train.checkpoint import list_checkpoints
 
+sys.path.insert(0, str(Path(__file__).parent))
+from ray_helpers import kill_a_train_worker_after_first_checkpoint, two_node_cluster  # noqa: E402
+
 TINY = Path(__file__).resolve().parents[1] / "configs" / "debug" / "mnist_tiny.yaml"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    from cgn_dist.distributed.ray_utils import LoopbackCluster, shutdown_ray
-
-    shutdown_ray()
-    cluster = LoopbackCluster(num_nodes=2, cpus_per_node=1, object_store_mb=200).start()
-    try:
-        cluster.connect()
+    with two_node_cluster() as cluster:
         yield cluster
-    finally:
-        shutdown_ray()
-        cluster.shutdown()
 
 
 def _cfg(tmp_path, name, *extra):
@@ -41,27 +34,6 @@ def _cfg(tmp_path, name, *extra):
 def _generator(run_dir: Path, step: int) -> dict:
     f = run_dir / "checkpoints" / f"step_{step:07d}" / "generator" / "mp_rank_00_model_states.pt"
     return torch.load(f, weights_only=False)["module"]
-
-
-def _ours(p: psutil.Process) -> bool:
-    # A worker of this test's own cluster (its daemons run under the tests' RAY_TMPDIR), never another
-    # Ray instance's on the same machine.
-    tmp = os.environ["RAY_TMPDIR"]
-    try:
-        return any(tmp in part for a in p.parents() for part in a.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
-def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list, stop: threading.Event):
-    while not stop.is_set():
-        if list_checkpoints(run_dir):
-            for p in psutil.process_iter(["cmdline"]):
-                if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])) and _ours(p):
-                    p.kill()
-                    killed.append(p.pid)
-                    return
-        time.sleep(0.05)
 
 
 def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted(two_nodes, tmp_path):
@@ -83,7 +55,7 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted(two_no
 
     cfg = _cfg(tmp_path, "faulty", "distributed.max_failures=2")
     killed, stop = [], threading.Event()
-    watcher = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
+    watcher = threading.Thread(target=kill_a_train_worker_after_first_checkpoint,
                                args=(cfg.run_dir.resolve(), killed, stop), daemon=True)
     watcher.start()
     try:

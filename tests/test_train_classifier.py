@@ -19,6 +19,7 @@ from cgn_dist.train.classifier import train_classifier  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from imagenet_fixture import make_imagenet_tree  # noqa: E402
+from ray_helpers import kill_a_train_worker_after_first_checkpoint, two_node_cluster  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "debug" / "classifier_tiny.yaml"
@@ -146,25 +147,12 @@ def test_two_process_ddp_and_deepspeed_agree(tmp_path, shards, ddp_reference):
         torch.testing.assert_close(ddp_reference[k].float(), ds[k].float(), rtol=1e-5, atol=1e-6)
 
 
-def _ours(p) -> bool:
-    """A process of the Ray instance this test session started (its own RAY_TMPDIR), never anyone else's."""
-    try:
-        return p.environ().get("RAY_TMPDIR") == os.environ.get("RAY_TMPDIR")
-    except Exception:  # noqa: BLE001 - gone, or not ours to read
-        return False
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_ray_train_killed_worker_resumes_and_matches_uninterrupted(tmp_path, shards, ddp_reference):
     import threading
-    import time
-
-    import psutil
 
     from cgn_dist.distributed.ray_train import train_with_ray
-    from cgn_dist.distributed.ray_utils import LoopbackCluster, shutdown_ray
-    from cgn_dist.train.checkpoint import list_checkpoints
 
     def cfg(name, *extra):
         # DDP (torch engine) inside Ray Train: DeepSpeed's agreement with it is checked above
@@ -172,32 +160,16 @@ def test_ray_train_killed_worker_resumes_and_matches_uninterrupted(tmp_path, sha
                     "distributed.cpus_per_worker=0.5", "train.micro_batch_size=2", "train.max_steps=3",
                     "invariant.eval_every_epochs=0", *extra)
 
-    def kill_after_first_checkpoint(run_dir, killed, stop):
-        while not stop.is_set():
-            if list_checkpoints(run_dir):
-                for p in psutil.process_iter(["cmdline"]):
-                    if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])) and _ours(p):
-                        p.kill()
-                        killed.append(p.pid)
-                        return
-            time.sleep(0.05)
-
-    shutdown_ray()
-    cluster = LoopbackCluster(num_nodes=2, cpus_per_node=1, object_store_mb=200).start()
-    try:
-        cluster.connect()
+    with two_node_cluster():
         faulty_cfg = cfg("faulty", "distributed.max_failures=2")
         killed, stop = [], threading.Event()
-        watcher = threading.Thread(target=kill_after_first_checkpoint,
+        watcher = threading.Thread(target=kill_a_train_worker_after_first_checkpoint,
                                    args=(faulty_cfg.run_dir.resolve(), killed, stop), daemon=True)
         watcher.start()
         try:
             faulty = train_with_ray(faulty_cfg)
         finally:
             stop.set()
-    finally:
-        shutdown_ray()
-        cluster.shutdown()
     assert killed, "no Ray Train worker of this test's cluster was found to kill"
     assert faulty["step"] == 3
     assert (Path(faulty["run_dir"]) / "log.txt").read_text().count("resumed from") == 1
