@@ -97,18 +97,33 @@ def two_nodes():
 
 @dataclasses.dataclass(frozen=True)
 class _BarrierFactory:
-    """The toy sampler, built only once ``n`` workers are building one: then every worker is up before the
-    first shard is handed out, and each node gets work however slowly the other one starts."""
+    """The toy sampler, whose first batch in each worker waits until ``n`` workers have begun one: a worker
+    that took a shard then holds it until the other has one too, so each node writes however fast the toy
+    shards are (a barrier at build time was not enough: one worker wrote all four shards in the ~50 ms before
+    the other reported ready)."""
 
     barrier_dir: str
     n: int
 
     def __call__(self):
-        Path(self.barrier_dir, str(os.getpid())).touch()
-        deadline = time.monotonic() + 120
-        while len(list(Path(self.barrier_dir).iterdir())) < self.n and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return FACTORY()
+        return _BarrierSampler(FACTORY(), self.barrier_dir, self.n)
+
+
+class _BarrierSampler:
+    def __init__(self, inner, barrier_dir: str, n: int):
+        self.inner, self.barrier_dir, self.n, self.waited = inner, barrier_dir, n, False
+
+    def info(self):
+        return self.inner.info()
+
+    def sample(self, refs):
+        if not self.waited:
+            self.waited = True
+            Path(self.barrier_dir, str(os.getpid())).touch()
+            deadline = time.monotonic() + 100
+            while len(list(Path(self.barrier_dir).iterdir())) < self.n and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return self.inner.sample(refs)
 
 
 def test_two_ray_nodes_give_the_local_bytes(reference, two_nodes, tmp_path):
