@@ -49,6 +49,10 @@ def _check_values(cfg: Config) -> None:
     need(len(cfg.imagenet.betas) == 2, "imagenet.betas", "needs 2 values")
     need(len(cfg.imagenet.w_perceptual) == 4, "imagenet.w_perceptual", "needs 4 values")
     need(len(cfg.imagenet.w_texture) == 4, "imagenet.w_texture", "needs 4 values")
+    m_lo_hi = cfg.mnist.mask_area_bounds
+    need(len(m_lo_hi) == 2 and 0 <= m_lo_hi[0] < m_lo_hi[1] <= 1, "mnist.mask_area_bounds",
+         "needs [lo, hi] with 0 <= lo < hi <= 1")
+    need(cfg.mnist.mask_area_weight >= 0, "mnist.mask_area_weight", "must be >= 0")
     lo_hi = cfg.imagenet.mask_area_bounds
     need(len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= 1, "imagenet.mask_area_bounds", "needs [lo, hi] with 0 <= lo < hi <= 1")
     g = cfg.generate

@@ -160,9 +160,13 @@ class CGNMnist(nn.Module):
         u_text = u if u_text is None else u_text
         u_bg = u if u_bg is None else u_bg
 
-        mask = self.f_shape(self.mechanism_input(y_shape, u)).clamp(MASK_MIN, MASK_MAX)
-        foreground = self.f_text(self.mechanism_input(y_text, u_text))
-        background = self.f_bg(self.mechanism_input(y_bg, u_bg))
+        # The mask mechanism always runs in fp32, also under a bf16 autocast: in bf16 0.9999 rounds to 1 (the
+        # entropy's log2(1 - m) would be -inf) and its gradient drifts (cosine 0.91 to fp32 on wildlife).
+        # The texture mechanisms may run in bf16; composing is fp32 (.float() is a no-op for fp32).
+        with torch.autocast(u.device.type, enabled=False):
+            mask = self.f_shape(self.mechanism_input(y_shape, u).float()).clamp(MASK_MIN, MASK_MAX)
+        foreground = self.f_text(self.mechanism_input(y_text, u_text)).float()
+        background = self.f_bg(self.mechanism_input(y_bg, u_bg)).float()
         if shuffle:
             foreground = shuffle_texture(foreground, generator)
             background = shuffle_texture(background, generator)

@@ -36,6 +36,9 @@ def build_generator(cfg: Config) -> CGNMnist:
     torch.manual_seed(cfg.seed)
     g = CGNMnist(n_classes=m.n_classes, latent_dim=m.latent_dim, ngf=m.ngf, img_size=m.img_size)
     init_cgn_weights(g, m.init_type, m.init_gain)
+    if m.bg_init_bias:
+        with torch.no_grad():
+            g.f_bg.bn3.bias.fill_(m.bg_init_bias)
     if m.init_from:
         from cgn_dist.models.original_mnist import load_mnist_weights
 

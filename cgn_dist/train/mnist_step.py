@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cgn_dist.losses import binary_entropy_loss, lsgan_loss, perceptual_loss, style_loss, _last_used_layer
+from cgn_dist.losses import (binary_entropy_loss, lsgan_loss, mask_area_loss, perceptual_loss, style_loss,
+                             _last_used_layer)
 
 
 def has_batchnorm(module: nn.Module) -> bool:
@@ -34,16 +35,25 @@ def style_loss_bf16(vgg, x: torch.Tensor, target: torch.Tensor, weights) -> torc
         feats_x = vgg(x, num_outputs=n)
         with torch.no_grad():
             feats_t = vgg(target, num_outputs=n)
-    return style_loss([f.float() for f in feats_x], [f.float() for f in feats_t], list(weights)[:n])
+    with torch.autocast(x.device.type, enabled=False):  # the Grams' bmm in fp32 even inside an outer autocast
+        return style_loss([f.float() for f in feats_x], [f.float() for f in feats_t], list(weights)[:n])
 
 
 class MnistUpdate:
     """Callable micro step: (x_real, y_real, y_gen) -> losses, mask and the generated batch."""
 
-    def __init__(self, m, eng_g, eng_d, disc: nn.Module, vgg, fast: bool = False):
+    def __init__(self, m, eng_g, eng_d, disc: nn.Module, vgg, fast: bool = False, bf16_models: bool = True):
         self.m, self.eng_g, self.eng_d, self.vgg, self.fast = m, eng_g, eng_d, vgg, fast
         self.disc = disc
         self.joint_d = fast and not has_batchnorm(self.disc)
+        self.bf16_models = bf16_models
+
+    def _autocast(self, eng, device_type: str):
+        # fast: the generator's and D's convolutions and linears in bf16 as well; the mechanisms' outputs, the
+        # composite and every loss stay fp32 (CGNMnist casts before clamp and compose; MSE is fp32 in autocast)
+        if self.fast and self.bf16_models:
+            return torch.autocast(device_type, dtype=torch.bfloat16)
+        return eng.autocast()
 
     def _style(self, x_gen, x_real):
         if self.fast:
@@ -54,19 +64,23 @@ class MnistUpdate:
         m, eng_g, eng_d = self.m, self.eng_g, self.eng_d
         for p in self.disc.parameters():
             p.requires_grad_(False)
-        with eng_g.autocast():
+        with self._autocast(eng_g, x_real.device.type):
             mask, fg, bg, x_gen = eng_g(y_gen)
             # the raw module, not the engine: D is not being trained in this step
             l_adv = lsgan_loss(eng_d.call_module(x_gen, y_gen), True)
             l_bin = m.lambda_mask * binary_entropy_loss(mask)
             l_perc = self._style(x_gen, x_real)
             loss_g = l_adv + l_bin + l_perc
+            if m.mask_area_weight:
+                lo, hi = m.mask_area_bounds
+                l_area = m.mask_area_weight * mask_area_loss(mask, lo=lo, hi=hi)
+                loss_g = loss_g + l_area
         eng_g.backward(loss_g)
         eng_g.step()
         for p in self.disc.parameters():
             p.requires_grad_(True)
 
-        with eng_d.autocast():
+        with self._autocast(eng_d, x_real.device.type):
             if self.joint_d:
                 b = x_real.shape[0]
                 out = eng_d(torch.cat([x_real, x_gen.detach()]), torch.cat([y_real, y_gen]))
