@@ -20,6 +20,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
     (["mnist.style_weights=[1,2]"], "needs 4 values"),
     (["train"], "not key=value"),
     (["generate.mode=fixed_classes"], "needs three class ids"),
+    (["mnist.lr=2e-4x"], "mnist.lr: expected float"),
+    (["mnist.mask_area_bounds=[0.5,0.2]"], "needs [lo, hi]"),
 ])
 def test_bad_overrides_fail_naming_the_key(overrides, needle):
     with pytest.raises(ConfigError) as e:
@@ -44,6 +46,15 @@ def test_overrides_base_chain_and_roundtrip(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     again = config_from_dict(yaml.safe_load((tmp_path / "c.yaml").read_text()))
     assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_exponent_floats_without_a_dot(tmp_path):
+    # YAML 1.1 reads 2e-4 as a string; as a float field's value it is the number 0.0002
+    cfg = load_config(None, ["mnist.lr=2e-4", "mnist.betas=[5E-1, 1e0]"])
+    assert cfg.mnist.lr == 0.0002 and cfg.mnist.betas == [0.5, 1.0]
+    f = tmp_path / "c.yaml"
+    f.write_text("mnist:\n  lr: 1e-3\n")
+    assert load_config(f).mnist.lr == 0.001
 
 
 _ORIGINAL = {"colored": "cgn_colored_MNIST", "double_colored": "cgn_double_colored_MNIST",
