@@ -12,7 +12,8 @@ Three steps on the same data set, the same model sizes and the same losses, at b
             losses, the texture shuffler as a per-sample crop of the 2 x 2 tiled map, fp32 VGG16, and D run separately on
             the real and the fake batch;
   plain     cgn_dist with mnist.fast_update=false (BatchStream over the per-item dataset, fp32);
-  fast      cgn_dist with mnist.fast_update=true (TensorBatches, bf16 VGG convolutions with fp32 Grams,
+  fast      cgn_dist with mnist.fast_update=true (TensorBatches; bf16 autocast for the VGG convolutions,
+            the texture mechanisms and D, while the mask mechanism, the Grams and every loss stay fp32;
             one D pass over real + fake where D has no BatchNorm).
 Rounds alternate the three steps (R x [authors, plain, fast]), so load from other processes on a shared
 machine hits all three alike; the figure per step is the median over rounds of the mean time of `updates`

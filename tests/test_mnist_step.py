@@ -209,9 +209,45 @@ def test_fast_config_departs_only_where_it_says():
     authors = flat(config_to_dict(load_config(root / "mnist" / "colored.yaml")))
     fast = flat(config_to_dict(load_config(root / "mnist" / "colored_fast.yaml")))
     diff = {k for k in authors if authors[k] != fast[k]} - {"name"}
-    assert diff == {"mnist.fast_update", "train.max_steps"}
+    assert diff == {"mnist.fast_update", "mnist.bg_init_bias", "train.max_steps"}
     main = flat(config_to_dict(load_config(root / "main.yaml")))
     assert main["mnist.fast_update"] and main["train.max_steps"] == fast["train.max_steps"]
     # the losses and optimiser are the authors'
     for k in ("mnist.lambda_mask", "mnist.style_weights", "mnist.lr", "mnist.betas", "train.micro_batch_size"):
         assert main[k] == authors[k]
+
+
+def test_background_init_bias_starts_dark():
+    # f_bg ends in BatchNorm -> tanh: in train mode BN's output is (z - mean)/std * gamma + beta, so with
+    # beta = -2 the background is tanh of roughly N(-2, 1) per pixel: E = -0.87 by numerical integration below
+    z = torch.linspace(-8, 8, 20001)
+    expected = float((torch.tanh(z - 2) * torch.exp(-z ** 2 / 2)).sum() / torch.exp(-z ** 2 / 2).sum())
+    y = torch.arange(10).repeat(4)
+    for bias, want in ((0.0, 0.0), (-2.0, expected)):
+        cfg = load_config("configs/mnist/colored.yaml", [f"mnist.bg_init_bias={bias}"])
+        gen = build_generator(cfg).train()
+        with torch.no_grad():
+            _, fg, bg, _ = gen(y, generator=torch.Generator().manual_seed(0))
+        assert abs(float(bg.mean()) - want) < 0.08, (bias, float(bg.mean()), want)
+        assert abs(float(fg.mean())) < 0.1  # the foreground mechanism is untouched
+    assert expected < -0.8
+
+
+def test_mask_area_hinge_is_added_to_the_generator_loss(vgg):
+    base = ["mnist.style_weights=[0,0,0,0]", "mnist.vgg_weights=random"]
+    x_real = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    y = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(5))
+    outs = {}
+    for w in (0.0, 3.0):
+        cfg = load_config("configs/mnist/colored.yaml", base + [f"mnist.mask_area_weight={w}",
+                                                                 "mnist.mask_area_bounds=[0.6,0.9]"])
+        upd, _, _ = _update(cfg, False, vgg)
+        torch.manual_seed(11)
+        outs[w] = upd(x_real, y, y)
+    assert "l_area" not in outs[0.0]
+    m = outs[3.0]["mask"].detach()
+    by_hand = 3.0 * sum(max(0.6 - float(s.mean()), 0.0) + max(float(s.mean()) - 0.9, 0.0) for s in m) / len(m)
+    assert by_hand > 0  # an untrained mask covers well under 60 %: the hinge is active
+    torch.testing.assert_close(outs[3.0]["l_area"].item(), by_hand, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((outs[3.0]["loss_g"] - outs[3.0]["l_area"]).item(), outs[0.0]["loss_g"].item(),
+                               rtol=1e-5, atol=1e-6)

@@ -157,6 +157,8 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
                 "loss/g_perceptual": out["l_perc"].item(), "loss/g_total": out["loss_g"].item(),
                 "loss/d": out["loss_d"].item(), "mask/mean": out["mask"].mean().item(),
                 "perf/samples_per_s": meter.update()} | engine_scalars(engines)
+        if "l_area" in out:
+            logs["loss/g_mask_area"] = out["l_area"].item()
         done = step + 1
         if done % t.log_every == 0 or done == total:
             logger.scalars(logs, done)

@@ -7,6 +7,9 @@ The fast layout changes only how it is computed:
   * the VGG16 convolutions of the style loss run in bf16 (AMX on this CPU; tensor cores on a GPU); the
     Gram matrices and the L1 between them stay fp32, so bf16 rounding does not swamp a difference of
     two nearly equal Grams (tests/test_mnist_step.py checks the loss and its gradient against fp32);
+  * so do the texture mechanisms and D (bf16 autocast); the mask mechanism stays fp32 (CGNMnist
+    disables autocast for it: its entropy needs 1 - m > 0 and its gradient drifts in bf16), and the
+    composite and every loss are fp32 (tests check the generator's loss and gradient against fp32);
   * the discriminator update runs one forward over real + fake together where that is exact: a D
     without BatchNorm treats every row on its own (dropout masks are drawn per element), so one pass
     over the concatenation is two passes' math. DiscConv has BatchNorm, whose batch statistics would
@@ -71,6 +74,7 @@ class MnistUpdate:
             l_bin = m.lambda_mask * binary_entropy_loss(mask)
             l_perc = self._style(x_gen, x_real)
             loss_g = l_adv + l_bin + l_perc
+            l_area = None
             if m.mask_area_weight:
                 lo, hi = m.mask_area_bounds
                 l_area = m.mask_area_weight * mask_area_loss(mask, lo=lo, hi=hi)
@@ -90,8 +94,11 @@ class MnistUpdate:
                           + lsgan_loss(eng_d(x_gen.detach(), y_gen), False)) / 2
         eng_d.backward(loss_d)
         eng_d.step()
-        return {"l_adv": l_adv, "l_bin": l_bin, "l_perc": l_perc, "loss_g": loss_g, "loss_d": loss_d, "mask": mask,
-                "x_gen": x_gen.detach()}
+        out = {"l_adv": l_adv, "l_bin": l_bin, "l_perc": l_perc, "loss_g": loss_g, "loss_d": loss_d, "mask": mask,
+               "x_gen": x_gen.detach()}
+        if l_area is not None:
+            out["l_area"] = l_area
+        return out
 
 
 def make_batches(dataset, batch_size: int, seed: int, rank: int, world: int, fast: bool):
