@@ -111,21 +111,22 @@ def plot(curves: dict, png: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    for label, pts in curves.items():
-        names = {"cgn_only": "CGN only", "combined": "original + CGN", "mask_acc": "masks read as their digit"}
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = {"cgn_only": "CGN only", "combined": "original + CGN", "mask_acc": "masks read as their digit"}
+    for i, (label, pts) in enumerate(curves.items()):  # one colour per run, one line style per measure
         for key, style in (("cgn_only", "-o"), ("combined", "--s"), ("mask_acc", ":^")):
             steps = sorted((s for s in pts if key in pts[s]), key=int)
             if steps:
                 ax.plot([int(s) for s in steps], [pts[s][key] for s in steps], style, ms=3,
-                        label=f"{label}: {names[key]}")
+                        color=colors[i % len(colors)], label=f"{label}: {names[key]}")
     ax.axhline(95.1, color="grey", lw=0.8, ls=":")
     ax.text(ax.get_xlim()[0], 96, " paper 95.1", fontsize=7, color="grey")
     ax.set_xlabel("CGN updates")
     ax.set_ylabel("test accuracy %")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 125)  # room for the legend above the curves
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6.5, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
