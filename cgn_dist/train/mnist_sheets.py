@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from cgn_dist.models.cgn_mnist import MASK_MAX, MASK_MIN, CGNMnist, shuffle_texture
+from cgn_dist.models.cgn_mnist import CGNMnist
 from cgn_dist.train.metrics import make_sheet
 
 
@@ -19,15 +19,14 @@ def counterfactual_sheet(gen: CGNMnist, n_classes: int, device, seed: int = 4321
     g = torch.Generator().manual_seed(seed)
     shape = torch.arange(n_classes, device=device)
     u_shape = gen.sample_noise(n_classes, generator=g).to(device)
-    mask = gen.f_shape(gen.mechanism_input(shape, u_shape)).clamp(MASK_MIN, MASK_MAX)
     columns = []
     for t in range(n_classes):
         other = torch.full((n_classes,), t, device=device)
         u_t = gen.sample_noise(n_classes, generator=g).to(device)
         u_b = gen.sample_noise(n_classes, generator=g).to(device)
-        fg = shuffle_texture(gen.f_text(gen.mechanism_input(other, u_t)), g)
-        bg = shuffle_texture(gen.f_bg(gen.mechanism_input(other, u_b)), g)
-        columns.append(mask * fg + (1 - mask) * bg)
+        # the model's own counterfactual pass: the fixed shape noise gives the same mask in every column
+        mask, _, _, x = gen(shape, other, other, u=u_shape, u_text=u_t, u_bg=u_b, generator=g)
+        columns.append(x)
     gen.train(was_training)
     return make_sheet([mask] + columns, unit=[True] + [False] * n_classes, upsample=2)
 
