@@ -33,6 +33,9 @@ DOWNLOAD_TIMEOUT_S = 10.0
 def gram(features: torch.Tensor) -> torch.Tensor:
     """Gram matrix F F^T / (C H W) per sample: B x C x H x W -> B x C x C."""
     b, c, h, w = features.shape
+    if c > 1 and not features.is_contiguous() and features.is_contiguous(memory_format=torch.channels_last):
+        f = features.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view of NHWC, no copy
+        return torch.bmm(f.transpose(1, 2), f) / (c * h * w)
     f = features.reshape(b, c, h * w)
     return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)
 
@@ -43,11 +46,12 @@ def style_loss(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor],
     if not (len(feats_a) >= len(weights) and len(feats_b) >= len(weights)):
         raise ValueError(f"need at least {len(weights)} feature maps per side, got "
                          f"{len(feats_a)} and {len(feats_b)}")
-    total = feats_a[0].new_zeros(())
+    total = feats_a[0].new_zeros((), dtype=torch.float32)
     for fa, fb, w in zip(feats_a, feats_b, weights):
         if w == 0:
             continue
-        total = total + (w ** 2) * STYLE_SCALE * F.l1_loss(gram(fa), gram(fb))
+        # Grams of bf16 features stay bf16 (AMX / tensor cores); their L1 is taken in fp32
+        total = total + (w ** 2) * STYLE_SCALE * F.l1_loss(gram(fa).float(), gram(fb).float())
     return total
 
 

@@ -21,6 +21,11 @@ def test_gram_hand_computed():
     torch.testing.assert_close(gram(f), torch.tensor([[[30.0 / 4]]]))
     f = torch.tensor([[1.0, 2.0], [0.0, 1.0]]).view(1, 2, 1, 2)  # C=2, H=1, W=2
     torch.testing.assert_close(gram(f), torch.tensor([[[5.0, 2.0], [2.0, 1.0]]]) / 4)
+    # channels-last features (what the fast update's VGG gives) take another path: a sum over pixels by hand
+    f = torch.randn(2, 5, 3, 4).contiguous(memory_format=torch.channels_last)
+    by_hand = torch.stack([sum(f[b, :, i, j][:, None] * f[b, :, i, j][None, :] for i in range(3) for j in range(4))
+                           for b in range(2)]) / (5 * 3 * 4)
+    torch.testing.assert_close(gram(f), by_hand)
 
 
 def test_style_loss_squares_weights_scales_by_5000_and_skips_zero_layers():

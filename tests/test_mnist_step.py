@@ -16,7 +16,7 @@ from cgn_dist.distributed.engine import build_engine
 from cgn_dist.distributed.env import read_env
 from cgn_dist.losses import VGG16Features, lsgan_loss, perceptual_loss
 from cgn_dist.train.mnist import build_discriminator, build_generator
-from cgn_dist.train.mnist_step import MnistUpdate, has_batchnorm, style_loss_bf16
+from cgn_dist.train.mnist_step import MnistUpdate, fast_vgg, has_batchnorm, style_loss_bf16
 
 
 @pytest.fixture(scope="module")
@@ -24,19 +24,22 @@ def vgg():
     return VGG16Features("random")
 
 
+@pytest.mark.parametrize("held", ["as_given", "bf16_channels_last"])
 @pytest.mark.parametrize("weights", [[0.05, 0.1, 0.01, 0.0], [0.01, 0.05, 0.0, 0.01]])
-def test_bf16_style_loss_matches_fp32(vgg, weights):
+def test_bf16_style_loss_matches_fp32(vgg, weights, held):
     g = torch.Generator().manual_seed(0)
     x = (torch.rand(8, 3, 32, 32, generator=g) * 2 - 1).requires_grad_(True)
     target = torch.rand(8, 3, 32, 32, generator=g) * 2 - 1
     ref = perceptual_loss(vgg, x, target, weights)
     (g_ref,) = torch.autograd.grad(ref, x)
-    got = style_loss_bf16(vgg, x, target, weights)
+    net = fast_vgg(vgg) if held == "bf16_channels_last" else vgg
+    got = style_loss_bf16(net, x, target, weights)
     (g_got,) = torch.autograd.grad(got, x)
     assert got.dtype == torch.float32
     assert abs(got.item() - ref.item()) < 0.03 * ref.item()
     assert F.cosine_similarity(g_got.flatten(), g_ref.flatten(), dim=0) > 0.98
-    assert style_loss_bf16(vgg, x, target, [0.0] * 4).item() == 0.0
+    assert style_loss_bf16(net, x, target, [0.0] * 4).item() == 0.0
+    assert next(vgg.parameters()).dtype == torch.float32  # the copy leaves the shared VGG as it was
 
 
 def _update(cfg, fast, vgg, bf16_models=False):

@@ -115,3 +115,47 @@ def test_two_updates_equal_a_hand_written_step(tmp_path):
         saved = _weights(run, 2, name)["module"]
         for k, v in module.state_dict().items():
             torch.testing.assert_close(saved[k], v, rtol=1e-4, atol=1e-6, msg=f"{name}.{k}")
+
+
+def test_ema_is_the_recursion_over_the_live_weights_and_resumes_bitwise(tmp_path):
+    """generator_ema.pt after 4 updates = copy at update 1, then e <- d*e + (1-d)*w for the live weights
+    saved at updates 2..4 (parameters and BatchNorm statistics); a resumed run ends with the same EMA;
+    generation reads the EMA from a step directory."""
+    from cgn_dist.generate.mnist import resolve_generator_file
+
+    d = 0.9
+    ema = ("mnist.ema_decay=0.9", "train.checkpoint_every=1", "train.keep_last=10")
+    full = Path(train_mnist(_cfg(tmp_path, "name=full", "train.max_steps=4", *ema))["run_dir"])
+    live = [_weights(full, s)["module"] for s in (1, 2, 3, 4)]
+    expect = {k: v.double().clone() for k, v in live[0].items() if v.is_floating_point()}
+    for w in live[1:]:
+        for k in expect:
+            expect[k] = d * expect[k] + (1 - d) * w[k].double()
+    got = _weights(full, 4, "generator_ema")
+    assert got["n_averaged"] == 4
+    for k, v in expect.items():
+        torch.testing.assert_close(got["module"][k].double(), v, rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.equal(got["module"]["f_shape.fc.weight"], live[3]["f_shape.fc.weight"])
+
+    train_mnist(_cfg(tmp_path, "name=part", "train.max_steps=2", *ema))
+    resumed = Path(train_mnist(_cfg(tmp_path, "name=part", "train.max_steps=4", *ema))["run_dir"])
+    again = _weights(resumed, 4, "generator_ema")
+    assert all(torch.equal(got["module"][k], again["module"][k]) for k in got["module"])
+    step4 = full / "checkpoints" / "step_0000004"
+    assert resolve_generator_file(step4).name == "generator_ema.pt"
+    assert resolve_generator_file(step4 / "generator.pt").name == "generator.pt"
+
+
+def test_turning_the_ema_on_in_a_run_needs_consent_and_starts_at_the_resumed_weights(tmp_path):
+    from cgn_dist.config import ConfigError
+
+    train_mnist(_cfg(tmp_path, "name=r", "train.max_steps=2"))
+    with pytest.raises(ConfigError, match="mnist.ema_decay: 0.0 -> 0.99"):
+        train_mnist(_cfg(tmp_path, "name=r", "train.max_steps=3", "mnist.ema_decay=0.99"))
+    run = Path(train_mnist(_cfg(tmp_path, "name=r", "train.max_steps=3", "mnist.ema_decay=0.99",
+                                "train.allow_config_change=true"))["run_dir"])
+    live2, live3 = _weights(run, 2)["module"], _weights(run, 3)["module"]
+    ema3 = _weights(run, 3, "generator_ema")
+    assert ema3["n_averaged"] == 1  # one update since the resume: a copy of the live weights
+    assert torch.equal(ema3["module"]["f_shape.fc.weight"], live3["f_shape.fc.weight"])
+    assert not torch.equal(live2["f_shape.fc.weight"], live3["f_shape.fc.weight"])

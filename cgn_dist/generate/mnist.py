@@ -52,6 +52,7 @@ from cgn_dist.models.cgn_mnist import MASK_MAX, MASK_MIN, CGNMnist, shuffle_text
 SAMPLER_NAME = "mnist_counterfactual"
 IMAGE_ENCODING = "png uint8 = round((clamp(x,-1,1)+1)*127.5), half to even; x = u8/127.5-1"
 GENERATOR_FILE = "generator.pt"  # what the MNIST training loop's torch engine saves per checkpoint
+EMA_FILE = "generator_ema.pt"  # the weights' moving average, saved beside it when mnist.ema_decay > 0
 DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
 _CACHE_GROUPS = 4
 
@@ -83,7 +84,9 @@ def resolve_generator_file(path: str | os.PathLike) -> Path:
 
     Accepted: a training run directory (its latest completed checkpoint), a checkpoint step directory
     (``step_XXXXXXX/`` with meta.json and generator.pt, or a DeepSpeed ``generator/`` tag folder), a
-    ``generator.pt`` file, or the authors' released ``ckp.pth``.
+    ``generator.pt`` file, or the authors' released ``ckp.pth``. A checkpoint trained with an EMA of the
+    weights (``generator_ema.pt`` beside ``generator.pt``) gives the EMA; pass ``generator.pt`` itself for
+    the live weights.
     """
     p = Path(path)
     if not p.exists():
@@ -103,6 +106,8 @@ def resolve_generator_file(path: str | os.PathLike) -> Path:
         engines = meta.get("engines", [])
         if engines and "generator" not in engines:
             raise GeneratorCheckpointError(f"checkpoint {p} holds engines {engines}, no 'generator'")
+        if (p / EMA_FILE).is_file():
+            return p / EMA_FILE
         if (p / GENERATOR_FILE).is_file():
             return p / GENERATOR_FILE
         ds_dir = p / "generator"

@@ -20,6 +20,7 @@ from cgn_dist.models.cgn_mnist import CGNMnist, init_cgn_weights
 from cgn_dist.models.discriminator import DiscConv, DiscLin
 from cgn_dist.train.checkpoint import (find_resume_checkpoint, latest_checkpoint, load_checkpoint, prepare_run_dir,
                                       save_checkpoint)
+from cgn_dist.train.ema import EMA_NAME, EmaWeights
 from cgn_dist.train.common import NullReporter, Reporter, step_seed
 from cgn_dist.train.run_dir import (build_summary, checkpoint_step, complete_line, progress_line, read_summary,
                                     start_line, write_summary)
@@ -54,6 +55,14 @@ def build_discriminator(cfg: Config) -> torch.nn.Module:
     if m.disc == "linear":
         return DiscLin(n_classes=m.n_classes, ndf=m.ndf)
     return DiscConv(n_classes=m.n_classes, ndf=m.ndf)
+
+
+def build_optimizer(module: torch.nn.Module, cfg: Config, device) -> torch.optim.Adam:
+    """The authors' Adam; with mnist.fast_update its fused kernel (the same update rule in one kernel per
+    step instead of ~10 per tensor: 1.8 ms instead of 13 ms for G + D on this CPU)."""
+    m = cfg.mnist
+    fused = m.fast_update and torch.device(device).type in ("cpu", "cuda")
+    return torch.optim.Adam(module.parameters(), lr=m.lr, betas=tuple(m.betas), **({"fused": True} if fused else {}))
 
 
 # --------------------------------------------------------------------------- data
@@ -125,8 +134,7 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
 
     gen, disc = build_generator(cfg), build_discriminator(cfg)
     vgg = VGG16Features(m.vgg_weights).to(env.device)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=m.lr, betas=tuple(m.betas))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=m.lr, betas=tuple(m.betas))
+    opt_g, opt_d = build_optimizer(gen, cfg, env.device), build_optimizer(disc, cfg, env.device)
     eng_g = build_engine(gen, opt_g, t, env)
     eng_d = build_engine(disc, opt_d, t, env)
     engines = {"generator": eng_g, "discriminator": eng_d}
@@ -134,8 +142,17 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
 
     start = 0
     if ckpt is not None:
-        start = load_checkpoint(ckpt, engines, rank=env.rank)["step"]
+        resumed = load_checkpoint(ckpt, engines, rank=env.rank)
+        start = resumed["step"]
         logger.info(f"resumed from {ckpt} at update {start}")
+    ema = EmaWeights(gen, m.ema_decay, env.is_main) if m.ema_decay else None
+    if ema is not None and ckpt is not None:
+        if EMA_NAME in resumed["meta"].get("engines", []):
+            ema.load(ckpt, EMA_NAME)
+        else:  # only reachable with train.allow_config_change: the average starts at the resumed weights
+            logger.info(f"{ckpt} has no weight average; it starts from the weights of update {start}")
+    saved = engines | ({EMA_NAME: ema} if ema is not None else {})
+    sampler_gen = ema.module if ema is not None else gen  # what sheets show and counterfactuals are drawn from
     logger.info(start_line(cfg, env.world_size, total, start, env.device))
 
     bar = tqdm(range(start, total), initial=start, total=total, disable=not (t.progress and env.is_main),
@@ -152,6 +169,8 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
             # generator labels independent of the real batch
             y_gen = torch.randint(0, m.n_classes, (b,), device=env.device)
             out = update(x_real, y_real, y_gen)
+        if ema is not None:
+            ema.update(gen)
 
         logs = {"loss/g_adv": out["l_adv"].item(), "loss/g_binary": out["l_bin"].item(),
                 "loss/g_perceptual": out["l_perc"].item(), "loss/g_total": out["loss_g"].item(),
@@ -166,10 +185,10 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
             bar.set_postfix(g=f"{logs['loss/g_total']:.3f}", d=f"{logs['loss/d']:.3f}",
                             samples_s=f"{logs['perf/samples_per_s']:.1f}")
         if done % t.sample_every == 0 or done == total:
-            logger.image("sheet/classes", class_sheet(gen, m.n_classes, env.device), done)
-            logger.image("sheet/counterfactuals", counterfactual_sheet(gen, m.n_classes, env.device), done)
+            logger.image("sheet/classes", class_sheet(sampler_gen, m.n_classes, env.device), done)
+            logger.image("sheet/counterfactuals", counterfactual_sheet(sampler_gen, m.n_classes, env.device), done)
         if done % t.checkpoint_every == 0 or done == total:
-            path = save_checkpoint(run_dir, done, engines, cfg=cfg, keep_last=t.keep_last, rank=env.rank)
+            path = save_checkpoint(run_dir, done, saved, cfg=cfg, keep_last=t.keep_last, rank=env.rank)
             reporter.report(done, logs, path, env.is_main)
     summary = build_summary(run_dir, total, total, latest_checkpoint(run_dir), logs)
     if env.is_main:
