@@ -14,7 +14,8 @@ Three steps on the same data set, the same model sizes and the same losses, at b
   plain     cgn_dist with mnist.fast_update=false (BatchStream over the per-item dataset, fp32);
   fast      cgn_dist with mnist.fast_update=true (TensorBatches; VGG16 as a bf16 channels-last copy with
             bf16 Grams, bf16 autocast for the texture mechanisms and D, while the mask mechanism and
-            every loss stay fp32; one D pass over real + fake where D has no BatchNorm; fused Adam).
+            every loss stay fp32; one D pass over real + fake where D has no BatchNorm; fused Adam; G and D
+            channels-last).
 Rounds alternate the three steps (R x [authors, plain, fast]), so load from other processes on a shared
 machine hits all three alike; the figure per step is the median over rounds of the mean time of `updates`
 updates, and ratios are authors / step. VGG16 is the offline fixed-seed random one (the same compute as
@@ -41,7 +42,7 @@ from cgn_dist.distributed.env import read_env
 from cgn_dist.losses import VGG16Features, binary_entropy_loss, lsgan_loss, perceptual_loss
 from cgn_dist.models.cgn_mnist import MASK_MAX, MASK_MIN
 from cgn_dist.train.mnist import build_discriminator, build_generator, build_optimizer
-from cgn_dist.train.mnist_step import MnistUpdate, make_batches
+from cgn_dist.train.mnist_step import MnistUpdate, make_batches, to_channels_last
 
 CONFIGS = {"colored": "configs/mnist/colored.yaml", "double_colored": "configs/mnist/double_colored.yaml",
            "wildlife": "configs/mnist/wildlife.yaml"}
@@ -143,6 +144,8 @@ class OurUpdate:
         self.n_classes = m.n_classes
         cfg = copy.deepcopy(cfg)
         cfg.mnist.fast_update = fast
+        if fast:
+            to_channels_last(gen, disc)
         eng_g = build_engine(gen, build_optimizer(gen, cfg, "cpu"), cfg.train, env)
         eng_d = build_engine(disc, build_optimizer(disc, cfg, "cpu"), cfg.train, env)
         self.update = MnistUpdate(m, eng_g, eng_d, disc, vgg, fast=fast)

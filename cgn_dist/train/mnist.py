@@ -25,7 +25,7 @@ from cgn_dist.train.common import NullReporter, Reporter, step_seed
 from cgn_dist.train.run_dir import (build_summary, checkpoint_step, complete_line, progress_line, read_summary,
                                     start_line, write_summary)
 from cgn_dist.train.mnist_sheets import counterfactual_sheet
-from cgn_dist.train.mnist_step import MnistUpdate, make_batches
+from cgn_dist.train.mnist_step import MnistUpdate, make_batches, to_channels_last
 from cgn_dist.train.metrics import Throughput, build_logger, engine_scalars, make_sheet, setup_logging
 
 
@@ -133,6 +133,8 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
         return read_summary(run_dir) or build_summary(run_dir, total, checkpoint_step(ckpt), ckpt, {})
 
     gen, disc = build_generator(cfg), build_discriminator(cfg)
+    if m.fast_update:
+        to_channels_last(gen, disc)
     vgg = VGG16Features(m.vgg_weights).to(env.device)
     opt_g, opt_d = build_optimizer(gen, cfg, env.device), build_optimizer(disc, cfg, env.device)
     eng_g = build_engine(gen, opt_g, t, env)

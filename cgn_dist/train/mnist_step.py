@@ -43,6 +43,14 @@ def fast_vgg(vgg: nn.Module) -> nn.Module:
     return out.requires_grad_(False).eval()
 
 
+def to_channels_last(*modules: nn.Module) -> None:
+    """The fast layout for G and D too: their convolutions, BatchNorms and the shuffler's crop run NHWC
+    (5 % of the colored update, 10 % of wildlife's with its convolutional D, on this CPU). Same weights,
+    same math; checkpoints load into either layout."""
+    for module in modules:
+        module.to(memory_format=torch.channels_last)
+
+
 def style_loss_bf16(vgg, x: torch.Tensor, target: torch.Tensor, weights) -> torch.Tensor:
     """perceptual_loss with the VGG convolutions and the Grams in bf16 and their L1 in fp32 (any
     VGG16Features; fastest with fast_vgg's copy)."""
@@ -127,4 +135,4 @@ def make_batches(dataset, batch_size: int, seed: int, rank: int, world: int, fas
     return BatchStream(dataset, batch_size, seed, rank, world)
 
 
-__all__ = ["MnistUpdate", "fast_vgg", "style_loss_bf16", "has_batchnorm", "make_batches"]
+__all__ = ["MnistUpdate", "fast_vgg", "to_channels_last", "style_loss_bf16", "has_batchnorm", "make_batches"]
