@@ -54,6 +54,8 @@ def _check_values(cfg: Config) -> None:
     need(len(m_lo_hi) == 2 and 0 <= m_lo_hi[0] < m_lo_hi[1] <= 1, "mnist.mask_area_bounds",
          "needs [lo, hi] with 0 <= lo < hi <= 1")
     need(cfg.mnist.mask_area_weight >= 0, "mnist.mask_area_weight", "must be >= 0")
+    need(not (cfg.mnist.bg_init_from_data and cfg.mnist.bg_init_bias), "mnist.bg_init_bias",
+         "is set and so is mnist.bg_init_from_data; keep one (bg_init_bias=0 or bg_init_from_data=false)")
     need(0 <= cfg.mnist.ema_decay < 1, "mnist.ema_decay", "must lie in [0, 1) (0 = off; 0.999 is typical)")
     lo_hi = cfg.imagenet.mask_area_bounds
     need(len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1] <= 1, "imagenet.mask_area_bounds", "needs [lo, hi] with 0 <= lo < hi <= 1")

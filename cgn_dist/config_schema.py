@@ -41,6 +41,7 @@ class MnistConfig:
     mask_area_weight: float = 0.0  # not in the authors' MNIST loss (0): ImageNet's mask-area hinge, weight
     mask_area_bounds: list[float] = field(default_factory=lambda: [0.0, 1.0])  # mean mask kept in [lo, hi]
     bg_init_bias: float = 0.0  # not the authors' (0): f_bg's last BatchNorm bias at init; < 0 starts backgrounds dark
+    bg_init_from_data: bool = False  # not the authors': that bias per channel = atanh(training images' border mean)
     ema_decay: float = 0.0  # not the authors' (0 = off): keep an EMA of G's weights (e.g. 0.999); samples come from it
 
 

