@@ -212,7 +212,7 @@ def test_fast_config_departs_only_where_it_says():
     authors = flat(config_to_dict(load_config(root / "mnist" / "colored.yaml")))
     fast = flat(config_to_dict(load_config(root / "mnist" / "colored_fast.yaml")))
     diff = {k for k in authors if authors[k] != fast[k]} - {"name"}
-    assert diff == {"mnist.fast_update", "mnist.bg_init_bias", "train.max_steps"}
+    assert diff == {"mnist.fast_update", "mnist.bg_init_bias", "mnist.ema_decay", "train.max_steps"}
     for ds in ("double_colored", "wildlife"):
         a = flat(config_to_dict(load_config(root / "mnist" / f"{ds}.yaml")))
         f = flat(config_to_dict(load_config(root / "mnist" / f"{ds}_fast.yaml")))
