@@ -33,7 +33,7 @@ DOWNLOAD_TIMEOUT_S = 10.0
 def gram(features: torch.Tensor) -> torch.Tensor:
     """Gram matrix F F^T / (C H W) per sample: B x C x H x W -> B x C x C."""
     b, c, h, w = features.shape
-    if c > 1 and not features.is_contiguous() and features.is_contiguous(memory_format=torch.channels_last):
+    if not features.is_contiguous() and features.is_contiguous(memory_format=torch.channels_last):
         f = features.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view of NHWC, no copy
         return torch.bmm(f.transpose(1, 2), f) / (c * h * w)
     f = features.reshape(b, c, h * w)

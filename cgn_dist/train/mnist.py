@@ -148,7 +148,7 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
             destroy_process_group()
         return read_summary(run_dir) or build_summary(run_dir, total, checkpoint_step(ckpt), ckpt, {})
 
-    bg_bias = border_bias(dataset) if m.bg_init_from_data else None
+    bg_bias = border_bias(dataset) if m.bg_init_from_data and ckpt is None else None  # a resume loads f_bg
     if bg_bias is not None:
         logger.info(f"f_bg starts at the data's border colour: BatchNorm bias {[round(float(b), 3) for b in bg_bias]}")
     gen, disc = build_generator(cfg, bg_bias), build_discriminator(cfg)
