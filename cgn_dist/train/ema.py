@@ -51,8 +51,8 @@ class EmaWeights:
     def load(self, directory: Path, name: str = EMA_NAME) -> None:
         file = Path(directory) / f"{name}.pt"
         if not file.is_file():
-            raise FileNotFoundError(f"{file} missing: this checkpoint was written without mnist.ema_decay; resume "
-                                    "with the run's own setting (mnist.ema_decay=0) or start a new run")
+            raise FileNotFoundError(f"{file} missing: the checkpoint is incomplete (or was written without "
+                                    "mnist.ema_decay); resume from another checkpoint or with the run's own settings")
         device = next(self.module.parameters()).device
         state = torch.load(file, map_location=device, weights_only=True)
         self.module.load_state_dict(state["module"])
