@@ -95,7 +95,20 @@ def test_best_classes(tmp_path):
     for s in samples:
         m = s["json"]
         assert m["shape_cls"] in BEST_SHAPE_CLASSES and m["texture_cls"] in BEST_TEXTURE_CLASSES
-        assert m["bg_cls"] in BEST_BACKGROUND_CLASSES and m["shape_name"] == class_name(m["shape_cls"])
+        assert m["bg_cls"] in BEST_BACKGROUND_CLASSES and m["shape_name"] == _class_file_name(m["shape_cls"])
+
+
+def _class_file_name(class_id: int) -> str:
+    # Read the class-name file directly (line = id, first synonym), not through the code under test.
+    from importlib.resources import files
+    lines = files("cgn_dist.generate").joinpath("imagenet_classes.txt").read_text().splitlines()
+    return lines[class_id].split(" ", 1)[1].split(",")[0].strip()
+
+
+def test_class_names_are_the_imagenet_ones():
+    # Known ImageNet names, by hand: the first and last classes and the two names that occur twice.
+    assert [class_name(i) for i in (0, 1, 134, 517, 638, 639, 999)] == [
+        "tench", "goldfish", "crane", "crane", "maillot", "maillot", "toilet tissue"]
 
 def test_class_draws_depend_on_the_seed_alone_and_are_uniform():
     seeds = list(range(3000))

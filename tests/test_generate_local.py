@@ -173,14 +173,20 @@ def test_run_killed_from_outside_then_rerun(reference, tmp_path):
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline, "the run never committed shard 1"
         time.sleep(0.02)
-    time.sleep(0.07)  # into shard 2
+    # Kill while shard 2 is half written: its temporary tar exists and its marker does not.
+    while not list(out.glob(".tmp-shard-000002.tar.*")):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "the run never started shard 2"
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert len(list(out.glob("shard-*_stats.json"))) < 5, "the run finished before it was killed"
+    assert list(out.glob(".tmp-shard-000002.tar.*")), "shard 2 finished before the kill landed"
+    assert not (out / "shard-000002_stats.json").exists(), "the kill did not land mid-shard"
     assert not (out / "manifest.json").exists()
     generate_dataset(ToySamplerFactory(image_size=8, sleep_s=0.05), out, N, SHARD, SEED, batch_size=2,
                      progress=False)
     assert_same_dataset(out, reference)
+    assert not list(out.glob(".tmp-*")), "the rerun left the killed run's temporary tar"
 
 
 def test_describe_plan_estimates_disk_and_time(reference):

@@ -121,9 +121,15 @@ run_make_shards(load_config(None, ["shards.root={tree.train}", "shards.out={out}
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline, "the run never committed shard 1"
         time.sleep(0.02)
-    time.sleep(0.2)  # into shard 2
+    # Kill while shard 2 is half written: its temporary tar exists and its marker does not.
+    while not list(out.glob(".tmp-shard-000002.tar.*")):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "the run never started shard 2"
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    assert list(out.glob(".tmp-shard-000002.tar.*")), "shard 2 finished before the kill landed"
+    assert not (out / "shard-000002_stats.json").exists(), "the kill did not land mid-shard"
     assert not (out / "manifest.json").exists(), "the run finished before it was killed"
     assert len(list(out.glob("shard-*_stats.json"))) < 6
     summary = run_make_shards(_cfg(tree.train, out))

@@ -115,8 +115,13 @@ def test_training_resumes_on_a_replacement_node(two_nodes, tmp_path, monkeypatch
         assert trainer.is_alive() and time.monotonic() < deadline, result
         time.sleep(0.05)
     lost_after = list_checkpoints(run_dir)[-1][0]
-    two_nodes.remove_node(two_nodes.nodes[1])  # one of the two workers lived there
-    time.sleep(2)
+    lost = two_nodes.nodes[1]
+    two_nodes.remove_node(lost)  # one of the two workers lived there
+    # The fresh node joins only once the cluster has seen the loss (a fixed sleep raced on a busy machine).
+    import ray
+    while any(n["NodeID"] == lost.node_id and n["Alive"] for n in ray.nodes()):
+        assert time.monotonic() < deadline, "the cluster never noticed the lost node"
+        time.sleep(0.05)
     two_nodes.add_node()  # what an autoscaler does: a fresh node for the lost one
     trainer.join(400)
     assert not trainer.is_alive() and "error" not in result, result
