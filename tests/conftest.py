@@ -33,9 +33,23 @@ SHARED = Path(os.environ.get("CGN_DIST_SHARED", REPO.parent / "shared")) / "refe
 
 @pytest.fixture(scope="session")
 def shared_ref() -> Path:
+    # The package's own tests run from a source tarball without the references; those that compare with
+    # the authors' checkpoints and goldens skip, saying why. In CI the references must be there.
     if not SHARED.is_dir():
-        pytest.fail(f"the shared reference folder {SHARED} is missing")
+        if os.environ.get("CI"):
+            pytest.fail(f"the shared reference folder {SHARED} is missing (CI needs it)")
+        pytest.skip(f"needs the reference folder {SHARED} (set CGN_DIST_SHARED to its parent)")
     return SHARED
+
+
+def pytest_collection_modifyitems(config, items):
+    config._cgn_shared_tests = sum("shared_ref" in getattr(item, "fixturenames", ()) for item in items)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = getattr(config, "_cgn_shared_tests", 0)
+    where = "present" if SHARED.is_dir() else "MISSING: they were skipped"
+    terminalreporter.write_line(f"{n} tests read the shared references at {SHARED} ({where})")
 
 
 @pytest.fixture(scope="session")
