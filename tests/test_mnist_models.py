@@ -3,7 +3,6 @@ import pytest
 import torch
 from torch import nn
 
-from cgn_dist.models import MODELS
 from cgn_dist.models.cgn_mnist import (MASK_MAX, MASK_MIN, CGNMnist, count_parameters, draw_crop_offsets,
                                        init_cgn_weights, shuffle_texture, tile_and_crop)
 from cgn_dist.models.discriminator import DiscConv, DiscLin
@@ -13,11 +12,6 @@ from cgn_dist.models.discriminator import DiscConv, DiscLin
 def cgn():
     torch.manual_seed(0)
     return CGNMnist()
-
-
-def test_registry():
-    assert MODELS["cgn_mnist"] is CGNMnist
-    assert MODELS["disc_lin"] is DiscLin and MODELS["disc_conv"] is DiscConv
 
 
 def test_parameter_count_matches_released_checkpoints(cgn):
