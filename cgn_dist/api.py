@@ -133,7 +133,7 @@ class ImagenetCGN:
         return cls(factory())
 
     def class_name(self, class_id: int) -> str:
-        from cgn_dist.generate.imagenet import class_name
+        from cgn_dist.data.imagenet_classes import class_name
 
         return class_name(class_id)
 

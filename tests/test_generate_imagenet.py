@@ -101,7 +101,7 @@ def test_best_classes(tmp_path):
 def _class_file_name(class_id: int) -> str:
     # Read the class-name file directly (line = id, first synonym), not through the code under test.
     from importlib.resources import files
-    lines = files("cgn_dist.generate").joinpath("imagenet_classes.txt").read_text().splitlines()
+    lines = files("cgn_dist.data").joinpath("imagenet_categories.txt").read_text().splitlines()
     return lines[class_id].split(" ", 1)[1].split(",")[0].strip()
 
 

@@ -20,9 +20,10 @@ import csv
 import os
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Sequence
+
+from cgn_dist.data.imagenet_classes import imagenet_classes
 
 # torchvision's ImageFolder extensions (case-insensitive); ILSVRC uses .JPEG.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -51,15 +52,7 @@ class TreeListing:
 
 def imagenet_categories() -> list[tuple[str, str]]:
     """The standard 1000 ImageNet classes in label order: (wnid, names)."""
-    text = resources.files("cgn_dist.data").joinpath("imagenet_categories.txt").read_text()
-    out = []
-    for line in text.splitlines():
-        if line.strip():
-            wnid, _, names = line.partition(" ")
-            out.append((wnid, names.strip()))
-    if len(out) != 1000:
-        raise RuntimeError(f"imagenet_categories.txt holds {len(out)} classes, expected 1000")
-    return out
+    return list(imagenet_classes())
 
 
 def _is_image(name: str) -> bool:

@@ -1,4 +1,4 @@
-"""ImageNet class names (package data) and the class triple of each counterfactual sample.
+"""The class triple of each counterfactual sample.
 
 ``draw_classes`` by ``mode`` (everything from the sample's seed, numpy.random.default_rng([seed, CLASS_STREAM])):
   random        three independent uniform ids in [0, n_classes) (shape, texture, background);
@@ -8,36 +8,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 
 import numpy as np
 
+from cgn_dist.data.imagenet_classes import IMAGENET_CLASSES, class_name, imagenet_classes  # noqa: F401
 from cgn_dist.generate.class_lists import BEST_BACKGROUND_CLASSES, BEST_SHAPE_CLASSES, BEST_TEXTURE_CLASSES
 
 MODES = ("random", "best_classes", "fixed_classes")
-IMAGENET_CLASSES = 1000
 CLASS_STREAM = 1  # the class triple's generator: default_rng([seed, CLASS_STREAM]); the noise uses seed alone
-_CLASSES_FILE = "imagenet_classes.txt"
-
-
-@lru_cache(maxsize=1)
-def imagenet_classes() -> tuple[tuple[str, str], ...]:
-    """The 1000 ImageNet classes in index order as (wnid, "name, synonym, ..."), from the package's
-    ``imagenet_classes.txt`` (one ``<wnid> <names>`` line per class)."""
-    from importlib.resources import files
-
-    text = files("cgn_dist.generate").joinpath(_CLASSES_FILE).read_text(encoding="utf-8")
-    rows = tuple(tuple(line.split(" ", 1)) for line in text.splitlines() if line.strip())
-    if len(rows) != IMAGENET_CLASSES:
-        raise RuntimeError(f"{_CLASSES_FILE} holds {len(rows)} classes, not {IMAGENET_CLASSES}")
-    return rows  # type: ignore[return-value]
-
-
-def class_name(class_id: int) -> str:
-    """The short ImageNet name (first synonym) of a class id, e.g. 0 -> "tench". Two names occur twice
-    ("crane" 134/517, "maillot" 638/639): the id, not the name, identifies a class. Models with fewer
-    classes (tests) use the same ids, hence the same names."""
-    return imagenet_classes()[int(class_id)][1].split(",")[0].strip()
 
 
 def check_classes(mode: str, classes: Sequence[int], n_classes: int) -> None:

@@ -53,7 +53,7 @@ def class_sheet(cgn: CGNImageNet, classes: list[int], truncation: float, device,
     u = truncated_noise(1, cgn.z_dim, truncation, seed=[seed]).expand(len(classes), -1).to(device)
     y = class_vector(classes, cgn.n_classes).to(device)
     out = cgn(u, y, truncation, mechanisms=mechanisms)
-    from cgn_dist.generate.imagenet import class_name
+    from cgn_dist.data.imagenet_classes import class_name
 
     return make_sheet([out["mask"], out["premask"], out["foreground"], out["background"], out["composite"],
                        out["x_gt"]], unit=[True, False, False, False, False, False], titles=list(SHEET_COLUMNS),
