@@ -250,11 +250,16 @@ def write_tar(path: str | os.PathLike, samples: Iterable[tuple[str, Mapping[str,
         return writer.commit()
 
 
+def json_text(obj: Any, indent: int | None = 2) -> str:
+    """The project's JSON files: sorted keys, no NaN, a final newline (the same bytes wherever written)."""
+    return json.dumps(obj, sort_keys=True, indent=indent, default=_json_default, allow_nan=False) + "\n"
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     """JSON to a temporary name, fsync, rename: readers see the old file or the whole new one."""
     path = Path(path)
     tmp = temp_path_for(path)
-    data = json.dumps(obj, sort_keys=True, indent=indent, default=_json_default, allow_nan=False) + "\n"
+    data = json_text(obj, indent)
     try:
         with open(tmp, "x", encoding="utf-8") as f:
             f.write(data)
