@@ -210,3 +210,30 @@ def staging_dir(prefix: str = "cgn_dist_stage_") -> Path:
 def load_json(location: str | os.PathLike, name: str) -> Any:
     data = Store(location).read_bytes(name)
     return None if data is None else json.loads(data)
+
+
+def read_text(url: str) -> str:
+    """A whole small object (an index, a manifest) as text; FileNotFoundError when it does not exist."""
+    folder, name = url.rsplit("/", 1)
+    data = Store(folder).read_bytes(name)
+    if data is None:
+        raise FileNotFoundError(url)
+    return data.decode("utf-8")
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
+    return _filesystem(url).open(url, mode, block_size=1 << 22)  # 4 MiB reads: few requests per shard
+
+
+def register_stream_schemes() -> None:
+    """Let webdataset read shards from object stores through fsspec (it ships no s3:// reader, and reads
+    gs:// through the gsutil program). Idempotent."""
+    import importlib
+
+    wds_gopen = importlib.import_module("webdataset.gopen")  # the module (the package exports a function of that name)
+    wds_gopen.gopen_schemes["s3"] = _gopen_fsspec
+    try:
+        import gcsfs  # noqa: F401 - only when the gs extra is installed; else webdataset's own gs reader
+    except ImportError:
+        return
+    wds_gopen.gopen_schemes["gs"] = _gopen_fsspec

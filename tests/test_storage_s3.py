@@ -161,3 +161,24 @@ def test_missing_credentials_say_which_keys_to_set(s3, monkeypatch, tmp_path):
     clear_fsspec_cache()
     with pytest.raises(StorageError, match="AWS_ACCESS_KEY_ID"):
         generate_dataset(FACTORY, f"s3://{bucket}/x", N, SHARD, SEED, progress=False)
+
+
+def test_the_reader_streams_from_the_bucket_every_sample_once_per_epoch(s3, local_reference):
+    from cgn_dist.data.stream import CF_LABELS, load_shard_set, make_loader
+
+    bucket = make_bucket(s3)
+    url = f"s3://{bucket}/stream"
+    generate_dataset(FACTORY, url, N, SHARD, SEED, batch_size=2, progress=False)
+    remote_set = load_shard_set(url)
+    assert remote_set.urls[0] == f"{url}/shard-000000.tar" and remote_set.counts == load_shard_set(local_reference).counts
+
+    def epoch(source, rank, world, workers):
+        kw = dict(train=False, rank=rank, world_size=world, num_workers=workers, labels=CF_LABELS,
+                  image_size=8, resize=8)
+        return [(k, tuple(int(b[c][i]) for c in CF_LABELS)) for b in make_loader(source, 3, **kw)
+                for i, k in enumerate(b["__key__"])]
+
+    local = epoch(local_reference, 0, 1, 0)
+    assert epoch(url, 0, 1, 0) == local  # same samples, same order, same labels
+    split = epoch(url, 0, 2, 2) + epoch(url, 1, 2, 2)  # 2 ranks x 2 loader workers, each its own slice
+    assert sorted(split) == sorted(local) and len(split) == N

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+
 # Fixed tar header fields: byte-identical shards across machines, users and reruns.
 TAR_MTIME = 0
 TAR_MODE = 0o444
@@ -353,55 +354,3 @@ def read_sample(path: str | os.PathLike, key: str) -> dict[str, bytes]:
         if sample["__key__"] == key:
             return {k: v for k, v in sample.items() if not k.startswith("_")}
     raise KeyError(f"sample {key} is not in {path}")
-
-
-# --- shard indexes ------------------------------------------------------------------------------------------
-
-WIDS_KIND = "wids-shard-index-v1"
-
-
-def build_wids_index(shards: Iterable[Mapping[str, Any]], name: str | None = None) -> dict[str, Any]:
-    """A shard index in the format of the ``wids`` package (``wids.ShardListDataset`` reads it).
-
-    Each entry needs ``url`` (relative URLs resolve against the index file's directory) and ``nsamples``;
-    ``filesize`` and ``sha256`` are extra fields that wids ignores and our loaders may check.
-    """
-    shardlist = []
-    for s in shards:
-        entry = {"url": str(s["url"]), "nsamples": int(s["nsamples"])}
-        for extra in ("filesize", "sha256"):
-            if extra in s:
-                entry[extra] = s[extra]
-        shardlist.append(entry)
-    index: dict[str, Any] = {"__kind__": WIDS_KIND, "wids_version": 1, "shardlist": shardlist}
-    if name:
-        index["name"] = name
-    return index
-
-
-def load_shard_index(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Entries of a wids-style index with ``url`` made absolute (relative to the index file's folder)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no shard index at {path}; generation writes index.json beside the shards")
-    index = json.loads(path.read_text())
-    if index.get("wids_version") != 1 or not isinstance(index.get("shardlist"), list):
-        raise ShardFormatError(f"{path} is not a wids shard index (needs wids_version 1 and a shardlist)")
-    out = []
-    for entry in index["shardlist"]:
-        entry = dict(entry)
-        url = entry["url"]
-        if "://" not in url and not os.path.isabs(url):
-            entry["url"] = str(path.parent / url)
-        out.append(entry)
-    return out
-
-
-def shard_urls(index_path: str | os.PathLike) -> list[str]:
-    """Shard paths listed in an index, in order: the ``urls`` argument of ``webdataset.WebDataset``."""
-    return [e["url"] for e in load_shard_index(index_path)]
-
-
-def count_samples(index_path: str | os.PathLike) -> int:
-    """Total samples listed in an index (no tar is opened)."""
-    return sum(int(e["nsamples"]) for e in load_shard_index(index_path))

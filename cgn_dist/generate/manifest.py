@@ -19,7 +19,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
-from cgn_dist.data.shards import build_wids_index, json_text, write_json_atomic
+from cgn_dist.data.shards import json_text, write_json_atomic
+from cgn_dist.data.shard_index import build_wids_index
 from cgn_dist.generate.plan import KEY_FORMAT, SEED_DERIVATION, ShardSpec, plan_to_dicts, shard_name
 from cgn_dist.generate.writer import GenerationError, ShardCheck, verify_shard
 from cgn_dist.storage import Store, is_remote
