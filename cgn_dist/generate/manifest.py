@@ -7,7 +7,7 @@
   the same bytes.
 - ``index.json`` the shard list with sample counts in the ``wids`` format
   (``{"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": [{"url", "nsamples"}]}``), so
-  loaders never rescan tars (``cgn_dist.data.shards.shard_urls`` / ``count_samples``, or
+  loaders never rescan tars (``cgn_dist.data.shard_index.shard_urls`` / ``count_samples``, or
   ``wids.ShardListDataset("index.json")``).
 """
 from __future__ import annotations
