@@ -32,6 +32,18 @@ _HINTS = {
 _EXTRAS = {"s3": "s3fs", "gs": "gcsfs"}
 
 
+# What the storage clients read from the environment: handed to Ray workers on other nodes with the job
+# (their raylets may have been started without it).
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+               "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+               "GOOGLE_APPLICATION_CREDENTIALS", "CGN_DIST_STAGING")
+
+
+def storage_env() -> dict[str, str]:
+    """The storage settings of this process's environment (those that are set)."""
+    return {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
+
+
 class StorageError(ValueError):
     """An output location cannot be used: wrong bucket, missing credentials, or a missing fsspec backend."""
 

@@ -182,3 +182,21 @@ def test_the_reader_streams_from_the_bucket_every_sample_once_per_epoch(s3, loca
     assert epoch(url, 0, 1, 0) == local  # same samples, same order, same labels
     split = epoch(url, 0, 2, 2) + epoch(url, 1, 2, 2)  # 2 ranks x 2 loader workers, each its own slice
     assert sorted(split) == sorted(local) and len(split) == N
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_on_two_nodes_writes_the_local_bytes_into_the_bucket(endpoint, monkeypatch, local_reference):
+    from ray_helpers import two_node_cluster
+
+    # The nodes start before the credentials are set: the workers get them with the job, as on a cluster
+    # whose nodes were started without them.
+    with two_node_cluster():
+        for k, v in s3_env(endpoint).items():
+            monkeypatch.setenv(k, v)
+        clear_fsspec_cache()
+        bucket = make_bucket(endpoint)
+        url = f"s3://{bucket}/ray"
+        generate_dataset(FACTORY, url, N, SHARD, SEED, batch_size=2, backend="ray", num_workers=2,
+                         worker_resources={"num_cpus": 1}, progress=False)
+    _assert_same_as_local(list_keys(endpoint, bucket, "ray"), local_reference)

@@ -27,7 +27,7 @@ from cgn_dist.generate.plan import ShardSpec
 from cgn_dist.generate.progress import make_progress
 from cgn_dist.generate.sampler import close_sampler, sampler_info
 from cgn_dist.generate.writer import GenerationError, tar_name, verify_shard, write_shard
-from cgn_dist.storage import is_remote, join
+from cgn_dist.storage import is_remote, join, storage_env
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +315,8 @@ def _run_ray(factory, todo, out_dir, batch_size, num_workers, max_retries, ray_a
     if started_here:
         init_ray(address=ray_address)
     resources = dict(worker_resources or default_worker_resources(num_workers))
+    if is_remote(out_dir) and storage_env():  # the bucket's endpoint and credentials, for every node's actors
+        resources["runtime_env"] = {"env_vars": storage_env()}
     # max_restarts=0: a dead actor is replaced by the loop below, which also owns the retry count.
     # SPREAD: one worker per node first, so losing a node loses as few workers as possible.
     actor_cls = ray.remote(ShardWorker).options(max_restarts=0, max_task_retries=0,
