@@ -260,3 +260,11 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+    @property
+    def run_location(self) -> str:
+        """Where the run's outputs go: ``run_dir``, or ``<out_dir>/<name>`` when out_dir is an object-store
+        URL (s3://, gs://), which a Path would mangle."""
+        if "://" in str(self.out_dir) and not str(self.out_dir).startswith("file://"):
+            return f"{str(self.out_dir).rstrip('/')}/{self.name}"
+        return str(self.run_dir)

@@ -233,8 +233,15 @@ def read_text(url: str) -> str:
     return data.decode("utf-8")
 
 
+def open_read(location: str | os.PathLike) -> Any:
+    """A binary file object for a local path or an object-store URL."""
+    if not is_remote(location):
+        return open(location, "rb")
+    return _filesystem(str(location)).open(str(location), "rb", block_size=1 << 22)  # 4 MiB: few requests
+
+
 def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
-    return _filesystem(url).open(url, mode, block_size=1 << 22)  # 4 MiB reads: few requests per shard
+    return open_read(url)
 
 
 def register_stream_schemes() -> None:

@@ -200,3 +200,19 @@ def test_ray_on_two_nodes_writes_the_local_bytes_into_the_bucket(endpoint, monke
         generate_dataset(FACTORY, url, N, SHARD, SEED, batch_size=2, backend="ray", num_workers=2,
                          worker_resources={"num_cpus": 1}, progress=False)
     _assert_same_as_local(list_keys(endpoint, bucket, "ray"), local_reference)
+
+
+def test_cli_generate_into_a_bucket_writes_the_run_there(s3, tmp_path):
+    from cgn_dist.cli import main
+
+    bucket = make_bucket(s3)
+    args = ["generate", "configs/debug/generate_tiny.yaml", "generate.n_samples=8", "generate.shard_size=4",
+            "generate.grid_every=1", "train.progress=false"]
+    assert main([*args, f"out_dir={tmp_path}"]) == 0
+    assert main([*args, f"out_dir=s3://{bucket}/runs"]) == 0
+    remote = list_keys(s3, bucket, "runs/gen_tiny")
+    local = tmp_path / "gen_tiny"
+    for name in ("shard-000000.tar", "shard-000001.tar", "index.json", "plan.json"):
+        assert remote[name] == (local / name).read_bytes(), name
+    assert "config.yaml" in remote and b"generate" in remote["log.txt"]
+    assert any(k.startswith("tb/events.out.tfevents") for k in remote)  # the image sheets' event file

@@ -24,6 +24,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from cgn_dist.storage import open_read
+
 
 # Fixed tar header fields: byte-identical shards across machines, users and reruns.
 TAR_MTIME = 0
@@ -315,7 +317,7 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """
     seen: set[str] = set()
     current: dict[str, Any] | None = None
-    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+    with open_read(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for member in tar:
             if not member.isfile():
                 continue
