@@ -217,7 +217,8 @@ def run_generate(cfg: Config) -> dict[str, Any]:
             factory, target, n_samples=g.n_samples, shard_size=g.shard_size, run_seed=cfg.seed,
             batch_size=g.batch_size, backend=g.backend, num_workers=g.num_workers,
             ray_address=cfg.ray.address or None, max_retries=g.max_retries, progress=cfg.train.progress,
-            on_shard_done=on_shard_done, config=config_to_dict(cfg))
+            on_shard_done=on_shard_done, config=config_to_dict(cfg),
+            verify=g.verify if g.verify != "auto" else ("size" if remote else "sha256"))
     finally:
         if writer is not None:
             writer.close()
