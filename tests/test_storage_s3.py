@@ -216,3 +216,27 @@ def test_cli_generate_into_a_bucket_writes_the_run_there(s3, tmp_path):
         assert remote[name] == (local / name).read_bytes(), name
     assert "config.yaml" in remote and b"generate" in remote["log.txt"]
     assert any(k.startswith("tb/events.out.tfevents") for k in remote)  # the image sheets' event file
+
+
+def test_make_shards_into_a_bucket_gives_the_local_shards(s3, tmp_path):
+    from imagenet_fixture import make_imagenet_tree
+
+    from cgn_dist.config import load_config
+    from cgn_dist.data.make_shards import run_make_shards
+
+    tree = make_imagenet_tree(tmp_path / "ILSVRC2012")
+    bucket = make_bucket(s3)
+
+    def cfg(out):
+        return load_config(None, [f"shards.root={tree.train}", f"shards.out={out}", "shards.shard_size=5",
+                                  "shards.batch_size=2", "train.progress=false", "seed=7"])
+
+    local = tmp_path / "local"
+    a = run_make_shards(cfg(local))
+    b = run_make_shards(cfg(f"s3://{bucket}/train"))
+    assert (a["written"], a["rejected"]) == (b["written"], b["rejected"]) and a["written"] > 0
+    remote = list_keys(s3, bucket, "train")
+    for p in sorted(local.iterdir()):
+        if p.name.endswith(".tar") or p.name in ("index.json", "sources.tsv", "sources.json"):
+            assert remote[p.name] == p.read_bytes(), p.name
+    assert b["index"] == f"s3://{bucket}/train/index.json"
