@@ -142,6 +142,20 @@ class Store:
         names = (posixpath.basename(e.rstrip("/")) for e in entries)
         return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
 
+    def find(self, prefix: str) -> list[str]:
+        """Every file below the folder ``prefix`` (recursively), as names relative to the root, sorted."""
+        if not self.remote:
+            base = Path(self.root)
+            return sorted(p.relative_to(base).as_posix() for p in (base / prefix).rglob("*") if p.is_file())
+        top = self.path(prefix)
+        self.fs.invalidate_cache(top)
+        try:
+            found = self._call(self.fs.find, top)
+        except FileNotFoundError:
+            return []
+        root = self.root.split("://", 1)[1].rstrip("/") + "/"  # fsspec returns names without the scheme
+        return sorted(f.split("://", 1)[-1][len(root):] for f in found)
+
     # --- writing -----------------------------------------------------------------------------------------
     def makedirs(self) -> None:
         if not self.remote:
@@ -212,11 +226,16 @@ class Store:
             raise StorageError(f"{self.location}: a probe object written there read back as {got!r}")
 
 
+def staging_root() -> Path:
+    """Where files on their way to an object store are written locally: CGN_DIST_STAGING, else the temp dir."""
+    base = Path(os.environ.get("CGN_DIST_STAGING") or tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
 def staging_dir(prefix: str = "cgn_dist_stage_") -> Path:
-    """A local folder for files on their way to an object store (CGN_DIST_STAGING, else the temp dir)."""
-    base = os.environ.get("CGN_DIST_STAGING") or tempfile.gettempdir()
-    Path(base).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    """A new local folder under ``staging_root()``."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=staging_root()))
 
 
 def load_json(location: str | os.PathLike, name: str) -> Any:

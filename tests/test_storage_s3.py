@@ -240,3 +240,41 @@ def test_make_shards_into_a_bucket_gives_the_local_shards(s3, tmp_path):
         if p.name.endswith(".tar") or p.name in ("index.json", "sources.tsv", "sources.json"):
             assert remote[p.name] == p.read_bytes(), p.name
     assert b["index"] == f"s3://{bucket}/train/index.json"
+
+
+def test_mnist_training_in_a_bucket_killed_then_resumed_elsewhere_equals_uninterrupted(s3, tmp_path, monkeypatch):
+    import io
+
+    import torch
+
+    from cgn_dist.cli import main
+
+    bucket = make_bucket(s3)
+    tiny = ["configs/debug/mnist_tiny.yaml", "train.max_steps=8", "train.checkpoint_every=2", "name=m"]
+    assert main(["train", *tiny, f"out_dir={tmp_path / 'local'}"]) == 0
+    url = f"s3://{bucket}/runs"
+    monkeypatch.setenv("CGN_DIST_STAGING", str(tmp_path / "machine_a"))
+    proc = subprocess.Popen([sys.executable, "-m", "cgn_dist.cli", "train", *tiny, f"out_dir={url}"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while "checkpoints/step_0000002/meta.json" not in list_keys(s3, bucket, "runs/m"):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the run never committed a checkpoint to the bucket"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert "checkpoints/step_0000008/meta.json" not in list_keys(s3, bucket, "runs/m"), "finished before the kill"
+
+    # Another machine (an empty staging folder) resumes from the bucket alone.
+    monkeypatch.setenv("CGN_DIST_STAGING", str(tmp_path / "machine_b"))
+    assert main(["train", *tiny, f"out_dir={url}"]) == 0
+    keys = list_keys(s3, bucket, "runs/m")
+    assert "resumed from" in keys["log.txt"].decode() and "summary.json" in keys
+    steps = sorted({k.split("/")[1] for k in keys if k.startswith("checkpoints/")})
+    assert steps[-1] == "step_0000008" and len(steps) <= 3  # keep_last pruned the bucket too
+    local = tmp_path / "local" / "m" / "checkpoints" / "step_0000008"
+    for name in ("generator", "discriminator"):
+        a = torch.load(local / f"{name}.pt", weights_only=True)
+        b = torch.load(io.BytesIO(keys[f"checkpoints/step_0000008/{name}.pt"]), weights_only=True)
+        for k in a["module"]:
+            assert torch.equal(a["module"][k], b["module"][k]), (name, k)
