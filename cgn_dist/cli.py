@@ -44,8 +44,8 @@ def cmd_train(args) -> int:
     if is_remote(cfg.out_dir):
         return _train_in_bucket(cfg)
     existed = cfg.run_dir.exists()
-    ray_dir = Path(cfg.ray.storage_path or Path(cfg.out_dir) / "ray") / cfg.name
-    ray_existed = ray_dir.exists()
+    ray_dir = None if is_remote(cfg.ray.storage_path) else Path(cfg.ray.storage_path or Path(cfg.out_dir) / "ray") / cfg.name
+    ray_existed = ray_dir is not None and ray_dir.exists()
     try:
         if cfg.distributed.num_workers > 0:
             from cgn_dist.distributed.ray_train import train_with_ray
@@ -66,7 +66,7 @@ def cmd_train(args) -> int:
     except BaseException:
         if int(os.environ.get("RANK", "0")) == 0:  # failed before its first checkpoint: leave no run behind
             discard_unstarted(cfg.run_dir, existed)
-            if not cfg.run_dir.exists():
+            if not cfg.run_dir.exists() and ray_dir is not None:
                 discard_unstarted(ray_dir, ray_existed)
         raise
     if int(os.environ.get("RANK", "0")) == 0:  # one summary, whichever launcher (torchrun starts one per rank)

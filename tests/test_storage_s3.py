@@ -278,3 +278,25 @@ def test_mnist_training_in_a_bucket_killed_then_resumed_elsewhere_equals_uninter
         b = torch.load(io.BytesIO(keys[f"checkpoints/step_0000008/{name}.pt"]), weights_only=True)
         for k in a["module"]:
             assert torch.equal(a["module"][k], b["module"][k]), (name, k)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ray_train_with_its_storage_in_a_bucket(s3, tmp_path):
+    from cgn_dist.config import load_config
+    from cgn_dist.distributed.ray_train import train_with_ray
+    from cgn_dist.distributed.ray_utils import shutdown_ray
+
+    bucket = make_bucket(s3)
+    cfg = load_config("configs/debug/mnist_tiny.yaml", [
+        f"out_dir={tmp_path}", "name=rt", "distributed.num_workers=2", "distributed.cpus_per_worker=0.5",
+        "train.max_steps=4", "train.checkpoint_every=2", f"ray.storage_path=s3://{bucket}/ray", "ray.num_cpus=2"])
+    try:
+        out = train_with_ray(cfg)
+        assert out["step"] == 4
+        pointers = [k for k in list_keys(s3, bucket, "ray/rt") if k.endswith("/checkpoint.json")]
+        assert pointers, "Ray Train stored no checkpoint in the bucket"
+        again = train_with_ray(cfg)  # a rerun of a finished run: it ends at once at the same step
+        assert again["step"] == 4
+    finally:
+        shutdown_ray()
