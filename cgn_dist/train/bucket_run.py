@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cgn_dist.storage import Store, staging_root
-from cgn_dist.train.checkpoint import CKPT_DIR
+from cgn_dist.train.run_dir import CKPT_DIR
 from cgn_dist.train.common import NullReporter, Reporter
 
 log = logging.getLogger(__name__)
