@@ -14,19 +14,38 @@ import sys
 from pathlib import Path
 
 from cgn_dist.config import ConfigError, load_config
+from cgn_dist.storage import is_remote
 
 
 def _cfg(args):
     return load_config(args.config, args.overrides)
 
 
+def _train_in_bucket(cfg) -> int:
+    from cgn_dist.train.bucket_run import train_in_bucket
+
+    if cfg.distributed.num_workers > 0:
+        raise ConfigError(f"out_dir={cfg.out_dir} (a bucket) trains with distributed.num_workers=0; for Ray Train "
+                          "give out_dir a shared mount and ray.storage_path the bucket")
+    if cfg.task == "mnist":
+        from cgn_dist.train.mnist import train_mnist as train_fn
+    elif cfg.task == "classifier":
+        from cgn_dist.train.classifier import train_classifier as train_fn
+    else:
+        from cgn_dist.train.imagenet import train_imagenet as train_fn
+    print(json.dumps(train_in_bucket(cfg, train_fn), indent=1, default=str))
+    return 0
+
+
 def cmd_train(args) -> int:
     from cgn_dist.train.run_dir import discard_unstarted
 
     cfg = _cfg(args)
+    if is_remote(cfg.out_dir):
+        return _train_in_bucket(cfg)
     existed = cfg.run_dir.exists()
-    ray_dir = Path(cfg.ray.storage_path or Path(cfg.out_dir) / "ray") / cfg.name
-    ray_existed = ray_dir.exists()
+    ray_dir = None if is_remote(cfg.ray.storage_path) else Path(cfg.ray.storage_path or Path(cfg.out_dir) / "ray") / cfg.name
+    ray_existed = ray_dir is not None and ray_dir.exists()
     try:
         if cfg.distributed.num_workers > 0:
             from cgn_dist.distributed.ray_train import train_with_ray
@@ -47,7 +66,7 @@ def cmd_train(args) -> int:
     except BaseException:
         if int(os.environ.get("RANK", "0")) == 0:  # failed before its first checkpoint: leave no run behind
             discard_unstarted(cfg.run_dir, existed)
-            if not cfg.run_dir.exists():
+            if not cfg.run_dir.exists() and ray_dir is not None:
                 discard_unstarted(ray_dir, ray_existed)
         raise
     if int(os.environ.get("RANK", "0")) == 0:  # one summary, whichever launcher (torchrun starts one per rank)

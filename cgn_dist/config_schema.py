@@ -123,6 +123,7 @@ class GenerateConfig:
     backend: Literal["local", "ray"] = "local"  # local: this process, or a process pool when num_workers > 1; ray: Ray actors
     num_workers: int = 1  # worker processes / Ray actors
     max_retries: int = 3  # further attempts per failed shard (a full disk stops at once)
+    verify: Literal["auto", "sha256", "size"] = "auto"  # a rerun's check of committed shards; auto: sha256 on disk, size on a bucket (sha256 re-reads every object)
     grid_every: int = 10  # TensorBoard grid every N shards (0 = never)
     dry_run: bool = False  # time one batch and print the run's time and disk; write nothing
     interp_target: int = -1  # interpolation target class (-1 = random)
@@ -260,3 +261,11 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+    @property
+    def run_location(self) -> str:
+        """Where the run's outputs go: ``run_dir``, or ``<out_dir>/<name>`` when out_dir is an object-store
+        URL (s3://, gs://), which a Path would mangle."""
+        if "://" in str(self.out_dir) and not str(self.out_dir).startswith("file://"):
+            return f"{str(self.out_dir).rstrip('/')}/{self.name}"
+        return str(self.run_dir)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cgn_dist.data.shards import read_sample, shard_urls
+from cgn_dist.data.shards import read_sample
+from cgn_dist.data.shard_index import shard_urls
 from cgn_dist.generate import (GenerationError, describe_plan, format_plan, generate_dataset, load_manifest,
                                make_plan, regenerate_sample, verify_output)
 from cgn_dist.generate.toy import ToySamplerFactory

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cgn_dist.data.shards import shard_urls
+from cgn_dist.data.shard_index import shard_urls
 from cgn_dist.generate import generate_dataset, make_plan, verify_output
 from cgn_dist.generate.toy import ToySamplerFactory
 

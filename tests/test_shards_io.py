@@ -5,6 +5,7 @@ import tarfile
 import numpy as np
 import pytest
 
+from cgn_dist.data import shard_index as si
 from cgn_dist.data import shards as sh
 
 
@@ -94,9 +95,9 @@ def test_wids_index_is_read_by_wids(tmp_path):
         sha, n = sh.write_tar(tmp_path / name, [(f"{s:06d}_{i:06d}", {"txt": f"{s}-{i}", "json": {"i": i}})
                                                 for i in range(3 - s)])
         entries.append({"url": name, "nsamples": 3 - s, "filesize": n, "sha256": sha})
-    sh.write_json_atomic(tmp_path / "index.json", sh.build_wids_index(entries, name="t"))
-    assert sh.count_samples(tmp_path / "index.json") == 5
-    assert sh.shard_urls(tmp_path / "index.json") == [str(tmp_path / e["url"]) for e in entries]
+    sh.write_json_atomic(tmp_path / "index.json", si.build_wids_index(entries, name="t"))
+    assert si.count_samples(tmp_path / "index.json") == 5
+    assert si.shard_urls(tmp_path / "index.json") == [str(tmp_path / e["url"]) for e in entries]
     ds = wids.ShardListDataset(str(tmp_path / "index.json"), cache_dir=str(tmp_path / "cache"),
                                  transformations=[])
     assert len(ds) == 5

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from cgn_dist.data.mix import make_mixed_loader
-from cgn_dist.data.shards import build_wids_index, encode_jpeg, write_json_atomic, write_tar
+from cgn_dist.data.shards import encode_jpeg, write_json_atomic, write_tar
+from cgn_dist.data.shard_index import build_wids_index
 from cgn_dist.data.stream import CF_LABELS, load_shard_set, make_loader, steps_per_epoch
 from cgn_dist.data.transforms import ImageTransform, random_resized_crop_box
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cgn_dist.config import load_config  # noqa: E402
-from cgn_dist.data.shards import build_wids_index, encode_jpeg, write_json_atomic, write_tar  # noqa: E402
+from cgn_dist.data.shards import encode_jpeg, write_json_atomic, write_tar  # noqa: E402
+from cgn_dist.data.shard_index import build_wids_index  # noqa: E402
 from cgn_dist.train.classifier import train_classifier  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -94,7 +94,7 @@ def _train_all(jobs: dict[str, list[str]], test_dir: str, settings: ClassifierSe
 
 
 def _count(folder: str) -> int:
-    from cgn_dist.data.shards import count_samples
+    from cgn_dist.data.shard_index import count_samples
 
     return count_samples(Path(folder) / "index.json")
 

@@ -76,7 +76,7 @@ def shard_urls_of(source: str | os.PathLike | Sequence[str | os.PathLike]) -> li
         raise FileNotFoundError(f"no shards at {p}")
     if p.suffix == ".tar":
         return [str(p)]
-    from cgn_dist.data.shards import shard_urls
+    from cgn_dist.data.shard_index import shard_urls
 
     return shard_urls(p)
 

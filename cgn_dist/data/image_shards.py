@@ -28,8 +28,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from cgn_dist.data.image_tree import SourceFile, TreeListing
-from cgn_dist.data.shards import write_json_atomic
+from cgn_dist.data.shards import json_text, write_json_atomic
 from cgn_dist.generate.plan import SampleRef, ShardSpec
+from cgn_dist.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +70,21 @@ def write_listing(out_dir: str | os.PathLike, listing: TreeListing, files: Seque
     A rerun that lists the same tree writes the same bytes; the sha256 is part of the sampler factory, so
     the engine refuses to mix shards of two different listings in one folder.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(out_dir)  # a folder or a bucket prefix: workers read the listing from there
+    store.makedirs()
     tsv = "".join(f"{f.path}\t{f.label}\t{f.wnid}\n" for f in files).encode("utf-8")
     sha = hashlib.sha256(tsv).hexdigest()
-    path = out_dir / SOURCES_TSV
-    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != sha:
-        tmp = path.with_name(f".tmp-{SOURCES_TSV}.{os.getpid()}")
-        tmp.write_bytes(tsv)
-        os.replace(tmp, path)
-    write_json_atomic(out_dir / SOURCES_JSON, {
+    old = store.read_bytes(SOURCES_TSV)
+    if old is None or hashlib.sha256(old).hexdigest() != sha:
+        store.write_bytes(SOURCES_TSV, tsv)
+    meta = {
         "format": LISTING_FORMAT, "root": listing.root, "layout": listing.layout, "labels": listing.labels,
         "n_listed": len(files), "sources_sha256": sha, "shard_sizes": [s.n for s in shards],
-        "classes": listing.classes, "class_names": listing.class_names, "ignored": listing.ignored})
+        "classes": listing.classes, "class_names": listing.class_names, "ignored": listing.ignored}
+    if store.remote:
+        store.write_bytes(SOURCES_JSON, json_text(meta).encode())
+    else:
+        write_json_atomic(Path(out_dir) / SOURCES_JSON, meta)
     return sha
 
 
@@ -107,11 +110,14 @@ class ImageTreeSampler:
 
     def __init__(self, cfg: ImageTreeSamplerFactory):
         self.cfg = cfg
-        data = (Path(cfg.listing) / SOURCES_TSV).read_bytes()
+        store = Store(cfg.listing)
+        data = store.read_bytes(SOURCES_TSV)
+        if data is None:
+            raise FileNotFoundError(f"{cfg.listing}/{SOURCES_TSV} is missing: every worker must see the output folder")
         if hashlib.sha256(data).hexdigest() != cfg.sources_sha256:
             raise RuntimeError(f"{cfg.listing}/{SOURCES_TSV} changed since this run was planned; rerun the command "
                                "that planned it (it lists the tree again) or use a new output folder")
-        meta = json.loads((Path(cfg.listing) / SOURCES_JSON).read_text())
+        meta = json.loads(store.read_bytes(SOURCES_JSON))
         self.lines = data.decode("utf-8").splitlines()
         self.offsets = np.concatenate([[0], np.cumsum(meta["shard_sizes"])]).astype(np.int64)
         self.class_names = meta["class_names"]

@@ -17,15 +17,16 @@ from typing import Any
 from cgn_dist.config import Config, config_to_dict, save_config
 from cgn_dist.data.image_shards import ImageTreeSamplerFactory, order_files, plan_shards, write_listing
 from cgn_dist.data.image_tree import list_tree
+from cgn_dist.storage import Store, is_remote, join
 
 log = logging.getLogger(__name__)
 
 
-def _listing_sha(out_dir: Path) -> str | None:
-    plan = out_dir / "plan.json"
-    if not plan.is_file():
+def _listing_sha(out_dir: str | Path) -> str | None:
+    plan = Store(out_dir).read_bytes("plan.json")
+    if plan is None:
         return None
-    return json.loads(plan.read_text()).get("sampler_factory", {}).get("kwargs", {}).get("sources_sha256")
+    return json.loads(plan).get("sampler_factory", {}).get("kwargs", {}).get("sources_sha256")
 
 
 def run_make_shards(cfg: Config) -> dict[str, Any]:
@@ -47,7 +48,10 @@ def run_make_shards(cfg: Config) -> dict[str, Any]:
     if sh.dry_run:
         return _dry_run(cfg, listing, files, shards, totals)
 
-    out = Path(sh.out or cfg.run_dir).expanduser().resolve()
+    target = sh.out or cfg.run_location
+    out = target.rstrip("/") if is_remote(target) else Path(target).expanduser().resolve()
+    if is_remote(out):
+        Store(out).check_writable()  # a wrong bucket or missing credentials: one line, before any work
     with tempfile.TemporaryDirectory() as tmp:  # sha of the new listing, without touching out/ yet
         new_sha = write_listing(tmp, listing, files, shards)
     old_sha = _listing_sha(out)
@@ -55,7 +59,12 @@ def run_make_shards(cfg: Config) -> dict[str, Any]:
         raise ValueError(f"{out} holds shards of another listing (the tree, shards.shuffle, shards.shard_size/"
                          "shard_bytes or seed changed); rerun with the same settings, or choose a new shards.out")
     write_listing(out, listing, files, shards)
-    save_config(cfg, out / "config.yaml")
+    if is_remote(out):
+        with tempfile.TemporaryDirectory() as tmp:
+            save_config(cfg, Path(tmp) / "config.yaml")
+            Store(out).put_file(Path(tmp) / "config.yaml", "config.yaml")
+    else:
+        save_config(cfg, out / "config.yaml")
     factory = ImageTreeSamplerFactory(root=listing.root, listing=str(out), sources_sha256=new_sha,
                                       resize=sh.resize, jpeg_quality=sh.jpeg_quality)
     started_ray = _start_ray(cfg)
@@ -85,8 +94,8 @@ def run_make_shards(cfg: Config) -> dict[str, Any]:
     for r in manifest["rejects"][:20]:
         print(f"  rejected {r['source']}: {r['reason']}")
     if rejected > 20:
-        print(f"  ... {rejected - 20} more in {out / 'manifest.json'} (rejects)")
-    return {"out": str(out), "index": str(out / "index.json"), "manifest": str(out / "manifest.json"), **totals}
+        print(f"  ... {rejected - 20} more in {join(out, 'manifest.json')} (rejects)")
+    return {"out": str(out), "index": join(out, "index.json"), "manifest": join(out, "manifest.json"), **totals}
 
 
 def _dry_run(cfg: Config, listing, files, shards, totals: dict[str, Any]) -> dict[str, Any]:

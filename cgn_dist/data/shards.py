@@ -24,6 +24,9 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from cgn_dist.storage import open_read
+
+
 # Fixed tar header fields: byte-identical shards across machines, users and reruns.
 TAR_MTIME = 0
 TAR_MODE = 0o444
@@ -250,11 +253,16 @@ def write_tar(path: str | os.PathLike, samples: Iterable[tuple[str, Mapping[str,
         return writer.commit()
 
 
+def json_text(obj: Any, indent: int | None = 2) -> str:
+    """The project's JSON files: sorted keys, no NaN, a final newline (the same bytes wherever written)."""
+    return json.dumps(obj, sort_keys=True, indent=indent, default=_json_default, allow_nan=False) + "\n"
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     """JSON to a temporary name, fsync, rename: readers see the old file or the whole new one."""
     path = Path(path)
     tmp = temp_path_for(path)
-    data = json.dumps(obj, sort_keys=True, indent=indent, default=_json_default, allow_nan=False) + "\n"
+    data = json_text(obj, indent)
     try:
         with open(tmp, "x", encoding="utf-8") as f:
             f.write(data)
@@ -309,7 +317,7 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """
     seen: set[str] = set()
     current: dict[str, Any] | None = None
-    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+    with open_read(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -348,55 +356,3 @@ def read_sample(path: str | os.PathLike, key: str) -> dict[str, bytes]:
         if sample["__key__"] == key:
             return {k: v for k, v in sample.items() if not k.startswith("_")}
     raise KeyError(f"sample {key} is not in {path}")
-
-
-# --- shard indexes ------------------------------------------------------------------------------------------
-
-WIDS_KIND = "wids-shard-index-v1"
-
-
-def build_wids_index(shards: Iterable[Mapping[str, Any]], name: str | None = None) -> dict[str, Any]:
-    """A shard index in the format of the ``wids`` package (``wids.ShardListDataset`` reads it).
-
-    Each entry needs ``url`` (relative URLs resolve against the index file's directory) and ``nsamples``;
-    ``filesize`` and ``sha256`` are extra fields that wids ignores and our loaders may check.
-    """
-    shardlist = []
-    for s in shards:
-        entry = {"url": str(s["url"]), "nsamples": int(s["nsamples"])}
-        for extra in ("filesize", "sha256"):
-            if extra in s:
-                entry[extra] = s[extra]
-        shardlist.append(entry)
-    index: dict[str, Any] = {"__kind__": WIDS_KIND, "wids_version": 1, "shardlist": shardlist}
-    if name:
-        index["name"] = name
-    return index
-
-
-def load_shard_index(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Entries of a wids-style index with ``url`` made absolute (relative to the index file's folder)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no shard index at {path}; generation writes index.json beside the shards")
-    index = json.loads(path.read_text())
-    if index.get("wids_version") != 1 or not isinstance(index.get("shardlist"), list):
-        raise ShardFormatError(f"{path} is not a wids shard index (needs wids_version 1 and a shardlist)")
-    out = []
-    for entry in index["shardlist"]:
-        entry = dict(entry)
-        url = entry["url"]
-        if "://" not in url and not os.path.isabs(url):
-            entry["url"] = str(path.parent / url)
-        out.append(entry)
-    return out
-
-
-def shard_urls(index_path: str | os.PathLike) -> list[str]:
-    """Shard paths listed in an index, in order: the ``urls`` argument of ``webdataset.WebDataset``."""
-    return [e["url"] for e in load_shard_index(index_path)]
-
-
-def count_samples(index_path: str | os.PathLike) -> int:
-    """Total samples listed in an index (no tar is opened)."""
-    return sum(int(e["nsamples"]) for e in load_shard_index(index_path))

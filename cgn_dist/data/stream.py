@@ -34,7 +34,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from cgn_dist.data.shards import load_shard_index
+from cgn_dist.data.shard_index import load_shard_index
+from cgn_dist.storage import is_remote, register_stream_schemes
 from cgn_dist.data.transforms import ImageTransform, image_bytes, normalize_images
 
 REAL_LABELS = ("label",)
@@ -57,7 +58,11 @@ def load_shard_set(source: Any) -> ShardSet:
     """A ShardSet from a shard folder (holding index.json), an index.json, or (url, count) pairs."""
     if isinstance(source, ShardSet):
         return source
-    if isinstance(source, (str, os.PathLike)):
+    if isinstance(source, (str, os.PathLike)) and is_remote(source):  # a bucket prefix or its index.json
+        text = str(source).rstrip("/")
+        entries = load_shard_index(text if text.endswith(".json") else f"{text}/index.json")
+        pairs = [(e["url"], int(e["nsamples"])) for e in entries]
+    elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
             path = path / "index.json"
@@ -128,6 +133,8 @@ def steps_per_epoch(n_epoch: int, batch_size: int, rank: int = 0, world: int = 1
 
 def _tar_samples(url: str) -> Iterator[dict[str, Any]]:
     from webdataset.tariterators import tarfile_samples
+    if is_remote(url):
+        register_stream_schemes()
     return tarfile_samples([{"url": url}])
 
 

@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from cgn_dist.config import Config, config_from_dict, config_to_dict
+from cgn_dist.storage import is_remote
 from cgn_dist.train.common import Reporter
 
 POINTER_FILE = "checkpoint.json"  # what Ray Train stores per checkpoint: {"path": ..., "step": ...}
@@ -131,7 +132,10 @@ def train_with_ray(cfg: Config) -> dict:
 
     # Started by us (no address): an embedded cluster that talks to loopback only.
     init_ray(cfg.ray.address or None, num_cpus=cfg.ray.num_cpus or None, loopback_only=not cfg.ray.address)
-    storage = Path(cfg.ray.storage_path or Path(cfg.out_dir) / "ray").resolve()
+    # A bucket URI (s3://, gs://) goes to Ray Train as it is (pyarrow reads the same AWS_* settings); a
+    # path is made absolute here, in the driver (the workers' working directory differs).
+    storage = cfg.ray.storage_path if is_remote(cfg.ray.storage_path) else \
+        str(Path(cfg.ray.storage_path or Path(cfg.out_dir) / "ray").resolve())
     d = cfg.distributed
     resources = {"CPU": d.cpus_per_worker}
     if d.use_gpu:
@@ -145,7 +149,7 @@ def train_with_ray(cfg: Config) -> dict:
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                                resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=cfg.name, storage_path=str(storage),
+        run_config=ray.train.RunConfig(name=cfg.name, storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last)),
     )
@@ -156,7 +160,10 @@ def train_with_ray(cfg: Config) -> dict:
     if result.error:
         raise _worker_error(result.error) from result.error
     out = dict(result.metrics or {})
-    ckpt = checkpoint_from_pointer(result.checkpoint.path) if result.checkpoint else None
+    ckpt = None
+    if result.checkpoint:  # a pointer: local on shared storage, downloaded (a few bytes) from a bucket
+        with result.checkpoint.as_directory() as pointer_dir:
+            ckpt = checkpoint_from_pointer(pointer_dir)
     out["checkpoint"] = str(ckpt) if ckpt else None
     if ckpt and "step" not in out:  # resumed at the end: nothing new was reported
         out["step"] = json.loads((ckpt / "meta.json").read_text())["step"]

@@ -26,7 +26,8 @@ from cgn_dist.data.shards import remove_temp_files
 from cgn_dist.generate.plan import ShardSpec
 from cgn_dist.generate.progress import make_progress
 from cgn_dist.generate.sampler import close_sampler, sampler_info
-from cgn_dist.generate.writer import GenerationError, tar_path, verify_shard, write_shard
+from cgn_dist.generate.writer import GenerationError, tar_name, verify_shard, write_shard
+from cgn_dist.storage import is_remote, join, storage_env
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,16 @@ def run_shards(sampler_factory: Callable[[], Any], shards: Iterable[ShardSpec], 
     shards = sorted(shards, key=lambda s: s.shard_id)
     if len({s.shard_id for s in shards}) != len(shards):
         raise ValueError("shards holds a shard id twice")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out_dir):
+    if is_remote(out_dir):
+        out_dir = str(out_dir)
+        # Object stores have no lock. Two runs on one prefix are still safe: each shard's bytes derive from
+        # the plan, so racing uploads write the same object and the marker is uploaded after its tar.
+        lock = contextlib.nullcontext()
+    else:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = _exclusive(out_dir)
+    with lock:
         return _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_size, ray_address,
                            max_retries, progress, on_shard_done, verify, shard_timeout_s, worker_resources)
 
@@ -97,7 +105,8 @@ def _exclusive(out_dir: Path) -> Iterator[None]:
 
 def _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_size, ray_address, max_retries,
                 progress, on_shard_done, verify, shard_timeout_s, worker_resources) -> list[dict[str, Any]]:
-    for p in remove_temp_files(out_dir):
+    remote = is_remote(out_dir)  # an object store holds no temporaries: uploads are whole or absent
+    for p in ([] if remote else remove_temp_files(out_dir)):
         log.warning("removed %s, left by an interrupted writer", p.name)
 
     done: dict[int, dict[str, Any]] = {}
@@ -128,7 +137,7 @@ def _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_si
                         done[stats["shard_id"]] = stats
                         bar.update_shard(stats["count"])
                         if on_shard_done is not None:
-                            on_shard_done(dict(stats, path=str(tar_path(out_dir, stats["shard_id"]))))
+                            on_shard_done(dict(stats, path=join(out_dir, tar_name(stats["shard_id"]))))
                 except StopGeneration as e:
                     raise StopGeneration(
                         f"stopped: {e}. {len(done)} of {len(shards)} shards are committed in {out_dir} and kept "
@@ -137,7 +146,8 @@ def _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_si
     finally:
         bar.close()
         # Temporary files of attempts killed during this run (their shards were redone by the retry).
-        remove_temp_files(out_dir)
+        if not remote:
+            remove_temp_files(out_dir)
     missing = [s.shard_id for s in shards if s.shard_id not in done]
     if missing:
         raise GenerationError(f"shards {missing} were not committed")
@@ -305,6 +315,8 @@ def _run_ray(factory, todo, out_dir, batch_size, num_workers, max_retries, ray_a
     if started_here:
         init_ray(address=ray_address)
     resources = dict(worker_resources or default_worker_resources(num_workers))
+    if is_remote(out_dir) and storage_env():  # the bucket's endpoint and credentials, for every node's actors
+        resources["runtime_env"] = {"env_vars": storage_env()}
     # max_restarts=0: a dead actor is replaced by the loop below, which also owns the retry count.
     # SPREAD: one worker per node first, so losing a node loses as few workers as possible.
     actor_cls = ray.remote(ShardWorker).options(max_restarts=0, max_task_retries=0,

@@ -18,6 +18,7 @@ from typing import Any
 
 from cgn_dist.config import Config, config_to_dict, save_config
 from cgn_dist.generate.plan import make_plan
+from cgn_dist.storage import Store, is_remote, join, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +123,14 @@ def build_factory(cfg: Config):
     return factory
 
 
-def _check_same_run(run_dir: Path, factory: Any, cfg: Config) -> None:
+def _check_same_run(run_dir: str | Path, factory: Any, cfg: Config) -> None:
     """A clearer message than the engine's when a rerun into ``run_dir`` changed what defines the samples."""
     import dataclasses
 
-    plan = run_dir / "plan.json"
-    if not plan.is_file():
+    data = Store(run_dir).read_bytes("plan.json")
+    if data is None:
         return
-    old = json.loads(plan.read_text())
+    old = json.loads(data)
     old_kwargs = old.get("sampler_factory", {}).get("kwargs", {})
     new_kwargs = json.loads(json.dumps(dataclasses.asdict(factory))) if dataclasses.is_dataclass(factory) else {}
     changed = sorted(k for k in set(old_kwargs) | set(new_kwargs) if old_kwargs.get(k) != new_kwargs.get(k))
@@ -141,6 +142,13 @@ def _check_same_run(run_dir: Path, factory: Any, cfg: Config) -> None:
         raise ValueError(f"{run_dir} holds a generation run made with other settings ({', '.join(changed)}: "
                          f"before {[old_kwargs.get(k, old.get(k)) for k in changed]}); rerun with the same "
                          "settings to complete it, or give this run another name / out_dir")
+
+
+def _upload_run_files(local: Path, target: str) -> None:
+    """log.txt and tb/ of a run whose outputs live in a bucket (uploaded again at every rerun)."""
+    store = Store(target)
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        store.put_file(path, path.relative_to(local).as_posix())
 
 
 class _ProbeSampler:
@@ -170,9 +178,18 @@ def run_generate(cfg: Config) -> dict[str, Any]:
         return _dry_run(cfg, factory)
     if cfg.task == "imagenet" and g.mode == "interpolation":
         return run_interpolation(cfg, factory)
-    _check_same_run(run_dir, factory, cfg)
+    # On a bucket the shards, manifest and index go there directly; config, log and TensorBoard files are
+    # written in a local folder and uploaded (TensorBoard writes only local files without TensorFlow).
+    target = cfg.run_location
+    remote = is_remote(target)
+    _check_same_run(target, factory, cfg)
+    if remote:
+        Store(target).check_writable()
+        run_dir = staging_dir("cgn_dist_run_")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    if remote:
+        Store(target).put_file(run_dir / "config.yaml", "config.yaml")
     from cgn_dist.train.metrics import setup_logging
 
     setup_logging(run_dir, True)  # log.txt beside the shards
@@ -197,10 +214,11 @@ def run_generate(cfg: Config) -> dict[str, Any]:
         from cgn_dist.generate.run import generate_dataset
 
         manifest = generate_dataset(
-            factory, run_dir, n_samples=g.n_samples, shard_size=g.shard_size, run_seed=cfg.seed,
+            factory, target, n_samples=g.n_samples, shard_size=g.shard_size, run_seed=cfg.seed,
             batch_size=g.batch_size, backend=g.backend, num_workers=g.num_workers,
             ray_address=cfg.ray.address or None, max_retries=g.max_retries, progress=cfg.train.progress,
-            on_shard_done=on_shard_done, config=config_to_dict(cfg))
+            on_shard_done=on_shard_done, config=config_to_dict(cfg),
+            verify=g.verify if g.verify != "auto" else ("size" if remote else "sha256"))
     finally:
         if writer is not None:
             writer.close()
@@ -208,15 +226,17 @@ def run_generate(cfg: Config) -> dict[str, Any]:
             from cgn_dist.distributed.ray_utils import shutdown_ray
 
             shutdown_ray()
+        if remote:
+            _upload_run_files(run_dir, target)
     seconds = time.perf_counter() - t0
     if not written:
         log.info("%s is complete: %d samples in %d shards, all committed and checked; nothing to generate",
-                 run_dir, manifest["total_samples"], manifest["n_shards"])
+                 target, manifest["total_samples"], manifest["n_shards"])
     else:
-        log.info("%s: wrote %d of %d shards (%d samples in all)", run_dir, len(written), manifest["n_shards"],
+        log.info("%s: wrote %d of %d shards (%d samples in all)", target, len(written), manifest["n_shards"],
                  manifest["total_samples"])
-    return {"run_dir": str(run_dir), "complete_before": not written, "shards_written": len(written),
-            "manifest": str(run_dir / "manifest.json"),
+    return {"run_dir": target, "complete_before": not written, "shards_written": len(written),
+            "manifest": join(target, "manifest.json"),
             "n_samples": manifest["total_samples"], "n_shards": manifest["n_shards"],
             "total_bytes": manifest["total_bytes"], "seconds": round(seconds, 3),
             "images_per_s": round(manifest["total_samples"] / seconds, 3) if seconds > 0 else None,

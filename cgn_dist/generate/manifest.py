@@ -7,7 +7,7 @@
   the same bytes.
 - ``index.json`` the shard list with sample counts in the ``wids`` format
   (``{"__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": [{"url", "nsamples"}]}``), so
-  loaders never rescan tars (``cgn_dist.data.shards.shard_urls`` / ``count_samples``, or
+  loaders never rescan tars (``cgn_dist.data.shard_index.shard_urls`` / ``count_samples``, or
   ``wids.ShardListDataset("index.json")``).
 """
 from __future__ import annotations
@@ -19,9 +19,11 @@ import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
-from cgn_dist.data.shards import build_wids_index, write_json_atomic
+from cgn_dist.data.shards import json_text, write_json_atomic
+from cgn_dist.data.shard_index import build_wids_index
 from cgn_dist.generate.plan import KEY_FORMAT, SEED_DERIVATION, ShardSpec, plan_to_dicts, shard_name
 from cgn_dist.generate.writer import GenerationError, ShardCheck, verify_shard
+from cgn_dist.storage import Store, is_remote
 
 MANIFEST_FORMAT = "cgn_dist.generate-manifest/v1"
 PLAN_FORMAT = "cgn_dist.generate-plan/v1"
@@ -66,11 +68,12 @@ def check_or_write_plan(out_dir: str | os.PathLike, plan_doc: dict[str, Any]) ->
     n_samples may grow or shrink between runs (shards are checked one by one), batch size and backend may
     change (bytes do not depend on them); seed, shard size and sampler factory may not.
     """
-    path = Path(out_dir) / PLAN_NAME
-    if not path.exists():
-        write_json_atomic(path, plan_doc)
+    store = Store(out_dir)
+    data = store.read_bytes(PLAN_NAME)
+    if data is None:
+        _write_json(out_dir, PLAN_NAME, plan_doc)
         return
-    old = json.loads(path.read_text())
+    old = json.loads(data)
     diffs = [k for k in ("run_seed", "shard_size", "key_format", "seed_derivation") if old.get(k) != plan_doc.get(k)]
     if _factory_identity(old.get("sampler_factory", {})) != _factory_identity(plan_doc["sampler_factory"]):
         diffs.append("sampler_factory")
@@ -144,16 +147,34 @@ def build_manifest(shards: Sequence[ShardSpec], stats: Sequence[dict[str, Any]],
 
 def write_outputs(out_dir: str | os.PathLike, manifest: dict[str, Any], name: str | None = None) -> None:
     """Write index.json then manifest.json (the manifest last: its presence means the run finished)."""
-    out_dir = Path(out_dir)
     index = build_wids_index(
         [{"url": e["url"], "nsamples": e["count"], "filesize": e["bytes"], "sha256": e["sha256"]}
          for e in manifest["shards"]], name=name)
-    write_json_atomic(out_dir / INDEX_NAME, index)
-    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    _write_json(out_dir, INDEX_NAME, index)
+    _write_json(out_dir, MANIFEST_NAME, manifest)
+
+
+def _write_json(out_dir: str | os.PathLike, name: str, obj: Any) -> None:
+    if is_remote(out_dir):  # the same bytes as the local file
+        Store(out_dir).write_bytes(name, json_text(obj).encode())
+    else:
+        write_json_atomic(Path(out_dir) / name, obj)
 
 
 def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a manifest; ``path`` may be the file or the output folder holding it."""
+    """Read a manifest; ``path`` may be the file or the output folder holding it (or an object-store URL)."""
+    if is_remote(path):
+        folder = str(path)[: -len(MANIFEST_NAME)].rstrip("/") if str(path).endswith(".json") else str(path)
+        store = Store(folder)
+        data = store.read_bytes(MANIFEST_NAME)
+        if data is None:
+            state = "has not finished" if store.exists(PLAN_NAME) else "holds no generation run"
+            raise FileNotFoundError(f"{folder} {state} (no {MANIFEST_NAME}): rerun `cgn-dist generate` with its "
+                                    "config to complete it")
+        manifest = json.loads(data)
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"{folder}/{MANIFEST_NAME} is not a generation manifest ({MANIFEST_FORMAT})")
+        return manifest
     path = Path(path)
     folder = path if path.suffix != ".json" else path.parent
     if path.is_dir():

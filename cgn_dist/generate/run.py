@@ -13,6 +13,7 @@ from cgn_dist.generate.manifest import (INDEX_NAME, build_manifest, build_plan_d
                                         write_outputs)
 from cgn_dist.generate.plan import ShardSpec, make_plan, sample_refs, shard_name
 from cgn_dist.generate.sampler import describe_factory
+from cgn_dist.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,15 @@ def generate_dataset(sampler_factory: Callable[[], Any], out_dir: str | os.PathL
         shards = make_plan(n_samples, shard_size, run_seed)
     elif [s.shard_id for s in shards] != list(range(len(shards))) or any(not 1 <= s.n <= shard_size for s in shards):
         raise ValueError("shards must have ids 0..len-1 in order and sizes within 1..shard_size")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(out_dir)  # a local folder or an object-store prefix (s3://, gs://)
+    if store.remote:
+        store.check_writable()  # a wrong bucket or missing credentials: one line, before any work
+    out_dir = store.root if store.remote else Path(out_dir)
+    store.makedirs()
     plan_doc = build_plan_doc(run_seed, shard_size, describe_factory(sampler_factory))
     check_or_write_plan(out_dir, plan_doc)
     planned = {f"{shard_name(s.shard_id)}.tar" for s in shards}
-    extra = sorted(p.name for p in out_dir.glob("shard-*.tar") if p.name not in planned)
+    extra = [name for name in store.list("shard-*.tar") if name not in planned]
     if extra:
         log.warning("%s holds shards outside this plan, left out of the manifest: %s", out_dir, extra[:5])
     stats = run_shards(sampler_factory, shards, out_dir, backend=backend, num_workers=num_workers,

@@ -5,6 +5,8 @@ Commit protocol (img2dataset-style, made atomic):
    fsynced, then renamed into place (os.replace is atomic within a file system);
 2. ``shard-XXXXXX_stats.json`` is written last, atomically too. It is the commit marker: a tar without it,
    or whose size / sha256 disagree with it, is not committed and gets redone.
+On an object store (``out_dir`` an s3:// / gs:// URL) the tar is written to a local staging folder, then
+uploaded whole (an object appears only when its upload completes), then the marker is uploaded last.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 import logging
 import numbers
 import os
+import shutil
 import socket
 import time
 from collections import Counter
@@ -19,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cgn_dist.data.shards import AtomicTarWriter, sha256_file, write_json_atomic
+from cgn_dist.data.shards import AtomicTarWriter, json_text, write_json_atomic
 from cgn_dist.generate.plan import ShardSpec, batch_bounds, sample_refs, shard_name
 from cgn_dist.generate.sampler import coverage_keys, sampler_info
+from cgn_dist.storage import Store, is_remote, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +36,20 @@ class GenerationError(RuntimeError):
     """A shard could not be generated (after its retries), or the output folder is inconsistent."""
 
 
+def tar_name(shard_id: int) -> str:
+    return f"{shard_name(shard_id)}.tar"
+
+
+def stats_name(shard_id: int) -> str:
+    return f"{shard_name(shard_id)}_stats.json"
+
+
 def tar_path(out_dir: str | os.PathLike, shard_id: int) -> Path:
-    return Path(out_dir) / f"{shard_name(shard_id)}.tar"
+    return Path(out_dir) / tar_name(shard_id)
 
 
 def stats_path(out_dir: str | os.PathLike, shard_id: int) -> Path:
-    return Path(out_dir) / f"{shard_name(shard_id)}_stats.json"
+    return Path(out_dir) / stats_name(shard_id)
 
 
 def _class_of(sample: dict[str, Any], key: str) -> Any:
@@ -55,13 +67,29 @@ def write_shard(sampler: Any, spec: ShardSpec, out_dir: str | os.PathLike, batch
                 attempt: int = 1, info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Generate the samples of ``spec`` with ``sampler``, write and commit the shard; returns its stats."""
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(out_dir)
+    store.makedirs()
     info = sampler_info(sampler) if info is None else info
     cov_keys = coverage_keys(sampler)
     # Unmark first: from here until the new marker lands, the shard counts as not committed.
-    stats_path(out_dir, spec.shard_id).unlink(missing_ok=True)
+    store.remove(stats_name(spec.shard_id))
+    local_dir = staging_dir() if store.remote else Path(out_dir)
+    try:
+        stats = _write_tar(sampler, spec, local_dir, batch_size, cov_keys, info, attempt, t0)
+        if store.remote:  # the tar whole, then the marker: the marker stays the only proof of a commit
+            store.put_file(tar_path(local_dir, spec.shard_id), tar_name(spec.shard_id))
+            stats["durations_s"]["total"] = round(time.perf_counter() - t0, 4)
+            store.write_bytes(stats_name(spec.shard_id), json_text(stats).encode())
+        else:
+            write_json_atomic(stats_path(out_dir, spec.shard_id), stats)
+    finally:
+        if store.remote:
+            shutil.rmtree(local_dir, ignore_errors=True)
+    return stats
 
+
+def _write_tar(sampler: Any, spec: ShardSpec, out_dir: Path, batch_size: int, cov_keys: Any,
+               info: dict[str, Any], attempt: int, t0: float) -> dict[str, Any]:
     begin = getattr(sampler, "begin_shard", None)
     if callable(begin):  # lets a sampler prepare (e.g. compute ahead) within this shard
         begin(spec)
@@ -114,7 +142,6 @@ def write_shard(sampler: Any, spec: ShardSpec, out_dir: str | os.PathLike, batch
         "pid": os.getpid(),
         "durations_s": {"sample": round(sample_s, 4), "total": round(time.perf_counter() - t0, 4)},
     }
-    write_json_atomic(stats_path(out_dir, spec.shard_id), stats)
     return stats
 
 
@@ -133,25 +160,24 @@ class ShardCheck:
 
 
 def read_stats(out_dir: str | os.PathLike, shard_id: int) -> dict[str, Any] | None:
-    p = stats_path(out_dir, shard_id)
-    try:
-        return json.loads(p.read_text())
-    except FileNotFoundError:
-        return None
+    data = Store(out_dir).read_bytes(stats_name(shard_id))
+    return None if data is None else json.loads(data)
 
 
 def verify_shard(out_dir: str | os.PathLike, spec: ShardSpec, check_hash: bool = True) -> ShardCheck:
     """Is shard ``spec`` committed in ``out_dir``? Checks the marker, the plan it was made for, the tar's size
-    and (unless ``check_hash=False``) its sha256."""
+    and (unless ``check_hash=False``) its sha256. On an object store the sha256 re-reads the whole object:
+    ``verify=size`` is the cheap resume there."""
     sid = spec.shard_id
-    tar = tar_path(out_dir, sid)
+    store = Store(out_dir)
+    tar = tar_name(sid)
     try:
         stats = read_stats(out_dir, sid)
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         return ShardCheck(sid, "corrupt", f"unreadable stats file: {e}")
     if stats is None:
-        if tar.exists():
-            return ShardCheck(sid, "uncommitted", f"{tar.name} has no stats file (interrupted before commit)")
+        if store.exists(tar):
+            return ShardCheck(sid, "uncommitted", f"{tar} has no stats file (interrupted before commit)")
         return ShardCheck(sid, "missing")
     if not isinstance(stats, dict) or stats.get("format") != STATS_FORMAT:
         return ShardCheck(sid, "corrupt", "stats file of an unknown format")
@@ -159,11 +185,11 @@ def verify_shard(out_dir: str | os.PathLike, spec: ShardSpec, check_hash: bool =
     if made_for != (sid, spec.n, spec.seed):
         return ShardCheck(sid, "stale", f"made for (shard, n, seed)={made_for}, plan wants {(sid, spec.n, spec.seed)}",
                           stats)
-    if not tar.exists():
-        return ShardCheck(sid, "corrupt", f"{tar.name} is missing but its stats exist", stats)
-    size = tar.stat().st_size
+    size = store.size(tar)
+    if size is None:
+        return ShardCheck(sid, "corrupt", f"{tar} is missing but its stats exist", stats)
     if size != stats.get("bytes"):
-        return ShardCheck(sid, "corrupt", f"{tar.name} has {size} bytes, its stats say {stats.get('bytes')}", stats)
-    if check_hash and sha256_file(tar) != stats.get("sha256"):
-        return ShardCheck(sid, "corrupt", f"{tar.name} sha256 differs from its stats", stats)
+        return ShardCheck(sid, "corrupt", f"{tar} has {size} bytes, its stats say {stats.get('bytes')}", stats)
+    if check_hash and store.sha256(tar) != stats.get("sha256"):
+        return ShardCheck(sid, "corrupt", f"{tar} sha256 differs from its stats", stats)
     return ShardCheck(sid, "committed", "", stats)

@@ -20,15 +20,12 @@ import numpy as np
 import torch
 
 from cgn_dist.config import Config, config_to_dict, save_config
-
-CKPT_DIR = "checkpoints"
+from cgn_dist.train.run_dir import CKPT_DIR, check_config_change
 
 
 def prepare_run_dir(cfg: Config, is_main: bool = True) -> Path:
     """Create ``<out_dir>/<name>/`` with samples/, tb/, checkpoints/ and the resolved config. Resuming with
     other training settings than the run's config.yaml is refused (see run_dir.check_config_change)."""
-    from cgn_dist.train.run_dir import check_config_change
-
     run_dir = cfg.run_dir
     check_config_change(cfg, run_dir, cfg.train.resume and latest_checkpoint(run_dir) is not None, is_main)
     if is_main:

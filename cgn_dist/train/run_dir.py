@@ -14,6 +14,8 @@ import yaml
 
 from cgn_dist.config import Config, ConfigError, config_to_dict
 
+CKPT_DIR = "checkpoints"  # <run_dir>/checkpoints/step_0001234/
+
 log = logging.getLogger("cgn_dist")
 
 SUMMARY_NAME = "summary.json"
@@ -75,8 +77,6 @@ def checkpoint_step(path: Path) -> int:
 def discard_unstarted(run_dir: Path, existed: bool) -> None:
     """After a failed run: remove a run directory this run created when no checkpoint made it into it,
     so the next run starts fresh instead of looking like a resume."""
-    from cgn_dist.train.checkpoint import CKPT_DIR
-
     run_dir = Path(run_dir)
     if existed or not run_dir.is_dir():
         return
