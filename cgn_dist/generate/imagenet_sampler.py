@@ -44,6 +44,7 @@ from cgn_dist.generate.imagenet_labels import check_classes, class_name, draw_cl
 from cgn_dist.generate.imagenet_weights import build_generation_model, sha256_of
 from cgn_dist.generate.plan import SampleRef, ShardSpec, sample_seed
 from cgn_dist.generate.precision import check_precision, compile_forward, nvjpeg_encode, prepare_model, to_host
+from cgn_dist.generate.workers import resolve_device
 
 if TYPE_CHECKING:
     from cgn_dist.generate.imagenet_factory import ImagenetCounterfactualFactory
@@ -117,10 +118,7 @@ class ImagenetCounterfactualSampler:
         from cgn_dist import __version__
 
         self.cfg = cfg
-        dev = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if dev == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but this worker has no GPU")
-        self.device = torch.device(dev)
+        self.device = torch.device(resolve_device(cfg.device))  # here, in the worker: not on the driver
         self.dtype = check_precision(cfg.precision, self.device.type)
         if cfg.jpeg_encoder == "nvjpeg" and self.device.type != "cuda":
             raise ValueError("generate.jpeg_encoder=nvjpeg encodes on the GPU: this worker runs on "
