@@ -94,7 +94,7 @@ def test_provenance_check_names_the_differing_keys():
     seen = []
     check_same_provenance(seen, "worker 0", {"sampler": "x", "forward": "compiled"})
     check_same_provenance(seen, "worker 1", {"sampler": "x", "forward": "compiled"})
-    with pytest.raises(GenerationError, match=r"worker 2's sampler differs from worker 0's \(forward: "
+    with pytest.raises(GenerationError, match=r"the sampler of worker 2 differs from that of worker 0 \(forward: "
                                               r"'eager \(compile failed\)' vs 'compiled'\)"):
         check_same_provenance(seen, "worker 2", {"sampler": "x", "forward": "eager (compile failed)"})
 
@@ -103,7 +103,7 @@ def test_a_pool_worker_with_another_sampler_stops_the_run_at_start(tmp_path):
     marker = tmp_path / "odd"
     # slow shards: without the check at start, the run would finish and fail only at the manifest
     factory = ToySamplerFactory(image_size=8, sleep_s=0.05, odd_info_marker=str(marker))
-    with pytest.raises(GenerationError, match=r"local worker \d's sampler differs from local worker \d's "
+    with pytest.raises(GenerationError, match=r"the sampler of local worker \d differs from that of local worker \d "
                                               r"\(forward: .*compile failed"):
         generate_dataset(factory, tmp_path / "out", 40, 4, 3, batch_size=2, num_workers=2, progress=False)
     assert marker.exists()

@@ -90,7 +90,8 @@ def check_same_provenance(seen: list[tuple[str, dict[str, Any]]], who: str, info
     diff = provenance_difference(first, info)
     if diff:
         raise GenerationError(
-            f"{who}'s sampler differs from {first_who}'s ({'; '.join(diff)}): one output folder holds the bytes "
+            f"the sampler of {who} differs from that of {first_who} ({'; '.join(diff)}): one output folder "
+            f"holds the bytes "
             f"of one sampler only. Fix the cause on that worker (its log says why, e.g. a torch.compile failure: "
             f"or set generate.compile=false everywhere) and rerun")
     seen.append((who, info))
