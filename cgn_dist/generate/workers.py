@@ -91,9 +91,8 @@ def check_same_provenance(seen: list[tuple[str, dict[str, Any]]], who: str, info
     if diff:
         raise GenerationError(
             f"the sampler of {who} differs from that of {first_who} ({'; '.join(diff)}): one output folder "
-            f"holds the bytes "
-            f"of one sampler only. Fix the cause on that worker (its log says why, e.g. a torch.compile failure: "
-            f"or set generate.compile=false everywhere) and rerun")
+            f"holds the bytes of one sampler only. Fix the cause on that worker (its log says why, e.g. a "
+            f"torch.compile failure; or set generate.compile=false) and rerun")
     seen.append((who, info))
 
 
