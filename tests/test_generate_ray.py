@@ -163,3 +163,30 @@ def test_ray_workers_that_cannot_start_fail_the_run_clearly(two_nodes, tmp_path)
     with pytest.raises(GenerationError, match="checkpoint not found"):
         run_shards(_BrokenFactory(), make_plan(4, 2, 0), tmp_path, backend="ray", num_workers=2, max_retries=1,
                    progress=False, shard_timeout_s=60)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OddBarrierFactory:
+    """Two toy workers held at their first batch until both have begun one; the first one built reports
+    another provenance (as a worker whose torch.compile failed would)."""
+
+    barrier_dir: str
+    odd_marker: str
+
+    def __call__(self):
+        return _BarrierSampler(ToySamplerFactory(image_size=8, odd_info_marker=self.odd_marker)(),
+                               self.barrier_dir, 2)
+
+
+def test_a_ray_worker_with_another_sampler_stops_the_run_at_start(two_nodes, tmp_path):
+    from cgn_dist.generate import GenerationError
+    (tmp_path / "barrier").mkdir()
+    factory = _OddBarrierFactory(str(tmp_path / "barrier"), str(tmp_path / "odd"))
+    t0 = time.monotonic()
+    with pytest.raises(GenerationError, match=r"the sampler of the Ray worker on node \w+ \(pid \d+\) differs "
+                                              r"from that of the Ray worker .*\(forward: .*compile failed"):
+        generate_dataset(factory, tmp_path / "out", N, SHARD, SEED, batch_size=3, backend="ray", num_workers=2,
+                         progress=False, shard_timeout_s=120)
+    assert (tmp_path / "odd").exists()
+    assert not list((tmp_path / "out").glob("shard-*_stats.json"))  # caught before any shard was committed
+    assert time.monotonic() - t0 < 100  # not after the barrier's time-out

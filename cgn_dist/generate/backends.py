@@ -1,22 +1,22 @@
 """Running shards: one signature, three ways (img2dataset's distributors).
 
 - ``backend="local", num_workers=1``: in this process; a Python error in the sampler is retried.
-- ``backend="local", num_workers>1``: worker processes (forkserver), each building the sampler once; a
-  process that dies takes only its own shard down: it is replaced and the shard retried.
+- ``backend="local", num_workers>1``: worker processes (forkserver, generate.pool), each on its own GPU
+  where there are GPUs (worker i -> GPU i % n_gpus) and building the sampler once; a process that dies
+  takes only its own shard down: it is replaced and the shard retried.
 - ``backend="ray"``: one actor per worker (one GPU each where the cluster has GPUs), each building the
   sampler once and pulling the next shard when it finishes one, so fast workers take more shards. An actor
   lost with its process or node is replaced (Ray places it where resources are) and its shard retried.
 
 Every backend writes through ``write_shard``, so the bytes are the same whatever the backend, the worker
-count or the order; shards already committed are skipped, interrupted or corrupt ones are redone.
+count or the order; shards already committed are skipped, interrupted or corrupt ones are redone. A worker
+whose sampler provenance differs from the first worker's stops the run as soon as it has started.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import logging
-import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -26,23 +26,16 @@ from cgn_dist.data.shards import remove_temp_files
 from cgn_dist.generate.plan import ShardSpec
 from cgn_dist.generate.progress import make_progress
 from cgn_dist.generate.sampler import close_sampler, sampler_info
-from cgn_dist.generate.writer import GenerationError, tar_name, verify_shard, write_shard
+from cgn_dist.generate.pool import run_process_pool
+from cgn_dist.generate.workers import check_same_provenance
+from cgn_dist.generate.writer import (GenerationError, StopGeneration, give_up, must_stop, tar_name, verify_shard,
+                                     write_shard)
 from cgn_dist.storage import is_remote, join, storage_env
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("local", "ray")
 LOCK_NAME = ".generate.lock"
-# Errors of the machine, not of the attempt: retrying only fills the log (a full disk stays full).
-STOP_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
-
-
-class StopGeneration(GenerationError):
-    """A shard hit an error that retrying cannot fix (disk full, read-only, no permission)."""
-
-
-def _must_stop(e: BaseException | None) -> bool:
-    return isinstance(e, OSError) and e.errno in STOP_ERRNOS
 
 
 def run_shards(sampler_factory: Callable[[], Any], shards: Iterable[ShardSpec], out_dir: str | os.PathLike,
@@ -130,7 +123,7 @@ def _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_si
             elif num_workers == 1:
                 results = _run_in_process(sampler_factory, todo, out_dir, batch_size, max_retries)
             else:
-                results = _run_process_pool(sampler_factory, todo, out_dir, batch_size, num_workers, max_retries)
+                results = run_process_pool(sampler_factory, todo, out_dir, batch_size, num_workers, max_retries)
             with contextlib.closing(results):  # stops the workers at once if the caller's callback raises
                 try:
                     for stats in results:
@@ -154,10 +147,6 @@ def _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_si
     return [done[s.shard_id] for s in shards]
 
 
-def _give_up(spec: ShardSpec, attempts: int, error: str) -> GenerationError:
-    return GenerationError(f"shard {spec.shard_id} failed {attempts} time(s); last error: {error}")
-
-
 # --- local, in this process ---------------------------------------------------------------------------------
 
 def _run_in_process(factory, todo, out_dir, batch_size, max_retries) -> Iterator[dict[str, Any]]:
@@ -170,120 +159,13 @@ def _run_in_process(factory, todo, out_dir, batch_size, max_retries) -> Iterator
                     yield write_shard(sampler, spec, out_dir, batch_size, attempt=attempt, info=info)
                     break
                 except Exception as e:  # a sampler error: retried like a lost worker
-                    if _must_stop(e):
+                    if must_stop(e):
                         raise StopGeneration(f"{e} (shard {spec.shard_id})") from e
                     if attempt > max_retries:
-                        raise _give_up(spec, attempt, repr(e)) from e
+                        raise give_up(spec, attempt, repr(e)) from e
                     log.warning("shard %d attempt %d failed (%r); retrying", spec.shard_id, attempt, e)
     finally:
         close_sampler(sampler)
-
-
-# --- local, pool of processes -------------------------------------------------------------------------------
-
-def _process_main(factory: Callable[[], Any], conn: Any) -> None:
-    """Body of one worker process: build the sampler once, then write the shards sent over ``conn``."""
-    import traceback
-    try:
-        sampler = factory()
-        info = sampler_info(sampler)
-    except BaseException:
-        conn.send(("fatal", traceback.format_exc(limit=5)))
-        return
-    try:
-        while (msg := conn.recv()) is not None:
-            spec, out_dir, batch_size, attempt = msg
-            try:
-                conn.send(("ok", write_shard(sampler, spec, out_dir, batch_size, attempt=attempt, info=info)))
-            except Exception as e:
-                conn.send(("stop", str(e)) if _must_stop(e) else ("error", repr(e)))
-    finally:
-        close_sampler(sampler)
-
-
-class _WorkerProcess:
-    def __init__(self, ctx: Any, factory: Callable[[], Any]):
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_process_main, args=(factory, child), daemon=True)
-        self.process.start()
-        child.close()
-        self.spec: ShardSpec | None = None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        try:
-            if self.process.is_alive():
-                self.conn.send(None)
-        except (OSError, ValueError):
-            pass
-        self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.conn.close()
-
-
-def _worker_context() -> Any:
-    # Not fork: a forked child of a process holding CUDA, Ray or torch threads can hang. forkserver forks
-    # workers from a clean server process that imported this module (and so numpy, PIL, torch...) once:
-    # a replacement worker starts in milliseconds instead of re-importing everything as spawn would.
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
-        return ctx
-    return multiprocessing.get_context("spawn")
-
-
-def _run_process_pool(factory, todo, out_dir, batch_size, num_workers, max_retries) -> Iterator[dict[str, Any]]:
-    """Own worker processes rather than a ProcessPoolExecutor: when one dies, the executor breaks and fails
-    every shard in flight; here only the dead worker's shard is retried, on a replacement process."""
-    from multiprocessing.connection import wait as wait_ready
-
-    ctx = _worker_context()
-    pending = collections.deque(todo)
-    attempts: collections.Counter = collections.Counter()
-
-    def retry(spec: ShardSpec, error: str) -> None:
-        if attempts[spec.shard_id] > max_retries:
-            raise _give_up(spec, attempts[spec.shard_id], error)
-        log.warning("shard %d attempt %d failed (%s); retrying", spec.shard_id, attempts[spec.shard_id], error)
-        pending.appendleft(spec)
-
-    workers = [_WorkerProcess(ctx, factory) for _ in range(min(num_workers, len(todo)))]
-    try:
-        while pending or any(w.spec is not None for w in workers):
-            for w in workers:
-                if w.spec is None and pending:
-                    w.spec = pending.popleft()
-                    attempts[w.spec.shard_id] += 1
-                    w.conn.send((w.spec, str(out_dir), batch_size, attempts[w.spec.shard_id]))
-            busy = [w for w in workers if w.spec is not None]
-            wait_ready([w.conn for w in busy] + [w.process.sentinel for w in busy])
-            for i, w in enumerate(workers):
-                if w.spec is None:
-                    continue
-                spec, msg = w.spec, None
-                if w.conn.poll():  # a result sent just before dying still counts
-                    try:
-                        msg = w.conn.recv()
-                    except (EOFError, OSError):
-                        msg = None
-                if msg is not None and msg[0] == "ok":
-                    w.spec = None
-                    yield msg[1]
-                elif msg is not None and msg[0] == "stop":
-                    raise StopGeneration(f"{msg[1]} (shard {spec.shard_id})")
-                elif msg is not None and msg[0] == "error":
-                    w.spec = None
-                    retry(spec, msg[1])
-                elif msg is not None or not w.process.is_alive():
-                    reason = msg[1].strip().splitlines()[-1] if msg else f"exit code {w.process.exitcode}"
-                    w.spec = None
-                    w.stop(timeout=1.0)
-                    workers[i] = _WorkerProcess(ctx, factory)
-                    retry(spec, f"worker process died ({reason})")
-    finally:
-        for w in workers:
-            w.stop()
 
 
 # --- Ray ----------------------------------------------------------------------------------------------------
@@ -299,6 +181,12 @@ class ShardWorker:
         import ray
         stats = write_shard(self.sampler, spec, out_dir, batch_size, attempt=attempt, info=self.info)
         return dict(stats, ray_node_id=ray.get_runtime_context().get_node_id())  # for the driver, not on disk
+
+    def provenance(self) -> tuple[dict[str, Any], str]:
+        """(sampler provenance, node id); answered once built, so it doubles as the "actor is up" signal."""
+        import os
+        import ray
+        return self.info, f"{ray.get_runtime_context().get_node_id()[:12]} (pid {os.getpid()})"
 
     def close(self) -> None:
         close_sampler(self.sampler)
@@ -323,7 +211,8 @@ def _run_ray(factory, todo, out_dir, batch_size, num_workers, max_retries, ray_a
                                                 scheduling_strategy="SPREAD", **resources)
     pending = collections.deque(todo)
     attempts: collections.Counter = collections.Counter()
-    starting: dict[Any, Any] = {}  # ready ref -> actor still being placed or loading its model
+    starting: dict[Any, Any] = {}  # provenance ref -> actor still being placed or loading its model
+    seen: list[tuple[str, dict[str, Any]]] = []  # provenance of the actors started so far
     idle: list[Any] = []
     inflight: dict[Any, tuple[Any, ShardSpec, float]] = {}
     start_failures = 0
@@ -331,11 +220,11 @@ def _run_ray(factory, todo, out_dir, batch_size, num_workers, max_retries, ray_a
 
     def start_actor() -> None:
         actor = actor_cls.remote(factory)
-        starting[actor.__ray_ready__.remote()] = actor
+        starting[actor.provenance.remote()] = actor
 
     def retry(spec: ShardSpec, error: str) -> None:
         if attempts[spec.shard_id] > max_retries:
-            raise _give_up(spec, attempts[spec.shard_id], error)
+            raise give_up(spec, attempts[spec.shard_id], error)
         log.warning("shard %d attempt %d failed (%s); retrying", spec.shard_id, attempts[spec.shard_id], error)
         pending.appendleft(spec)
 
@@ -359,7 +248,7 @@ def _run_ray(factory, todo, out_dir, batch_size, num_workers, max_retries, ray_a
                 if ref in starting:
                     actor = starting.pop(ref)
                     try:
-                        ray.get(ref, timeout=60)
+                        info, where = ray.get(ref, timeout=60)
                     except RayError as e:  # the factory raised, or the process died while loading
                         start_failures += 1
                         if start_failures > max_retries:
@@ -368,13 +257,14 @@ def _run_ray(factory, todo, out_dir, batch_size, num_workers, max_retries, ray_a
                         log.warning("a worker failed to start (%s); starting another", type(e).__name__)
                         replace(actor)
                         continue
-                    idle.append(actor)
+                    idle.append(actor)  # stopped with the others in the finally block if it differs
+                    check_same_provenance(seen, f"the Ray worker on node {where}", info)
                     continue
                 actor, spec, _ = inflight.pop(ref)
                 try:
                     stats = ray.get(ref, timeout=60)
                 except RayTaskError as e:  # the sampler raised: the actor itself is fine
-                    if _must_stop(getattr(e, "cause", None)):
+                    if must_stop(getattr(e, "cause", None)):
                         raise StopGeneration(f"{e.cause} (shard {spec.shard_id})") from None
                     idle.append(actor)
                     retry(spec, str(e).splitlines()[0] if str(e) else repr(e))

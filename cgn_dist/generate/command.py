@@ -73,8 +73,6 @@ def imagenet_factory(cfg: Config):
 
 def mnist_factory(cfg: Config):
     """The MNIST counterfactual sampler factory for ``cfg``."""
-    import torch
-
     from cgn_dist.generate.mnist import MnistCounterfactualFactory, resolve_generator_file
 
     g = cfg.generate
@@ -91,8 +89,8 @@ def mnist_factory(cfg: Config):
                          "the authors' cgn_<dataset>_MNIST.pth")
     # Resolved now (a clear error here, not in a worker); a run directory means its latest checkpoint NOW.
     checkpoint = str(resolve_generator_file(_checkpoint(g.checkpoint)).resolve())
-    device = g.device if g.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    factory = MnistCounterfactualFactory(checkpoint=checkpoint, no_cfs=g.no_cfs, device=device,
+    # g.device as given: "auto" is resolved by each worker (a CPU driver must not send GPU workers to CPU).
+    factory = MnistCounterfactualFactory(checkpoint=checkpoint, no_cfs=g.no_cfs, device=g.device,
                                          num_threads=g.num_threads, save_layers=g.save_layers)
     if g.shard_size % factory.group_len:
         log.warning("generate.shard_size=%d is not a multiple of %d (group_size x no_cfs): the last group of each "

@@ -43,7 +43,9 @@ from cgn_dist.data.shards import encode_jpeg, encode_png
 from cgn_dist.generate.imagenet_labels import check_classes, class_name, draw_classes
 from cgn_dist.generate.imagenet_weights import build_generation_model, sha256_of
 from cgn_dist.generate.plan import SampleRef, ShardSpec, sample_seed
-from cgn_dist.generate.precision import check_precision, compile_forward, nvjpeg_encode, prepare_model, to_host
+from cgn_dist.generate.precision import (check_precision, compile_forward, jpeg_encoder_used, nvjpeg_encode,
+                                        prepare_model, to_host)
+from cgn_dist.generate.workers import resolve_device
 
 if TYPE_CHECKING:
     from cgn_dist.generate.imagenet_factory import ImagenetCounterfactualFactory
@@ -61,20 +63,19 @@ def to_uint8(x: torch.Tensor, normalize: str = "fixed") -> np.ndarray:
     """B x 3 x H x W in [-1, 1] -> B x H x W x 3 uint8.
 
     "fixed": round((clamp(x, -1, 1) + 1) * 127.5), half to even. "minmax": each image stretched to its own
-    min..max, exactly as torchvision's ``save_image(normalize=True)`` does (the authors' files)."""
-    from cgn_dist.generate.mnist import encode_uint8
+    min..max, as torchvision's ``save_image(normalize=True)`` does (the authors' files)."""
+    return _image_u8(x, normalize).cpu().numpy()
 
-    if normalize == "fixed":
-        return encode_uint8(x).cpu().numpy()
-    if normalize != "minmax":
-        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-    out = []
-    for img in x.detach().float().cpu():
-        img = img.clone()
-        low, high = float(img.min()), float(img.max())  # python floats, as torchvision's make_grid
-        img.clamp_(min=low, max=high).sub_(low).div_(max(high - low, 1e-5))
-        out.append(img.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0))
-    return torch.stack(out).numpy()
+
+def minmax_uint8(x: torch.Tensor) -> torch.Tensor:
+    """B x 3 x H x W -> B x H x W x 3 uint8, each image stretched to its own min..max (torchvision's
+    make_grid(normalize=True), then save_image's mul(255).add_(0.5).clamp_(0, 255)), on x's device, all
+    images at once: no per-image loop and no host copy before the uint8 conversion."""
+    x = x.detach().float()
+    low = x.amin(dim=(1, 2, 3), keepdim=True)
+    high = x.amax(dim=(1, 2, 3), keepdim=True)
+    y = (x - low) / (high - low).clamp_min(1e-5)
+    return y.mul_(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def mask_to_uint8(mask: torch.Tensor) -> np.ndarray:
@@ -87,10 +88,14 @@ def _mask_u8(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _image_u8(x: torch.Tensor, normalize: str) -> torch.Tensor:
-    """to_uint8 as a tensor; "fixed" stays on x's device (converted there, copied once)."""
+    """to_uint8 as a tensor on x's device (converted there, copied to the host once, later)."""
     from cgn_dist.generate.mnist import encode_uint8
 
-    return encode_uint8(x) if normalize == "fixed" else torch.from_numpy(to_uint8(x, normalize))
+    if normalize == "fixed":
+        return encode_uint8(x)
+    if normalize != "minmax":
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    return minmax_uint8(x)
 
 
 # --- the sampler ------------------------------------------------------------------------------------------
@@ -117,14 +122,17 @@ class ImagenetCounterfactualSampler:
         from cgn_dist import __version__
 
         self.cfg = cfg
-        dev = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if dev == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but this worker has no GPU")
-        self.device = torch.device(dev)
+        self.device = torch.device(resolve_device(cfg.device))  # here, in the worker: not on the driver
         self.dtype = check_precision(cfg.precision, self.device.type)
         if cfg.jpeg_encoder == "nvjpeg" and self.device.type != "cuda":
             raise ValueError("generate.jpeg_encoder=nvjpeg encodes on the GPU: this worker runs on "
                              f"{self.device.type}; use jpeg_encoder=pil")
+        # The encoder that will really run (the setting alone is not proof: on CPU tensors torchvision's
+        # "GPU" encoder silently runs libjpeg): probed on an image made as every image is.
+        self.jpeg_encoder = cfg.jpeg_encoder
+        if cfg.jpeg_encoder == "nvjpeg":
+            self.jpeg_encoder = jpeg_encoder_used(_image_u8(torch.zeros(1, 3, 2, 2, device=self.device),
+                                                            cfg.normalize))
         with self._threads():
             self.model, self.weights_file = build_generation_model(cfg.checkpoint, cfg.biggan, cfg.u2net,
                                                                    cfg.cache_dir, cfg.model_seed,
@@ -158,7 +166,7 @@ class ImagenetCounterfactualSampler:
                 "num_threads": c.num_threads, "device": self.device.type, "torch": torch.__version__,
                 "pillow": PIL.__version__, "cgn_dist": self.version, "precision": c.precision,
                 "channels_last": c.channels_last, "forward": self.forward_kind,
-                "jpeg_encoder": c.jpeg_encoder if c.image_format == "jpg" else None,
+                "jpeg_encoder": self.jpeg_encoder if c.image_format == "jpg" else None,
                 # only when not the default, so folders written before the option existed stay resumable
                 **({} if c.u2net_align_corners else {"u2net_align_corners": False})}
 
@@ -231,8 +239,12 @@ class ImagenetCounterfactualSampler:
                           bg=_image_u8(out["background"], norm))
             encoded = {}
             if self.cfg.jpeg_encoder == "nvjpeg" and self.cfg.image_format == "jpg":
-                encoded = {k: nvjpeg_encode(u8[k], self.cfg.jpeg_quality) for k in ("composite", "fg", "bg")
-                           if k in u8}
+                for k in ("composite", "fg", "bg"):
+                    if k in u8:
+                        encoded[k], used = nvjpeg_encode(u8[k], self.cfg.jpeg_quality)
+                        if used != self.jpeg_encoder:  # bytes of another encoder than the provenance says
+                            raise RuntimeError(f"{k} was JPEG-encoded by {used}, the provenance says "
+                                               f"{self.jpeg_encoder}")
             *arrays, mean = to_host([*u8.values(), out["mask"].float().mean(dim=(1, 2, 3))])
         host = dict(zip(u8, arrays))
         return _Group(composite=host.pop("composite"), classes=triples, seeds=[int(s) for s in seeds],

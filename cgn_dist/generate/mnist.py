@@ -47,6 +47,7 @@ import torch
 
 from cgn_dist.data.shards import encode_png
 from cgn_dist.generate.plan import SampleRef, sample_seed
+from cgn_dist.generate.workers import DEVICES, resolve_device
 from cgn_dist.models.cgn_mnist import MASK_MAX, MASK_MIN, CGNMnist, shuffle_texture
 
 SAMPLER_NAME = "mnist_counterfactual"
@@ -214,7 +215,7 @@ class MnistCounterfactualFactory:
     checkpoint: str  # run dir, step dir, generator.pt, or the authors' ckp.pth
     no_cfs: int = 10  # counterfactual redraws of texture and background per mask
     group_size: int = 100  # labels per group (the original's internal batch)
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda, or auto: resolved where the sampler is built (the worker), not here
     png_compress_level: int = 6
     # Threads used while computing a group (restored afterwards): a fixed count keeps CPU numerics, hence
     # the bytes, the same in the driver and in worker processes. 0 = leave torch's setting.
@@ -224,6 +225,8 @@ class MnistCounterfactualFactory:
     def __post_init__(self) -> None:
         if self.no_cfs < 1 or self.group_size < 1:
             raise ValueError(f"no_cfs and group_size must be >= 1, got {self.no_cfs}, {self.group_size}")
+        if self.device not in DEVICES:
+            raise ValueError(f"generate.device must be one of {DEVICES}, got {self.device!r}")
         if self.num_threads < 0:
             raise ValueError(f"num_threads must be >= 0 (0 = torch's setting), got {self.num_threads}")
         if not 0 <= self.png_compress_level <= 9:
@@ -254,7 +257,7 @@ class MnistCounterfactualSampler:
 
     def __init__(self, cfg: MnistCounterfactualFactory):
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
+        self.device = torch.device(resolve_device(cfg.device))  # in the worker: its own GPU, or none
         self.model = load_mnist_generator(cfg.checkpoint, self.device)
         self.sha256 = checkpoint_sha256(cfg.checkpoint)
         self._cache: collections.OrderedDict[tuple[int, int, int], _Group] = collections.OrderedDict()

@@ -116,8 +116,15 @@ def to_host(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
     return [t.numpy() for t in out]
 
 
-def nvjpeg_encode(images: torch.Tensor, quality: int) -> list[bytes]:
-    """JPEG bytes of B x H x W x 3 uint8 CUDA images with nvJPEG (torchvision.io.encode_jpeg on CUDA).
+def jpeg_encoder_used(images: torch.Tensor) -> str:
+    """The encoder torchvision's encode_jpeg really runs on these images: nvJPEG only for CUDA tensors; CPU
+    tensors go to its libjpeg, silently (so provenance must come from here, not from the setting)."""
+    return "nvjpeg" if images.is_cuda else "torchvision-cpu"
+
+
+def nvjpeg_encode(images: torch.Tensor, quality: int) -> tuple[list[bytes], str]:
+    """(JPEG bytes, encoder used) of B x H x W x 3 uint8 images with torchvision.io.encode_jpeg: nvJPEG
+    for CUDA images (see jpeg_encoder_used).
 
     Deterministic for one GPU model, driver and nvJPEG version as far as NVIDIA documents it, but NOT the same
     bytes as Pillow's libjpeg (other quantisation rounding and chroma subsampling): the sampler records the
@@ -125,8 +132,12 @@ def nvjpeg_encode(images: torch.Tensor, quality: int) -> list[bytes]:
     from torchvision.io import encode_jpeg as tv_encode_jpeg
 
     chw = [img.permute(2, 0, 1).contiguous() for img in images]
+    if images.is_cuda:
+        # torchvision encodes on its own CUDA stream without waiting for ours: without this wait it may read
+        # images whose kernels (the forward, the uint8 conversion, the permutes above) have not finished.
+        torch.cuda.current_stream(images.device).synchronize()
     encoded = tv_encode_jpeg(chw, quality=quality)
-    return [bytes(e.cpu().numpy().tobytes()) for e in encoded]
+    return [bytes(e.cpu().numpy().tobytes()) for e in encoded], jpeg_encoder_used(images)
 
 
 def peak_bf16_tflops(device_name: str) -> float | None:

@@ -29,6 +29,9 @@ class ToySamplerFactory:
     sleep_s: float = 0.0  # per sample: makes shards slow enough to interrupt
     crash_on_key: str = ""  # the worker process exits abruptly the first time it reaches this key...
     crash_marker: str = ""  # ...and records that in this file, so the retry goes through
+    # The first sampler built creates this file and reports another provenance (as a worker whose
+    # torch.compile failed would): checks that such a worker is caught when it starts.
+    odd_info_marker: str = ""
 
     def __call__(self) -> "ToySampler":
         return ToySampler(self)
@@ -41,10 +44,18 @@ class ToySampler:
         if cfg.crash_on_key and not cfg.crash_marker:
             raise ValueError("crash_on_key needs crash_marker (a file recording the crash, so a retry succeeds)")
         self.cfg = cfg
+        self.odd = False
+        if cfg.odd_info_marker:
+            try:
+                with open(cfg.odd_info_marker, "x") as f:  # exclusive: exactly one sampler is the odd one
+                    f.write(f"odd provenance in pid {os.getpid()}\n")
+                self.odd = True
+            except FileExistsError:
+                pass
 
     def info(self) -> dict[str, Any]:
         return {"sampler": "toy", "image_size": self.cfg.image_size, "num_classes": self.cfg.num_classes,
-                "image_format": self.cfg.image_format}
+                "image_format": self.cfg.image_format, **({"forward": "eager (compile failed)"} if self.odd else {})}
 
     def _maybe_crash(self, key: str) -> None:
         marker = Path(self.cfg.crash_marker)

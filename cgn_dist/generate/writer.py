@@ -10,6 +10,7 @@ uploaded whole (an object appears only when its upload completes), then the mark
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import numbers
@@ -34,6 +35,22 @@ STATS_FORMAT = "cgn_dist.shard-stats/v1"
 
 class GenerationError(RuntimeError):
     """A shard could not be generated (after its retries), or the output folder is inconsistent."""
+
+
+class StopGeneration(GenerationError):
+    """A shard hit an error that retrying cannot fix (disk full, read-only, no permission)."""
+
+
+# Errors of the machine, not of the attempt: retrying only fills the log (a full disk stays full).
+STOP_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def must_stop(e: BaseException | None) -> bool:
+    return isinstance(e, OSError) and e.errno in STOP_ERRNOS
+
+
+def give_up(spec: ShardSpec, attempts: int, error: str) -> GenerationError:
+    return GenerationError(f"shard {spec.shard_id} failed {attempts} time(s); last error: {error}")
 
 
 def tar_name(shard_id: int) -> str:
