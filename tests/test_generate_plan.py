@@ -57,6 +57,6 @@ def test_dataclass_factory_round_trips_through_its_description():
     desc = describe_factory(f)
     assert desc == {"target": "cgn_dist.generate.toy:ToySamplerFactory", "kwargs": {
         "image_size": 8, "num_classes": 10, "image_format": "jpg", "with_mask": True, "sleep_s": 0.0,
-        "crash_on_key": "", "crash_marker": ""}}
+        "crash_on_key": "", "crash_marker": "", "odd_info_marker": ""}}
     assert build_factory(desc) == f
     assert "repr" in describe_factory(lambda: None)
