@@ -55,12 +55,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_group_backend(device_type: str) -> str:
+    """The process group's backend for a device type. On GPUs the group serves both devices: NCCL reduces
+    CUDA tensors only, and some reductions (evaluation counts, object gathers) are of CPU tensors."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
 def init_process_group(env: DistEnv) -> bool:
-    """Join the launcher's process group (gloo on CPU, nccl on GPU); True if this call created it."""
+    """Join the launcher's process group (gloo on CPU; gloo + nccl on GPU); True if this call created it."""
     if not env.is_distributed or torch.distributed.is_initialized():
         return False
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    backend = "nccl" if env.device.type == "cuda" else "gloo"
+    backend = process_group_backend(env.device.type)
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world_size)

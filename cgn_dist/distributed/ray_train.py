@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from cgn_dist.config import Config, config_from_dict, config_to_dict
+from cgn_dist.distributed.env import process_group_backend
 from cgn_dist.storage import is_remote
 from cgn_dist.train.common import Reporter
 
@@ -146,7 +147,7 @@ def train_with_ray(cfg: Config) -> dict:
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend("cuda" if d.use_gpu else "cpu")),
         scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=cfg.name, storage_path=storage,
