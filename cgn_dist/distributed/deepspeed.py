@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from cgn_dist.config import TrainConfig
+from cgn_dist.config import ConfigError, TrainConfig
 from cgn_dist.distributed.env import DistEnv, set_single_process_env
 
 
@@ -29,6 +29,15 @@ def build_ds_config(train: TrainConfig, world_size: int) -> dict:
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
     elif train.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
+        if train.zero_stage >= 1:
+            # Sum micro-step gradients in fp32: a bf16 sum of the paper's 4,000 micro-steps is percents off.
+            # (DeepSpeed takes this for ZeRO >= 1 only; ZeRO-0 bf16 with accumulation is refused below.)
+            cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+        elif train.grad_accum > 1:
+            raise ConfigError(
+                f"train.precision=bf16 with train.zero_stage=0 sums the {train.grad_accum} micro-steps of "
+                "train.grad_accum in bf16 (percents off over long sums); set train.zero_stage=1, which "
+                "accumulates in fp32, or train.grad_accum=1")
     return cfg
 
 
