@@ -124,6 +124,23 @@ def _worker_error(err: BaseException) -> BaseException:
     return err
 
 
+def absolute_paths(config: dict, cwd: Path) -> dict:
+    """Every relative path in ``config`` that names something under ``cwd`` made absolute. Ray Train moves
+    each worker's working directory to a session folder (and ``ray job submit --working-dir`` to an uploaded
+    copy), so shards, checkpoints and weights given relative to where the user typed the command would not be
+    found there. Names that are no path here (weights names such as biggan-deep-256, URLs) are left alone."""
+    def fix(value):
+        if isinstance(value, dict):
+            return {k: fix(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value) \
+                and (cwd / value).exists():
+            return str((cwd / value).resolve())
+        return value
+    return fix(config)
+
+
 def train_with_ray(cfg: Config) -> dict:
     """Launch ``cfg`` on ``distributed.num_workers`` Ray Train workers; returns the final metrics."""
     import ray.train
@@ -142,7 +159,7 @@ def train_with_ray(cfg: Config) -> dict:
     if d.use_gpu:
         resources["GPU"] = 1
     # The run dir must be reachable by every worker: absolute, and on shared storage on a real cluster.
-    config = config_to_dict(cfg)
+    config = absolute_paths(config_to_dict(cfg), Path.cwd())
     config["out_dir"] = str(Path(cfg.out_dir).resolve())
     trainer = TorchTrainer(
         _worker_loop,
