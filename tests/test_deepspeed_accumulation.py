@@ -71,3 +71,20 @@ def test_a_real_engine_matches_the_fp64_mean_gradient_within_bf16_rounding(stage
     assert abs(got - exact) / exact < 2 ** -8  # one bf16 rounding of the updated weight, no more
     cfg.pop("data_types")  # DeepSpeed's default for bf16: accumulate in bf16 (measured here: ~75 % off)
     assert abs(float(_one_update(cfg, x)) - exact) / exact > 0.1
+
+
+def test_a_zero_checkpoint_of_two_processes_is_refused_by_one(tmp_path):
+    # A real one-process ZeRO-1 run whose checkpoint then claims two processes (what a 2-GPU run writes).
+    import json
+
+    from cgn_dist.train.imagenet import train_imagenet
+    tiny = "configs/debug/imagenet_tiny.yaml"
+    over = [f"out_dir={tmp_path}", "name=z", "train.engine=deepspeed", "train.zero_stage=1", "train.max_steps=1"]
+    out = train_imagenet(load_config(tiny, over))
+    meta_file = tmp_path / "z" / "checkpoints" / "step_0000001" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["world_size"] == 1
+    meta_file.write_text(json.dumps(dict(meta, world_size=2)))
+    with pytest.raises(ConfigError, match=r"saved by 2 processes .* ZeRO stage 1.*distributed.num_workers=2"):
+        train_imagenet(load_config(tiny, [*over[:-1], "train.max_steps=2"]))
+    assert out["steps"] == 1

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cgn_dist.config import Config, config_to_dict, save_config
+from cgn_dist.config import Config, ConfigError, config_to_dict, save_config
 from cgn_dist.train.run_dir import CKPT_DIR, check_config_change
 
 
@@ -111,7 +111,7 @@ def save_checkpoint(run_dir: Path, step: int, engines: dict[str, Any], extra: di
     _barrier()
     if rank == 0:
         torch.save(dict(extra or {}), tmp / "extra.pt")
-        meta = {"step": step, "time": time.time(), "engines": sorted(engines),
+        meta = {"step": step, "time": time.time(), "engines": sorted(engines), "world_size": _world_size(),
                 "config": config_to_dict(cfg) if cfg is not None else None}
         meta.update(extra_meta or {})
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -161,6 +161,7 @@ def load_checkpoint(path: Path, engines: dict[str, Any], rank: int = 0, restore_
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not a cgn_dist checkpoint directory (no meta.json)")
     meta = json.loads(meta_file.read_text())
+    check_world_size(meta, _world_size(), path)
     missing = set(engines) - set(meta.get("engines", []))
     if missing:
         raise ValueError(f"checkpoint {path} holds {meta.get('engines')}, not {sorted(missing)}")
@@ -173,6 +174,23 @@ def load_checkpoint(path: Path, engines: dict[str, Any], rank: int = 0, restore_
     extra["step"] = meta["step"]
     extra["meta"] = meta
     return extra
+
+
+def _world_size() -> int:
+    d = torch.distributed
+    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+
+
+def check_world_size(meta: dict, world_size: int, path: Path) -> None:
+    """DeepSpeed ZeRO >= 1 keeps the optimizer state in one partition per process; a checkpoint of N
+    processes cannot be loaded by another number of them (DeepSpeed fails deep inside, or silently mixes)."""
+    train = (meta.get("config") or {}).get("train", {})
+    saved = int(meta.get("world_size", world_size))
+    if train.get("engine") == "deepspeed" and int(train.get("zero_stage", 0)) >= 1 and saved != world_size:
+        raise ConfigError(
+            f"{path} was saved by {saved} processes with DeepSpeed ZeRO stage {train['zero_stage']}, whose optimizer "
+            f"state is split per process; this run has {world_size}. Resume with {saved} processes "
+            f"(distributed.num_workers={saved}, or torchrun --nproc_per_node={saved}), or start a new run (name=)")
 
 
 def seed_everything(seed: int) -> None:
