@@ -13,3 +13,14 @@ if ! .venv/bin/python -c "import cgn_dist, deepspeed, ray, webdataset, pytorch_p
   # DeepSpeed is an sdist: build it without compiling its CUDA/CPU ops (they JIT-build if ever needed).
   DS_BUILD_OPS=0 .venv/bin/pip install -q -e ".[dev]"
 fi
+# GPUs that torch cannot see would make device=auto train on the CPU without a word: stop here instead.
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
+  if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1)
+    echo "setup: nvidia-smi lists GPUs (driver $driver) but torch $(.venv/bin/python -c 'import torch; print(torch.__version__)') cannot use them." >&2
+    echo "  torch 2.14.1 is built for CUDA 13 and needs driver >= 580. With an older driver (CUDA 12.x) install:" >&2
+    echo "  .venv/bin/pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu126" >&2
+    echo "  (README, 'torch builds per driver'); or update the driver." >&2
+    exit 1
+  fi
+fi

@@ -54,3 +54,14 @@ def test_storage_is_a_shared_mount_with_the_weights_cache_on_it():
 def test_every_node_installs_the_pinned_torch():
     pins = re.findall(r"torch==[\d.]+ torchvision==[\d.]+", (REPO / "launch" / "setup.sh").read_text())
     assert pins and any(pins[0] in c for c in RECIPE["setup_commands"])
+
+
+def test_gpu_peaks_match_the_most_specific_card_name():
+    from cgn_dist.generate.precision import peak_bf16_tflops
+
+    # Data-sheet dense bf16 peaks: H200 NVL 835, H200 SXM 989, H100 PCIe 756, H100 NVL 835, H100 SXM 989.
+    assert peak_bf16_tflops("NVIDIA H200 NVL") == 835.0
+    assert peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_bf16_tflops("Tesla T4") is None

@@ -31,6 +31,7 @@ JPEG_ENCODERS = ("pil", "nvjpeg")
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; matched on the
 # device name, most specific first. MFU = achieved model FLOP/s / this peak.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200 NVL", 835.0),    # the PCIe card: listed before "H200", which it also contains
     ("H200", 989.0),        # SXM
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
