@@ -19,7 +19,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q 
     driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1)
     echo "setup: nvidia-smi lists GPUs (driver $driver) but torch $(.venv/bin/python -c 'import torch; print(torch.__version__)') cannot use them." >&2
     echo "  torch 2.14.1 is built for CUDA 13 and needs driver >= 580. With an older driver (CUDA 12.x) install:" >&2
-    echo "  .venv/bin/pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu126" >&2
+    echo "  .venv/bin/pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu12X" >&2
+    echo "  with the cu12X index that PyTorch's install matrix lists for 2.14.1" >&2
     echo "  (README, 'torch builds per driver'); or update the driver." >&2
     exit 1
   fi
