@@ -13,6 +13,7 @@ use, said so in the listing.
 from __future__ import annotations
 
 import os
+import pickle
 import time
 import urllib.error
 import urllib.request
@@ -188,16 +189,40 @@ def format_listing() -> str:
 
 # --- reading -----------------------------------------------------------------------------------------------
 
+# What torch.load raises on a file that is no checkpoint: a text file ends in IndexError ("pop from empty
+# list") inside the unpickler, a truncated zip in RuntimeError, an empty file in EOFError.
+TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError,
+                     TypeError)
+
+
 def unreadable_reason(path: str | os.PathLike, err: BaseException) -> str:
     """Why torch could not load ``path``, in one short clause (torch's own messages run to paragraphs)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(512).lstrip().lower()
+            raw = f.read(512)
     except OSError:
-        head = b""
+        raw = b""
+    head = raw.lstrip().lower()
     text = str(err)
+    if not raw:
+        return "it is an empty file"
     if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head")) or b"<html" in head:
         return "it is a web page, not a checkpoint (a download that got a login or warning page?)"
+    if raw.startswith(b"PK\x03\x04"):
+        import zipfile
+        try:
+            names = zipfile.ZipFile(path).namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "it is truncated or corrupt (an interrupted download or copy?)"
+        if not any(n.endswith("data.pkl") for n in names):
+            return f"it is a zip archive of something else ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    elif b"\x00" not in raw:
+        try:
+            first = raw.decode("utf-8").strip().splitlines()[0][:60]
+        except (UnicodeDecodeError, IndexError):
+            first = None
+        if first is not None:
+            return f"it is a text file (it begins {first!r}), not a checkpoint"
     if "Unsupported global" in text:
         what = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln), "")
         return f"it holds pickled Python objects beyond tensors, refused because loading them could run code ({what})"

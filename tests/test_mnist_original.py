@@ -105,7 +105,7 @@ def test_bad_files(shared_ref, tmp_path):
         load_original_mnist_checkpoint(tmp_path / "code.pth")
 
     (tmp_path / "junk.pth").write_bytes(b"definitely not a checkpoint")
-    with pytest.raises(OriginalCheckpointError, match="it is not a torch checkpoint"):
+    with pytest.raises(OriginalCheckpointError, match="it is a text file .*, not a checkpoint"):
         load_original_mnist_checkpoint(tmp_path / "junk.pth")
 
 

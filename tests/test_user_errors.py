@@ -108,3 +108,42 @@ def test_a_mistake_in_a_ray_train_worker_reads_as_in_process(tmp_path, monkeypat
     assert len(ours) == 1 and ours[0].startswith("error: cannot download BigGAN 'biggan-deep-256'"), ours
     assert "imagenet.biggan=" in ours[0]
     assert not (tmp_path / "imagenet_tiny").exists() and not (tmp_path / "ray" / "imagenet_tiny").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["generate", "configs/generate/mnist_colored.yaml", "generate.n_samples=10", "generate.shard_size=10",
+     "train.progress=false", "generate.checkpoint={notes}"],
+    [*TINY_GEN, "generate.checkpoint={notes}"],
+    ["train", "configs/debug/mnist_tiny.yaml", "mnist.init_from={notes}"],
+])
+def test_a_text_file_as_a_checkpoint_says_it_is_text(tmp_path, capsys, monkeypatch, args):
+    # torch.load on a text file ends in "IndexError: pop from empty list" deep in its unpickler.
+    import logging
+    # cgn_dist's console handler is made once per process; an earlier test's one writes to a closed capture
+    monkeypatch.setattr(logging.getLogger("cgn_dist"), "handlers", [])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes about the run\nsecond line\n")
+    code = main([a.format(notes=notes) for a in args] + [f"out_dir={tmp_path / 'out'}"])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 2 and "it is a text file (it begins 'my notes about the run')" in line and str(notes) in line
+
+
+def test_the_notebook_api_says_the_same_of_a_text_file(tmp_path):
+    from cgn_dist.api import MnistCGN
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    with pytest.raises(ValueError, match="it is a text file"):
+        MnistCGN.from_pretrained(str(notes))
+
+
+def test_a_zip_of_something_else_and_an_empty_file_are_named(tmp_path):
+    import zipfile
+
+    from cgn_dist.weights import unreadable_reason
+
+    with zipfile.ZipFile(tmp_path / "photos.zip", "w") as z:
+        z.writestr("a.jpg", b"\xff\xd8")
+    assert unreadable_reason(tmp_path / "photos.zip", RuntimeError("x")) == "it is a zip archive of something else (a.jpg)"
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert unreadable_reason(tmp_path / "empty.pt", EOFError()) == "it is an empty file"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 
 from cgn_dist.data.shards import sha256_file as sha256_of  # noqa: F401  (re-exported)
 from cgn_dist.generate.imagenet_labels import IMAGENET_CLASSES
+from cgn_dist.weights import TORCH_LOAD_ERRORS
 
 MECHANISMS_FILE = "mechanisms.pt"  # what the ImageNet training loop's torch engine saves per checkpoint
 DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -72,7 +72,7 @@ def _torch_load(file: Path) -> Any:
         pass
     try:  # files in torch's legacy (non-zip) format cannot be memory-mapped
         return torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+    except TORCH_LOAD_ERRORS as err:
         from cgn_dist.weights import unreadable_reason
 
         raise CGNCheckpointError(f"generate.checkpoint={file} is not a CGN checkpoint: {unreadable_reason(file, err)}; "

@@ -37,7 +37,6 @@ import collections
 import hashlib
 import json
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,6 +48,7 @@ from cgn_dist.data.shards import encode_png
 from cgn_dist.generate.plan import SampleRef, sample_seed
 from cgn_dist.generate.workers import DEVICES, resolve_device
 from cgn_dist.models.cgn_mnist import MASK_MAX, MASK_MIN, CGNMnist, shuffle_texture
+from cgn_dist.weights import TORCH_LOAD_ERRORS
 
 SAMPLER_NAME = "mnist_counterfactual"
 IMAGE_ENCODING = "png uint8 = round((clamp(x,-1,1)+1)*127.5), half to even; x = u8/127.5-1"
@@ -171,7 +171,7 @@ def load_mnist_generator(path: str | os.PathLike, device: str | torch.device = "
     file = resolve_generator_file(path)
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+    except TORCH_LOAD_ERRORS as err:
         from cgn_dist.weights import unreadable_reason
 
         raise GeneratorCheckpointError(f"{file} is not a CGN-MNIST checkpoint: {unreadable_reason(file, err)}; the "

@@ -17,13 +17,13 @@ running stats, upsample, LeakyReLU, tanh).
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from cgn_dist.models.cgn_mnist import CGNMnist
+from cgn_dist.weights import TORCH_LOAD_ERRORS
 
 _SHAPE_MAP = {"0": "fc", "4": "conv1", "5": "bn1", "9": "conv2", "10": "bn2"}
 _TEXT_MAP = {"0": "fc", "3": "conv1", "4": "bn1", "7": "conv2", "8": "bn2", "10": "conv3", "11": "bn3"}
@@ -140,7 +140,7 @@ def load_original_mnist_checkpoint(path: str | os.PathLike, model: CGNMnist | No
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         sd = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+    except TORCH_LOAD_ERRORS as err:
         from cgn_dist.weights import unreadable_reason
 
         raise OriginalCheckpointError(f"{path} is not a CGN-MNIST checkpoint: {unreadable_reason(path, err)}; the "
