@@ -300,3 +300,13 @@ def test_ray_train_with_its_storage_in_a_bucket(s3, tmp_path):
         assert again["step"] == 4
     finally:
         shutdown_ray()
+
+
+def test_regenerate_a_sample_of_a_run_in_a_bucket(s3, tmp_path):
+    from cgn_dist.generate.command import run_regenerate
+
+    bucket = make_bucket(s3)
+    url = f"s3://{bucket}/regen"
+    generate_dataset(FACTORY, url, N, SHARD, SEED, batch_size=2, progress=False)
+    out = run_regenerate(url, "000003_000001", out=tmp_path / "one.png")
+    assert out["identical"] and (tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"

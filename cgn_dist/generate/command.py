@@ -310,8 +310,10 @@ def run_interpolation(cfg: Config, factory: Any = None) -> dict[str, Any]:
 
 # --- regenerate -------------------------------------------------------------------------------------------
 
-def _run_dir_of(cfg_or_run_dir: Config | str | Path) -> Path:
-    return cfg_or_run_dir.run_dir if isinstance(cfg_or_run_dir, Config) else Path(cfg_or_run_dir)
+def _run_dir_of(cfg_or_run_dir: Config | str | Path) -> str | Path:
+    if isinstance(cfg_or_run_dir, Config):
+        return cfg_or_run_dir.run_location if is_remote(cfg_or_run_dir.out_dir) else cfg_or_run_dir.run_dir
+    return str(cfg_or_run_dir) if is_remote(cfg_or_run_dir) else Path(cfg_or_run_dir)
 
 
 def regenerate(cfg_or_run_dir: Config | str | Path, key: str) -> dict[str, bytes]:
@@ -329,17 +331,17 @@ def stored_sample(run_dir: str | Path, key: str) -> dict[str, bytes]:
     """The stored bytes of sample ``key`` (``{ext: bytes}``), read from its shard."""
     from cgn_dist.data.shards import read_sample
     from cgn_dist.generate.plan import parse_key
-    from cgn_dist.generate.writer import tar_path
+    from cgn_dist.generate.writer import tar_name
 
     shard_id, _ = parse_key(key)
-    sample = read_sample(tar_path(run_dir, shard_id), key)
+    sample = read_sample(join(run_dir, tar_name(shard_id)), key)  # a folder or a bucket prefix
     return {k: v for k, v in sample.items() if not k.startswith("_")}
 
 
 def run_regenerate(run_dir: str | Path, key: str, out: str | Path | None = None) -> dict[str, Any]:
     """For the CLI: regenerate ``key``, compare every member with the stored bytes, and write the image to
     ``out`` (default ``./<key>.<ext>``). ``identical`` says whether all bytes match."""
-    run_dir = Path(run_dir)
+    run_dir = _run_dir_of(run_dir)
     fresh = regenerate(run_dir, key)
     stored = stored_sample(run_dir, key)
     differ = sorted(k for k in set(fresh) | set(stored) if fresh.get(k) != stored.get(k))
