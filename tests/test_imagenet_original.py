@@ -77,7 +77,7 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="cgn.pth"):
         load_original_cgn_imagenet(tmp_path / "missing.pth", cgn=cgn)
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="not a torch checkpoint"):
+    with pytest.raises(ValueError, match="it is a text file .*, not a checkpoint"):
         load_original_cgn_imagenet(tmp_path / "junk.pth", cgn=cgn)
     torch.save({"G_shape.fc.weight": torch.zeros(2)}, tmp_path / "mnist.pth")
     with pytest.raises(ValueError, match="not a CGN-ImageNet checkpoint"):

@@ -57,7 +57,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="missing keys"):
         load_u2net(tmp_path / "other.pth")
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="it is not a torch checkpoint"):
+    with pytest.raises(ValueError, match="it is a text file .*, not a checkpoint"):
         load_u2net(tmp_path / "junk.pth")
 
 
