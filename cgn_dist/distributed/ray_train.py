@@ -130,22 +130,25 @@ def train_with_ray(cfg: Config) -> dict:
     from cgn_dist.distributed.ray_utils import init_ray
 
     # Started by us (no address): an embedded cluster that talks to loopback only.
+    from cgn_dist.distributed.paths import absolute_config
+
+    # Workers run in a Ray session folder: every path is made absolute here, in the driver's cwd.
+    cfg = absolute_config(cfg)
     init_ray(cfg.ray.address or None, num_cpus=cfg.ray.num_cpus or None, loopback_only=not cfg.ray.address)
-    storage = Path(cfg.ray.storage_path or Path(cfg.out_dir) / "ray").resolve()
+    storage = cfg.ray.storage_path or str(Path(cfg.out_dir) / "ray")  # a URI (s3://...) as given
     d = cfg.distributed
     resources = {"CPU": d.cpus_per_worker}
     if d.use_gpu:
         resources["GPU"] = 1
     # The run dir must be reachable by every worker: absolute, and on shared storage on a real cluster.
     config = config_to_dict(cfg)
-    config["out_dir"] = str(Path(cfg.out_dir).resolve())
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                                resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=cfg.name, storage_path=str(storage),
+        run_config=ray.train.RunConfig(name=cfg.name, storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last)),
     )
