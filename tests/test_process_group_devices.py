@@ -47,17 +47,3 @@ def test_a_group_serving_only_cuda_refuses_the_cpu_counts(tmp_path):
     results = _run(tmp_path, "cuda:gloo")  # what plain "nccl" is: no backend for CPU tensors
     assert all("error" in r for r in results), results
 
-
-def test_relative_paths_reach_ray_train_workers_absolute(tmp_path):
-    from cgn_dist.distributed.ray_train import absolute_paths
-
-    (tmp_path / "runs" / "cf_imagenet_random").mkdir(parents=True)
-    (tmp_path / "weights.pt").write_bytes(b"")
-    config = {"invariant": {"cf_shards": "runs/cf_imagenet_random", "real_shards": ""},
-              "imagenet": {"biggan": "biggan-deep-256"}, "mnist": {"init_from": "weights.pt"},
-              "ray": {"storage_path": "s3://bucket/ray"}, "eval": {"folders": ["runs", "not/here"]}, "seed": 0}
-    out = absolute_paths(config, tmp_path)
-    assert out == {"invariant": {"cf_shards": str(tmp_path / "runs" / "cf_imagenet_random"), "real_shards": ""},
-                   "imagenet": {"biggan": "biggan-deep-256"}, "mnist": {"init_from": str(tmp_path / "weights.pt")},
-                   "ray": {"storage_path": "s3://bucket/ray"}, "eval": {"folders": [str(tmp_path / "runs"), "not/here"]},
-                   "seed": 0}

@@ -124,23 +124,6 @@ def _worker_error(err: BaseException) -> BaseException:
     return err
 
 
-def absolute_paths(config: dict, cwd: Path) -> dict:
-    """Every relative path in ``config`` that names something under ``cwd`` made absolute. Ray Train moves
-    each worker's working directory to a session folder (and ``ray job submit --working-dir`` to an uploaded
-    copy), so shards, checkpoints and weights given relative to where the user typed the command would not be
-    found there. Names that are no path here (weights names such as biggan-deep-256, URLs) are left alone."""
-    def fix(value):
-        if isinstance(value, dict):
-            return {k: fix(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [fix(v) for v in value]
-        if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value) \
-                and (cwd / value).exists():
-            return str((cwd / value).resolve())
-        return value
-    return fix(config)
-
-
 def train_with_ray(cfg: Config) -> dict:
     """Launch ``cfg`` on ``distributed.num_workers`` Ray Train workers; returns the final metrics."""
     import ray.train
@@ -149,18 +132,18 @@ def train_with_ray(cfg: Config) -> dict:
     from cgn_dist.distributed.ray_utils import init_ray
 
     # Started by us (no address): an embedded cluster that talks to loopback only.
+    from cgn_dist.distributed.paths import absolute_config
+
+    # Workers run in a Ray session folder: every path is made absolute here, in the driver's cwd.
+    cfg = absolute_config(cfg)
     init_ray(cfg.ray.address or None, num_cpus=cfg.ray.num_cpus or None, loopback_only=not cfg.ray.address)
-    # A bucket URI (s3://, gs://) goes to Ray Train as it is (pyarrow reads the same AWS_* settings); a
-    # path is made absolute here, in the driver (the workers' working directory differs).
-    storage = cfg.ray.storage_path if is_remote(cfg.ray.storage_path) else \
-        str(Path(cfg.ray.storage_path or Path(cfg.out_dir) / "ray").resolve())
+    storage = cfg.ray.storage_path or str(Path(cfg.out_dir) / "ray")  # a URI (s3://...) as given
     d = cfg.distributed
     resources = {"CPU": d.cpus_per_worker}
     if d.use_gpu:
         resources["GPU"] = 1
     # The run dir must be reachable by every worker: absolute, and on shared storage on a real cluster.
-    config = absolute_paths(config_to_dict(cfg), Path.cwd())
-    config["out_dir"] = str(Path(cfg.out_dir).resolve())
+    config = config_to_dict(cfg)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config=config,
