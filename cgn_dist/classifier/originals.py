@@ -22,7 +22,7 @@ from cgn_dist.data.shards import encode_png
 from cgn_dist.generate.manifest import MANIFEST_NAME, load_manifest, verify_output
 from cgn_dist.generate.plan import SampleRef
 from cgn_dist.generate.run import generate_dataset
-from cgn_dist.generate.mnist import encode_uint8
+from cgn_dist.data.pixels import encode_uint8
 
 log = logging.getLogger(__name__)
 

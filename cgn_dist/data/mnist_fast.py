@@ -13,7 +13,7 @@ a batch's colour jitter / texture crops in a handful of tensor ops:
 
 Same distribution as the per-item sets, not the same draws: each batch's draws come from a generator
 seeded with (seed, epoch, batch index), so a resumed run sees the same batches as an uninterrupted one.
-The batch order (seeded permutation per epoch, split over ranks) is BatchStream's.
+The batch order (seeded permutation per epoch, split over ranks) is data/batch_order.py's, as for BatchStream.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cgn_dist.data.batch_order import batch_indices
 from cgn_dist.data.mnist import (DOUBLE_JITTER_STD, IMG_SIZE, ColoredMNIST, DoubleColoredMNIST, WildlifeMNIST,
                                  _binarized_digit)
 from cgn_dist.data.textures import CROP_PADDING, CROP_SIZE
@@ -73,10 +74,7 @@ class TensorBatches:
         return self.n
 
     def indices(self, k: int) -> tuple[int, torch.Tensor]:
-        epoch, j = divmod(k, self.batches_per_epoch)
-        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        perm = torch.randperm(self.n, generator=g)[self.rank::self.world]
-        return epoch, perm[j * self.bs:(j + 1) * self.bs]
+        return batch_indices(k, self.n, self.bs, self.seed, self.rank, self.world)
 
     def batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, idx = self.indices(k)

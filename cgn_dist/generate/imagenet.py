@@ -12,8 +12,8 @@ from cgn_dist.generate.imagenet_interp import (MECHANISMS, interpolate, interpol
                                                write_interpolation)
 from cgn_dist.generate.imagenet_labels import (CLASS_STREAM, IMAGENET_CLASSES, MODES, check_classes, class_name,
                                                draw_classes, imagenet_classes)
-from cgn_dist.generate.imagenet_sampler import (NORMALIZE, SAMPLER_NAME, ImagenetCounterfactualSampler,
-                                                mask_to_uint8, to_uint8)
+from cgn_dist.data.pixels import NORMALIZE, mask_to_uint8, to_uint8
+from cgn_dist.generate.imagenet_sampler import SAMPLER_NAME, ImagenetCounterfactualSampler
 from cgn_dist.generate.imagenet_weights import (CHECKPOINT_HELP, DEEPSPEED_MODEL_FILE, MECHANISMS_FILE,
                                                 CGNCheckpointError, biggan_num_classes, build_generation_model,
                                                 checkpoint_kind, read_cgn_weights, resolve_cgn_checkpoint,

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cgn_dist.generate.imagenet_labels import IMAGENET_CLASSES, MODES, check_classes
-from cgn_dist.generate.imagenet_sampler import NORMALIZE
+from cgn_dist.data.pixels import NORMALIZE
 from cgn_dist.generate.precision import JPEG_ENCODERS, PRECISIONS, check_precision
 from cgn_dist.generate.imagenet_weights import (CHECKPOINT_HELP, biggan_num_classes, checkpoint_kind,
                                                 resolve_cgn_checkpoint)

@@ -26,7 +26,7 @@ def interpolate(sampler: "ImagenetCounterfactualSampler", start: Sequence[int], 
     from its start class to ``target`` in ``midpoints + 2`` steps (ends included); the other mechanisms
     keep their start class; the noise ``u`` (1 x z_dim, used as given) is the same in every frame.
     Without ``u`` it is drawn from ``seed``. Returns uint8 frames: composite, mask, fg, bg (steps first)."""
-    from cgn_dist.generate.imagenet_sampler import mask_to_uint8, to_uint8
+    from cgn_dist.data.pixels import mask_to_uint8, to_uint8
     from cgn_dist.models.biggan import class_vector, interpolate_class_vectors, truncated_noise
 
     if mechanism not in MECHANISMS:

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import torch
 
+from cgn_dist.data.pixels import image_u8 as _image_u8
+from cgn_dist.data.pixels import mask_u8 as _mask_u8
 from cgn_dist.data.shards import encode_jpeg, encode_png
 from cgn_dist.generate.imagenet_labels import check_classes, class_name, draw_classes
 from cgn_dist.generate.imagenet_weights import build_generation_model, sha256_of
@@ -53,49 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SAMPLER_NAME = "imagenet_counterfactual"
-NORMALIZE = ("fixed", "minmax")
 _CACHE_GROUPS = 4
-
-
-# --- image mappings ---------------------------------------------------------------------------------------
-
-def to_uint8(x: torch.Tensor, normalize: str = "fixed") -> np.ndarray:
-    """B x 3 x H x W in [-1, 1] -> B x H x W x 3 uint8.
-
-    "fixed": round((clamp(x, -1, 1) + 1) * 127.5), half to even. "minmax": each image stretched to its own
-    min..max, as torchvision's ``save_image(normalize=True)`` does (the authors' files)."""
-    return _image_u8(x, normalize).cpu().numpy()
-
-
-def minmax_uint8(x: torch.Tensor) -> torch.Tensor:
-    """B x 3 x H x W -> B x H x W x 3 uint8, each image stretched to its own min..max (torchvision's
-    make_grid(normalize=True), then save_image's mul(255).add_(0.5).clamp_(0, 255)), on x's device, all
-    images at once: no per-image loop and no host copy before the uint8 conversion."""
-    x = x.detach().float()
-    low = x.amin(dim=(1, 2, 3), keepdim=True)
-    high = x.amax(dim=(1, 2, 3), keepdim=True)
-    y = (x - low) / (high - low).clamp_min(1e-5)
-    return y.mul_(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-def mask_to_uint8(mask: torch.Tensor) -> np.ndarray:
-    """B x 1 x H x W in (0, 1) -> B x H x W uint8 = round(m * 255)."""
-    return _mask_u8(mask).cpu().numpy()
-
-
-def _mask_u8(mask: torch.Tensor) -> torch.Tensor:
-    return torch.round(mask.detach().float().clamp(0, 1) * 255).to(torch.uint8)[:, 0]
-
-
-def _image_u8(x: torch.Tensor, normalize: str) -> torch.Tensor:
-    """to_uint8 as a tensor on x's device (converted there, copied to the host once, later)."""
-    from cgn_dist.generate.mnist import encode_uint8
-
-    if normalize == "fixed":
-        return encode_uint8(x)
-    if normalize != "minmax":
-        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-    return minmax_uint8(x)
 
 
 # --- the sampler ------------------------------------------------------------------------------------------

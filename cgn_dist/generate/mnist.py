@@ -44,6 +44,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from cgn_dist.data.pixels import encode_uint8, mask_to_uint8
 from cgn_dist.data.shards import encode_png
 from cgn_dist.generate.plan import SampleRef, sample_seed
 from cgn_dist.generate.workers import DEVICES, resolve_device
@@ -63,20 +64,6 @@ class GeneratorCheckpointError(ValueError):
 
 
 # --- image encoding ---------------------------------------------------------------------------------------
-
-def encode_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float (... x C x H x W) -> uint8 (... x H x W x C): round((x + 1) * 127.5), clamped.
-
-    A fixed mapping, not a per-image min-max rescale: the classifier reads the exact values back.
-    """
-    u8 = torch.round((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).to(torch.uint8)
-    return u8.movedim(-3, -1).contiguous()
-
-
-def decode_uint8(u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (... x C x H x W) -> float in [-1, 1]; inverse of encode_uint8 up to 1/255."""
-    return u8.float().div(127.5).sub(1.0)
-
 
 # --- checkpoints ------------------------------------------------------------------------------------------
 
@@ -297,7 +284,6 @@ class MnistCounterfactualSampler:
         mask_mean = mask.float().mean(dim=(1, 2, 3)).cpu().numpy().astype(np.float64)
         layers = None
         if self.cfg.save_layers:
-            from cgn_dist.generate.imagenet import mask_to_uint8
 
             m8 = mask_to_uint8(mask[:, :1])
             layers = {"mask": np.concatenate([m8] * cfs), "fg": torch.cat(fgs).numpy(), "bg": torch.cat(bgs).numpy()}
@@ -348,5 +334,5 @@ class MnistCounterfactualSampler:
 
 
 __all__ = ["MnistCounterfactualFactory", "MnistCounterfactualSampler", "load_mnist_generator",
-           "resolve_generator_file", "checkpoint_sha256", "encode_uint8", "decode_uint8", "group_seed",
+           "resolve_generator_file", "checkpoint_sha256", "group_seed",
            "GeneratorCheckpointError", "IMAGE_ENCODING"]

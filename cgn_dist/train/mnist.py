@@ -81,28 +81,6 @@ def build_optimizer(module: torch.nn.Module, cfg: Config, device) -> torch.optim
     return torch.optim.Adam(module.parameters(), lr=m.lr, betas=tuple(m.betas), **({"fused": True} if fused else {}))
 
 
-# --------------------------------------------------------------------------- data
-
-
-class BatchStream:
-    """Seeded per-epoch permutation, split over ranks; batch k of an epoch is fixed by (seed, epoch, k)."""
-
-    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.ds, self.bs, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
-        self.per_rank = len(dataset) // world
-        self.batches_per_epoch = max(1, self.per_rank // batch_size)
-
-    def batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, j = divmod(k, self.batches_per_epoch)
-        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        perm = torch.randperm(len(self.ds), generator=g)[self.rank::self.world]
-        idx = perm[j * self.bs:(j + 1) * self.bs].tolist()
-        if hasattr(self.ds, "set_epoch"):
-            self.ds.set_epoch(epoch)  # train-time jitter/crops depend on (data seed, epoch, index)
-        xs, ys = zip(*(self.ds[i] for i in idx))
-        return torch.stack(xs), torch.as_tensor(ys, dtype=torch.long)
-
-
 # --------------------------------------------------------------------------- sheets
 
 

@@ -130,7 +130,7 @@ def make_batches(dataset, batch_size: int, seed: int, rank: int, world: int, fas
         from cgn_dist.data.mnist_fast import TensorBatches
 
         return TensorBatches(dataset, batch_size, seed, rank, world)
-    from cgn_dist.train.mnist import BatchStream
+    from cgn_dist.data.batch_order import BatchStream
 
     return BatchStream(dataset, batch_size, seed, rank, world)
 
