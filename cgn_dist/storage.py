@@ -165,16 +165,7 @@ class Store:
     def write_bytes(self, name: str, data: bytes) -> None:
         """Readers see the old object or the whole new one (local: temporary name, fsync, rename)."""
         if not self.remote:
-            path = Path(self.path(name))
-            tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}")
-            try:
-                with open(tmp, "xb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_bytes_atomic(Path(self.path(name)), data)
             return
         self._call(self.fs.pipe_file, self.path(name), data)
 
@@ -224,6 +215,19 @@ class Store:
         self.remove(name)
         if got != b"ok":
             raise StorageError(f"{self.location}: a probe object written there read back as {got!r}")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """A local file written under a hidden temporary name, fsynced, renamed: readers see all or nothing."""
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def staging_root() -> Path:

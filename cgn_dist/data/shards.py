@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from cgn_dist.storage import open_read
+from cgn_dist.storage import open_read, write_bytes_atomic
 
 
 # Fixed tar header fields: byte-identical shards across machines, users and reruns.
@@ -261,16 +261,7 @@ def json_text(obj: Any, indent: int | None = 2) -> str:
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     """JSON to a temporary name, fsync, rename: readers see the old file or the whole new one."""
     path = Path(path)
-    tmp = temp_path_for(path)
-    data = json_text(obj, indent)
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(path, json_text(obj, indent).encode("utf-8"))
     _fsync_dir(path.parent)
 
 
