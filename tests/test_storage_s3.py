@@ -310,3 +310,15 @@ def test_regenerate_a_sample_of_a_run_in_a_bucket(s3, tmp_path):
     generate_dataset(FACTORY, url, N, SHARD, SEED, batch_size=2, progress=False)
     out = run_regenerate(url, "000003_000001", out=tmp_path / "one.png")
     assert out["identical"] and (tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pool_workers_see_the_storage_settings_of_now(s3, local_reference, monkeypatch, tmp_path):
+    # The pool's forkserver may have started before the endpoint was set (an earlier run in this process):
+    # its workers must still write to this endpoint.
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    generate_dataset(FACTORY, tmp_path / "warm", N, SHARD, SEED, batch_size=2, num_workers=2, progress=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3)
+    clear_fsspec_cache()
+    bucket = make_bucket(s3)
+    generate_dataset(FACTORY, f"s3://{bucket}/late", N, SHARD, SEED, batch_size=2, num_workers=2, progress=False)
+    _assert_same_as_local(list_keys(s3, bucket, "late"), local_reference)

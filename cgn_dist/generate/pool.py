@@ -17,14 +17,26 @@ from cgn_dist.generate.plan import ShardSpec
 from cgn_dist.generate.sampler import close_sampler, sampler_info
 from cgn_dist.generate.workers import check_same_provenance, format_assignment, local_device_plan, pin_visible_device
 from cgn_dist.generate.writer import StopGeneration, give_up, must_stop, write_shard
+from cgn_dist.storage import storage_env
 
 log = logging.getLogger(__name__)
 
 
-def _process_main(factory: Callable[[], Any], conn: Any, visible: str | None = None) -> None:
+def _process_main(factory: Callable[[], Any], conn: Any, visible: str | None = None,
+                  storage: dict[str, str] | None = None) -> None:
     """Body of one worker process: pin its GPU, build the sampler once, report its provenance, then write
     the shards sent over ``conn``."""
+    import os
     import traceback
+
+    from cgn_dist.storage import STORAGE_ENV
+    # The forkserver keeps the environment of the moment it started (often an earlier run in this process):
+    # the driver's storage settings of now are handed over explicitly.
+    for key in STORAGE_ENV:
+        if storage and key in storage:
+            os.environ[key] = storage[key]
+        else:
+            os.environ.pop(key, None)
     try:
         pin_visible_device(visible)
         sampler = factory()
@@ -48,7 +60,7 @@ class _WorkerProcess:
     def __init__(self, ctx: Any, factory: Callable[[], Any], slot: int, visible: str | None = None):
         self.slot, self.visible = slot, visible
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_process_main, args=(factory, child, visible), daemon=True)
+        self.process = ctx.Process(target=_process_main, args=(factory, child, visible, storage_env()), daemon=True)
         self.process.start()
         child.close()
         self.spec: ShardSpec | None = None
