@@ -38,7 +38,6 @@ class MnistConfig:
     vgg_weights: str = "auto"  # "imagenet", "random" (documented fallback), "auto", or a state-dict path
     init_from: str = ""  # start from: a weights name (cgn-mnist-colored, ...), the authors' ckp.pth, or ours
     fast_update: bool = False  # same losses, computed faster: tensor batches, bf16 VGG convs, one D pass where exact
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # fast update's precision; auto = bf16 where measured faster (AMX, CUDA)
     mask_area_weight: float = 0.0  # not in the authors' MNIST loss (0): ImageNet's mask-area hinge, weight
     mask_area_bounds: list[float] = field(default_factory=lambda: [0.0, 1.0])  # mean mask kept in [lo, hi]
     bg_init_bias: float = 0.0  # not the authors' (0): f_bg's last BatchNorm bias at init; < 0 starts backgrounds dark

@@ -25,7 +25,6 @@ from cgn_dist.train.common import NullReporter, Reporter, step_seed
 from cgn_dist.train.run_dir import (build_summary, checkpoint_step, complete_line, progress_line, read_summary,
                                     start_line, write_summary)
 from cgn_dist.train.mnist_sheets import counterfactual_sheet
-from cgn_dist.precision import choose_precision
 from cgn_dist.train.mnist_step import MnistUpdate, make_batches, to_channels_last
 from cgn_dist.train.metrics import Throughput, build_logger, engine_scalars, make_sheet, setup_logging
 
@@ -110,9 +109,6 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
     reporter = reporter or NullReporter()
     t, m = cfg.train, cfg.mnist
     owns_group = init_process_group(env)  # torchrun / deepspeed launchers; Ray Train made its own
-    if m.fast_update:
-        # resolved before the run's config.yaml is written: the bytes of a run depend on it
-        m.precision = choose_precision(env.device, m.precision, "mnist.precision")[0]
     run_dir = prepare_run_dir(cfg, env.is_main)
     setup_logging(run_dir, env.is_main)
     logger = build_logger(run_dir, env.is_main)
@@ -141,8 +137,7 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
     eng_g = build_engine(gen, opt_g, t, env)
     eng_d = build_engine(disc, opt_d, t, env)
     engines = {"generator": eng_g, "discriminator": eng_d}
-    update = MnistUpdate(m, eng_g, eng_d, disc, vgg, fast=m.fast_update,
-                         precision=m.precision if m.fast_update else "bf16")
+    update = MnistUpdate(m, eng_g, eng_d, disc, vgg, fast=m.fast_update)
 
     start = 0
     if ckpt is not None:

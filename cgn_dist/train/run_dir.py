@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from cgn_dist.config import Config, ConfigError, config_to_dict
@@ -93,8 +92,6 @@ def start_line(cfg: Config, world: int, total: int, start: int, device: Any) -> 
     t = cfg.train
     what = f"CGN-MNIST {cfg.data.dataset}" if cfg.task == "mnist" else f"CGN-ImageNet (BigGAN {cfg.imagenet.biggan})"
     state = f"resuming at update {start}" if start else "starting at update 0"
-    if cfg.task == "mnist" and cfg.mnist.fast_update:  # the precision auto resolved to, said where it matters
-        state = f"fast update in {cfg.mnist.precision}, {torch.get_num_threads()} torch thread(s); {state}"
     return (f"{what} -> {cfg.run_dir}: {total} updates of {t.micro_batch_size * t.grad_accum * world} samples "
             f"(micro batch {t.micro_batch_size} x accumulation {t.grad_accum} x {world} process(es)), "
             f"engine {t.engine} {t.precision}, device {device}, seed {cfg.seed}; {state}")
