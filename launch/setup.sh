@@ -6,7 +6,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import cgn_dist, deepspeed, ray, webdataset, pytorch_pretrained_biggan, mlxtend, psutil, skimage, sklearn, pytest, fsspec, s3fs, moto.server" 2>/dev/null; then
+if ! .venv/bin/python -c "import cgn_dist, deepspeed, ray, webdataset, pytorch_pretrained_biggan, mlxtend, psutil, skimage, sklearn, pytest, fsspec, s3fs, moto.server; assert int(s3fs.__version__.split('.')[0]) >= 2024, 'old s3fs'" 2>/dev/null; then
   .venv/bin/pip install -q --upgrade pip
   # torch 2.14.1 / torchvision 0.29.1 are pinned: on the project's machines pip takes them from local disk.
   .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
