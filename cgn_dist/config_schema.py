@@ -37,7 +37,8 @@ class MnistConfig:
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])  # Adam betas for G and D
     vgg_weights: str = "auto"  # "imagenet", "random" (documented fallback), "auto", or a state-dict path
     init_from: str = ""  # start from: a weights name (cgn-mnist-colored, ...), the authors' ckp.pth, or ours
-    fast_update: bool = False  # same losses, computed faster: tensor batches, bf16 VGG convs, one D pass where exact
+    fast_update: bool = False  # same losses, computed faster: tensor batches, channels-last, one D pass where exact
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # fast update: auto = bf16 on AMX CPUs / CUDA, else fp32 (cgn_dist.precision)
     mask_area_weight: float = 0.0  # not in the authors' MNIST loss (0): ImageNet's mask-area hinge, weight
     mask_area_bounds: list[float] = field(default_factory=lambda: [0.0, 1.0])  # mean mask kept in [lo, hi]
     bg_init_bias: float = 0.0  # not the authors' (0): f_bg's last BatchNorm bias at init; < 0 starts backgrounds dark
@@ -75,7 +76,7 @@ class ImagenetConfig:
 @dataclass
 class TrainConfig:
     engine: Literal["torch", "deepspeed"] = "torch"  # plain torch optimizer (DDP when several processes) or DeepSpeed
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # training precision (fp16 needs deepspeed)
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "fp32"  # training; auto = bf16 on AMX CPUs / CUDA (fp16 needs deepspeed)
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
     micro_batch_size: int = 16  # per process, per forward
     grad_accum: int = 1  # micro batches accumulated before one update
@@ -136,7 +137,7 @@ class GenerateConfig:
     dry_run_samples: int = 0  # samples a dry run times (0 = one forward batch)
     interp_noise: str = ""  # 1 x z_dim noise file for interpolation, used as stored (e.g. u_fixed.pth); "" = from seed
     # ImageNet generation speed (precision, compile and jpeg_encoder change the bytes and are recorded):
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # forward precision; fp16 on CUDA only; bf16 ~3x fp32 on AMX CPUs
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # forward; auto = bf16 on AMX CPUs / CUDA, else fp32; fp16 CUDA only
     channels_last: bool = True  # channels-last convolutions
     compile: bool = False  # torch.compile the forward (warm-up at worker start; eager with a warning if it fails)
     overlap: bool = True  # next forward group computed while this one is encoded and written (same bytes)
@@ -224,7 +225,7 @@ class EvalConfig:
     num_workers: int = 0  # DataLoader workers for image folders
     image_size: int = 224  # centre crop for val / cue-conflict images (IN-9 stays at 224)
     limit: int = 0  # shard evaluations: at most this many images per rank (0 = all; smoke runs)
-    precision: Literal["fp32", "bf16"] = "fp32"  # autocast for the forward
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward autocast; auto = bf16 on AMX CPUs / CUDA, else fp32
     out: str = ""  # output folder; "" = <out_dir>/<name>/eval
 
 

@@ -17,7 +17,7 @@ from cgn_dist.data.shards import read_tar_samples
 
 @pytest.fixture(scope="module")
 def tiny():
-    return ImagenetCGN.from_pretrained("tiny", truncation=0.5, num_threads=1, forward_batch=1)
+    return ImagenetCGN.from_pretrained("tiny", truncation=0.5, num_threads=1, forward_batch=1, precision="fp32")
 
 
 def test_imagenet_pil_output(tiny):

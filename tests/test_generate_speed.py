@@ -47,7 +47,7 @@ def test_folded_spectral_norm_gives_the_hooked_models_output_exactly():
 
 
 def test_bf16_weights_are_cast_once_and_stay_close_to_fp32():
-    f32 = ImagenetCounterfactualFactory(**TINY, save_layers=True)()
+    f32 = ImagenetCounterfactualFactory(**TINY, save_layers=True, precision="fp32")()
     b16 = ImagenetCounterfactualFactory(**TINY, save_layers=True, precision="bf16")()
     assert {p.dtype for p in b16.model.parameters()} == {torch.bfloat16}
     assert {b.dtype for b in b16.model.buffers() if b.is_floating_point()} == {torch.bfloat16}

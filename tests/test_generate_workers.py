@@ -119,3 +119,34 @@ def test_pool_worker_pinned_to_its_gpu_sees_only_it(tmp_path):
     seen = {m["cuda_visible"] for p in tmp_path.glob("shard-*.tar") for m in _metas(p)}
     assert seen <= {str(i) for i in range(n)} and {m["device"] for p in tmp_path.glob("shard-*.tar")
                                                      for m in _metas(p)} == {"cuda"}
+
+
+class _KindFactory:
+    """A sampler whose provenance depends on the machine it is built on (as generate.precision=auto's does),
+    not on the factory's description: ``kind`` stands for the machine."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __call__(self):
+        return _KindSampler(self.kind)
+
+
+class _KindSampler(_EnvSampler):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def info(self):
+        return {"sampler": "kind", "kind": self.kind}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_rerun_whose_sampler_differs_from_the_committed_shards_stops_before_writing(tmp_path, workers):
+    kw = dict(n_samples=8, shard_size=2, run_seed=1, progress=False, num_workers=workers)
+    generate_dataset(_KindFactory("a"), tmp_path, **kw)
+    for p in tmp_path.glob("shard-00000[23]*"):
+        p.unlink()
+    with pytest.raises(GenerationError, match=r"differs from that of the committed shard 0 \(kind: 'b' vs 'a'\)"):
+        generate_dataset(_KindFactory("b"), tmp_path, **kw)
+    assert not list(tmp_path.glob("shard-00000[23]*"))  # nothing of the other sampler was written

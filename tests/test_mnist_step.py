@@ -328,3 +328,37 @@ def test_background_start_is_set_one_way_only():
 
     with pytest.raises(ConfigError, match="bg_init_from_data"):
         load_config("configs/mnist/wildlife.yaml", ["mnist.bg_init_from_data=true", "mnist.bg_init_bias=0.3"])
+
+
+@pytest.mark.parametrize("dataset", ["colored", "wildlife"])
+def test_fp32_fast_update_matches_the_plain_one(vgg, dataset):
+    """The fast layout in fp32 (CPUs without AMX): channels-last G, D and VGG, NHWC pooling, one D pass where
+    exact. Same math as the plain update: the losses and every gradient agree to fp32 rounding."""
+    from cgn_dist.train.mnist_step import to_channels_last
+
+    cfg = load_config(f"configs/mnist/{dataset}.yaml", ["mnist.vgg_weights=random"])
+    env, m = read_env("cpu"), cfg.mnist
+    runs = {}
+    for fast in (False, True):
+        torch.manual_seed(0)
+        gen, disc = build_generator(cfg), build_discriminator(cfg)
+        disc.eval()  # no dropout: the joint D pass and two passes draw no masks
+        if fast:
+            to_channels_last(gen, disc)
+        # SGD with lr 1: each weight then moves by exactly its gradient (Adam's first step is ~lr * sign(g),
+        # which turns rounding noise on f_shape's ~0 gradients into full steps)
+        eng_g = build_engine(gen, torch.optim.SGD(gen.parameters(), lr=1.0), cfg.train, env)
+        eng_d = build_engine(disc, torch.optim.SGD(disc.parameters(), lr=1.0), cfg.train, env)
+        upd = MnistUpdate(m, eng_g, eng_d, disc, vgg, fast=fast, precision="fp32")
+        assert not upd.bf16 and next(upd.vgg.parameters()).dtype == torch.float32
+        g = torch.Generator().manual_seed(3)
+        x_real = torch.rand(16, 3, 32, 32, generator=g) * 2 - 1
+        y_real, y_gen = torch.randint(0, 10, (16,), generator=g), torch.randint(0, 10, (16,), generator=g)
+        torch.manual_seed(7)
+        out = upd(x_real, y_real, y_gen)
+        runs[fast] = out, gen, disc
+    (op, gp, dp), (of, gf, df) = runs[False], runs[True]
+    for k in ("l_adv", "l_bin", "l_perc", "loss_g", "loss_d"):
+        torch.testing.assert_close(of[k], op[k], atol=1e-5, rtol=1e-5, msg=k)
+    for (n, a), b in zip([*gp.named_parameters(), *dp.named_parameters()], [*gf.parameters(), *df.parameters()]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=n)

@@ -16,6 +16,7 @@ import torch
 
 from cgn_dist.classifier import report
 from cgn_dist.config import Config
+from cgn_dist.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def evaluate_classifier(model: torch.nn.Module, cfg: Config, what: str = "all", 
     want = set(WHAT[:-1]) if what == "all" else {what}
     out = Path(out_dir) if out_dir else (Path(e.out) if e.out else cfg.run_dir / "eval")
     metrics: dict[str, float] = {}
-    kw = dict(device=device, precision=e.precision)
+    kw = dict(device=device, precision=resolve_precision(e.precision, device, "eval.precision"))
     suffix = f"_{tag}" if tag else ""
     model_label = ("no model" if isinstance(model, torch.nn.Identity)
                    else getattr(model, "weights_source", type(model).__name__))

@@ -9,6 +9,7 @@ makes the two differ slightly). Loops therefore read the same under either engin
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import torch
@@ -16,6 +17,9 @@ from torch import nn
 
 from cgn_dist.config import TrainConfig
 from cgn_dist.distributed.env import DistEnv
+from cgn_dist.precision import resolve_precision
+
+log = logging.getLogger(__name__)
 
 
 class TorchEngine:
@@ -174,9 +178,25 @@ class DeepSpeedEngine:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {name!r} under {directory}")
 
 
+def resolve_train_precision(train: TrainConfig, device, recorded: str | None = None) -> None:
+    """train.precision=auto -> bf16 on CUDA and AMX CPUs, else fp32 (cgn_dist.precision), in place;
+    ``recorded``: what the run being resumed used, kept."""
+    if train.precision != "auto":
+        return
+    if recorded is None and train.engine == "deepspeed" and train.zero_stage == 0 and train.grad_accum > 1:
+        # bf16 would sum the micro-steps in bf16 there, which initialize_deepspeed refuses
+        train.precision = "fp32"
+        log.info("train.precision: fp32 (DeepSpeed ZeRO-0 with accumulation sums gradients in bf16; "
+                 "train.zero_stage=1 allows bf16 with fp32 accumulation)")
+        return
+    train.precision = resolve_precision("auto", device, "train.precision", recorded)
+
+
 def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, env: DistEnv,
                  ddp: bool | None = None):
-    """Wrap ``module`` + ``optimizer`` in the engine ``train.engine`` names."""
+    """Wrap ``module`` + ``optimizer`` in the engine ``train.engine`` names (an ``auto`` precision not yet
+    resolved by the run directory is resolved here, for this process's device)."""
+    resolve_train_precision(train, env.device)
     if train.engine == "torch":
         return TorchEngine(module, optimizer, train.grad_accum, env, train.precision, ddp=ddp,
                            grad_reduction=train.grad_reduction)

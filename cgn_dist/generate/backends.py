@@ -113,17 +113,24 @@ def _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_si
                 log.warning("shard %d is %s (%s): redoing it", spec.shard_id, check.status, check.reason)
             todo.append(spec)
 
+    # the committed shards' sampler is the one every worker must match: a rerun on another machine, where
+    # precision=auto or the device differ, is refused when its first worker starts, not after hours of shards
+    seen: list[tuple[str, dict[str, Any]]] = []
+    if done:
+        first = min(done)
+        seen.append((f"the committed shard {first}", done[first].get("sampler_info", {})))
     bar = make_progress(total=sum(s.n for s in shards), initial=sum(s["count"] for s in done.values()),
                         n_shards=len(shards), shards_done=len(done), enabled=progress)
     try:
         if todo:
             if backend == "ray":
                 results = _run_ray(sampler_factory, todo, out_dir, batch_size, num_workers, max_retries,
-                                   ray_address, shard_timeout_s, worker_resources)
+                                   ray_address, shard_timeout_s, worker_resources, seen)
             elif num_workers == 1:
-                results = _run_in_process(sampler_factory, todo, out_dir, batch_size, max_retries)
+                results = _run_in_process(sampler_factory, todo, out_dir, batch_size, max_retries, seen)
             else:
-                results = run_process_pool(sampler_factory, todo, out_dir, batch_size, num_workers, max_retries)
+                results = run_process_pool(sampler_factory, todo, out_dir, batch_size, num_workers, max_retries,
+                                           seen=seen)
             with contextlib.closing(results):  # stops the workers at once if the caller's callback raises
                 try:
                     for stats in results:
@@ -149,10 +156,11 @@ def _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_si
 
 # --- local, in this process ---------------------------------------------------------------------------------
 
-def _run_in_process(factory, todo, out_dir, batch_size, max_retries) -> Iterator[dict[str, Any]]:
+def _run_in_process(factory, todo, out_dir, batch_size, max_retries, seen) -> Iterator[dict[str, Any]]:
     sampler = factory()
     info = sampler_info(sampler)
     try:
+        check_same_provenance(seen, "this process", info)
         for spec in todo:
             for attempt in range(1, max_retries + 2):
                 try:
@@ -193,7 +201,7 @@ class ShardWorker:
 
 
 def _run_ray(factory, todo, out_dir, batch_size, num_workers, max_retries, ray_address, shard_timeout_s,
-             worker_resources) -> Iterator[dict[str, Any]]:
+             worker_resources, seen) -> Iterator[dict[str, Any]]:
     import ray
     from ray.exceptions import RayError, RayTaskError
 
@@ -212,7 +220,7 @@ def _run_ray(factory, todo, out_dir, batch_size, num_workers, max_retries, ray_a
     pending = collections.deque(todo)
     attempts: collections.Counter = collections.Counter()
     starting: dict[Any, Any] = {}  # provenance ref -> actor still being placed or loading its model
-    seen: list[tuple[str, dict[str, Any]]] = []  # provenance of the actors started so far
+    # seen: the provenance of the committed shards and of the actors started so far
     idle: list[Any] = []
     inflight: dict[Any, tuple[Any, ShardSpec, float]] = {}
     start_failures = 0

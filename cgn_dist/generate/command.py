@@ -78,7 +78,7 @@ def mnist_factory(cfg: Config):
     g = cfg.generate
     if g.mode == "interpolation":
         raise ValueError("generate.mode=interpolation exists for task=imagenet only")
-    if g.precision != "fp32" or g.compile or g.jpeg_encoder != "pil":
+    if g.precision not in ("auto", "fp32") or g.compile or g.jpeg_encoder != "pil":
         raise ValueError("generate.precision, generate.compile and generate.jpeg_encoder apply to task=imagenet; "
                          "the MNIST generator runs in fp32 with Pillow: leave them at fp32 / false / pil")
     if g.image_format == "jpg":

@@ -2,9 +2,10 @@
 model is built."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cgn_dist.generate.imagenet_labels import IMAGENET_CLASSES, MODES, check_classes
 from cgn_dist.data.pixels import NORMALIZE
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 
 IMAGE_FORMATS = ("jpg", "png")
 DEVICES = ("auto", "cpu", "cuda")
+log = logging.getLogger(__name__)
 RANDOM_SOURCES = ("tiny", "random-256")  # BigGAN sources built from a seed, no weights needed
 
 
@@ -42,12 +44,21 @@ class ImagenetCounterfactualFactory:
     device: str = "auto"  # auto = cuda when this worker has a GPU
     num_threads: int = 1  # CPU threads during a forward (CPU bytes depend on it); 0 = torch's setting
     png_compress_level: int = 6
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only): weights cast once, frozen parts included
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA only): weights cast once, frozen parts included
     channels_last: bool = True  # convolution weights (hence activations) in channels-last layout
     compile: bool = False  # torch.compile the forward (warm-up at start; eager with a warning if it fails)
     overlap: bool = True  # compute the next forward group while this one is encoded and written (same bytes)
     encode_threads: int = 2  # threads encoding images (same bytes); <= 1 = in the caller's thread
     jpeg_encoder: str = "pil"  # pil | nvjpeg (CUDA; other bytes than Pillow's, recorded in the provenance)
+
+    def with_recorded(self, provenance: dict[str, Any]) -> "ImagenetCounterfactualFactory":
+        """This factory with ``auto`` settings pinned to what a run's committed shards recorded (their
+        sampler provenance): continuing or regenerating that run elsewhere gives its bytes."""
+        recorded = provenance.get("precision")
+        if self.precision != "auto" or recorded not in PRECISIONS:
+            return self
+        log.info("generate.precision=auto: %s, as this run's committed shards were made", recorded)
+        return replace(self, precision=recorded)
 
     def __post_init__(self) -> None:
         from cgn_dist.models.biggan import check_truncation
@@ -58,7 +69,7 @@ class ImagenetCounterfactualFactory:
         object.__setattr__(self, "truncation", check_truncation(self.truncation))
         for name, value, accepted in (("mode", self.mode, MODES), ("image_format", self.image_format, IMAGE_FORMATS),
                                       ("normalize", self.normalize, NORMALIZE), ("device", self.device, DEVICES),
-                                      ("precision", self.precision, PRECISIONS),
+                                      ("precision", self.precision, ("auto", *PRECISIONS)),
                                       ("jpeg_encoder", self.jpeg_encoder, JPEG_ENCODERS)):
             if value not in accepted:
                 raise ValueError(f"{name} must be one of {accepted}, got {value!r}")

@@ -45,6 +45,7 @@ from cgn_dist.data.shards import encode_jpeg, encode_png
 from cgn_dist.generate.imagenet_labels import check_classes, class_name, draw_classes
 from cgn_dist.generate.imagenet_weights import build_generation_model, sha256_of
 from cgn_dist.generate.plan import SampleRef, ShardSpec, sample_seed
+from cgn_dist.precision import resolve_precision
 from cgn_dist.generate.precision import (check_precision, compile_forward, jpeg_encoder_used, nvjpeg_encode,
                                         prepare_model, to_host)
 from cgn_dist.generate.workers import resolve_device
@@ -83,7 +84,10 @@ class ImagenetCounterfactualSampler:
 
         self.cfg = cfg
         self.device = torch.device(resolve_device(cfg.device))  # here, in the worker: not on the driver
-        self.dtype = check_precision(cfg.precision, self.device.type)
+        # auto resolved here, for this worker's device; the provenance records the answer, so a folder made
+        # in bf16 on one machine is not continued in fp32 on another (the engine refuses the mix)
+        self.precision = resolve_precision(cfg.precision, self.device, "generate.precision")
+        self.dtype = check_precision(self.precision, self.device.type)
         if cfg.jpeg_encoder == "nvjpeg" and self.device.type != "cuda":
             raise ValueError("generate.jpeg_encoder=nvjpeg encodes on the GPU: this worker runs on "
                              f"{self.device.type}; use jpeg_encoder=pil")
@@ -97,7 +101,7 @@ class ImagenetCounterfactualSampler:
             self.model, self.weights_file = build_generation_model(cfg.checkpoint, cfg.biggan, cfg.u2net,
                                                                    cfg.cache_dir, cfg.model_seed,
                                                                    cfg.u2net_align_corners)
-            prepare_model(self.model, self.device, cfg.precision, cfg.channels_last)
+            prepare_model(self.model, self.device, self.precision, cfg.channels_last)
         self.model.requires_grad_(False)
         self.n_classes = self.model.n_classes
         check_classes(cfg.mode, cfg.classes, self.n_classes)
@@ -124,7 +128,7 @@ class ImagenetCounterfactualSampler:
                 "jpeg_quality": c.jpeg_quality if c.image_format == "jpg" else None,
                 "normalize": c.normalize, "save_layers": c.save_layers, "forward_batch": c.forward_batch,
                 "num_threads": c.num_threads, "device": self.device.type, "torch": torch.__version__,
-                "pillow": PIL.__version__, "cgn_dist": self.version, "precision": c.precision,
+                "pillow": PIL.__version__, "cgn_dist": self.version, "precision": self.precision,
                 "channels_last": c.channels_last, "forward": self.forward_kind,
                 "jpeg_encoder": self.jpeg_encoder if c.image_format == "jpg" else None,
                 # only when not the default, so folders written before the option existed stay resumable

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator
 
 from cgn_dist.generate.plan import ShardSpec
 from cgn_dist.generate.sampler import close_sampler, sampler_info
-from cgn_dist.generate.workers import check_same_provenance, format_assignment, local_device_plan, pin_visible_device
+from cgn_dist.generate.workers import (check_same_provenance, format_assignment, local_device_plan,
+                                       pin_visible_device, provenance_difference)
 from cgn_dist.generate.writer import StopGeneration, give_up, must_stop, write_shard
 from cgn_dist.storage import storage_env
 
@@ -23,9 +24,10 @@ log = logging.getLogger(__name__)
 
 
 def _process_main(factory: Callable[[], Any], conn: Any, visible: str | None = None,
-                  storage: dict[str, str] | None = None) -> None:
+                  storage: dict[str, str] | None = None, expected: dict[str, Any] | None = None) -> None:
     """Body of one worker process: pin its GPU, build the sampler once, report its provenance, then write
-    the shards sent over ``conn``."""
+    the shards sent over ``conn``. ``expected``: the committed shards' provenance; a sampler that differs
+    writes nothing (the driver, told its provenance, stops the run with the difference)."""
     import os
     import traceback
 
@@ -46,6 +48,8 @@ def _process_main(factory: Callable[[], Any], conn: Any, visible: str | None = N
         return
     try:
         conn.send(("ready", info))
+        if expected is not None and provenance_difference(expected, info):
+            return
         while (msg := conn.recv()) is not None:
             spec, out_dir, batch_size, attempt = msg
             try:
@@ -57,10 +61,12 @@ def _process_main(factory: Callable[[], Any], conn: Any, visible: str | None = N
 
 
 class _WorkerProcess:
-    def __init__(self, ctx: Any, factory: Callable[[], Any], slot: int, visible: str | None = None):
-        self.slot, self.visible = slot, visible
+    def __init__(self, ctx: Any, factory: Callable[[], Any], slot: int, visible: str | None = None,
+                 expected: dict[str, Any] | None = None):
+        self.slot, self.visible, self.expected = slot, visible, expected
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_process_main, args=(factory, child, visible, storage_env()), daemon=True)
+        self.process = ctx.Process(target=_process_main, args=(factory, child, visible, storage_env(), expected),
+                                   daemon=True)
         self.process.start()
         child.close()
         self.spec: ShardSpec | None = None
@@ -91,7 +97,7 @@ def _worker_context() -> Any:
 
 
 def run_process_pool(factory, todo, out_dir, batch_size, num_workers, max_retries,
-                     devices: list[str | None] | None = None) -> Iterator[dict[str, Any]]:
+                     devices: list[str | None] | None = None, seen: list | None = None) -> Iterator[dict[str, Any]]:
     """Write the shards of ``todo`` with ``num_workers`` processes; yields each shard's stats.
     ``devices``: CUDA_VISIBLE_DEVICES per worker (default: this machine's GPUs, round-robin)."""
     from multiprocessing.connection import wait as wait_ready
@@ -99,7 +105,7 @@ def run_process_pool(factory, todo, out_dir, batch_size, num_workers, max_retrie
     ctx = _worker_context()
     pending = collections.deque(todo)
     attempts: collections.Counter = collections.Counter()
-    seen: list[tuple[str, dict[str, Any]]] = []
+    seen = [] if seen is None else seen  # (who, provenance): the committed shards', then each worker's
     n = min(num_workers, len(todo))
     devices = local_device_plan(n) if devices is None else devices
     if any(d is not None for d in devices):
@@ -111,7 +117,8 @@ def run_process_pool(factory, todo, out_dir, batch_size, num_workers, max_retrie
         log.warning("shard %d attempt %d failed (%s); retrying", spec.shard_id, attempts[spec.shard_id], error)
         pending.appendleft(spec)
 
-    workers = [_WorkerProcess(ctx, factory, i, devices[i]) for i in range(n)]
+    expected = seen[0][1] if seen else None  # the committed shards' provenance, on a rerun
+    workers = [_WorkerProcess(ctx, factory, i, devices[i], expected) for i in range(n)]
     try:
         while pending or any(w.spec is not None for w in workers):
             for w in workers:
@@ -144,7 +151,7 @@ def run_process_pool(factory, todo, out_dir, batch_size, num_workers, max_retrie
                     reason = msg[1].strip().splitlines()[-1] if msg else f"exit code {w.process.exitcode}"
                     w.spec = None
                     w.stop(timeout=1.0)
-                    workers[i] = _WorkerProcess(ctx, factory, w.slot, w.visible)
+                    workers[i] = _WorkerProcess(ctx, factory, w.slot, w.visible, w.expected)
                     retry(spec, f"worker process died ({reason})")
     finally:
         for w in workers:

@@ -39,6 +39,8 @@ def regenerate_sample(manifest_path: str | os.PathLike, key: str,
     own = sampler is None
     if own:
         factory = sampler_factory if sampler_factory is not None else build_factory(manifest["sampler_factory"])
+        pin = getattr(factory, "with_recorded", None)  # settings auto resolved when the run was made
+        factory = pin(manifest.get("sampler_info", {})) if pin else factory
         sampler = factory()
     try:
         info = sampler_info(sampler)

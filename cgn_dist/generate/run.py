@@ -1,6 +1,7 @@
 """One call for a whole generation run, and a dry run that says what it would cost."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -12,6 +13,7 @@ from cgn_dist.generate.backends import run_shards
 from cgn_dist.generate.manifest import (INDEX_NAME, build_manifest, build_plan_doc, check_or_write_plan,
                                         write_outputs)
 from cgn_dist.generate.plan import ShardSpec, make_plan, sample_refs, shard_name
+from cgn_dist.generate.writer import stats_name
 from cgn_dist.generate.sampler import describe_factory
 from cgn_dist.storage import Store
 
@@ -41,6 +43,7 @@ def generate_dataset(sampler_factory: Callable[[], Any], out_dir: str | os.PathL
     store.makedirs()
     plan_doc = build_plan_doc(run_seed, shard_size, describe_factory(sampler_factory))
     check_or_write_plan(out_dir, plan_doc)
+    sampler_factory = _keep_recorded_settings(sampler_factory, store, shards)
     planned = {f"{shard_name(s.shard_id)}.tar" for s in shards}
     extra = [name for name in store.list("shard-*.tar") if name not in planned]
     if extra:
@@ -52,6 +55,26 @@ def generate_dataset(sampler_factory: Callable[[], Any], out_dir: str | os.PathL
     manifest = build_manifest(shards, stats, plan_doc, batch_size=batch_size, config=config)
     write_outputs(out_dir, manifest)
     return manifest
+
+
+def _keep_recorded_settings(factory: Callable[[], Any], store: Store, shards: Sequence[ShardSpec]):
+    """A factory whose ``auto`` settings resolve per machine (e.g. generate.precision) continues a folder
+    as its committed shards were made: ``factory.with_recorded(provenance)`` pins them (the plan's
+    description, with ``auto``, is unchanged), so a rerun elsewhere gives the bytes of an uninterrupted
+    run instead of being refused for a provenance it did not choose."""
+    pin = getattr(factory, "with_recorded", None)
+    if pin is None:
+        return factory
+    for spec in shards:
+        raw = store.read_bytes(stats_name(spec.shard_id))
+        if raw is None:
+            continue
+        try:
+            info = json.loads(raw).get("sampler_info") or {}
+        except ValueError:
+            continue  # a damaged marker: verify_shard redoes that shard; look at the next one
+        return pin(info)
+    return factory
 
 
 def _tar_bytes(members: Sequence[tuple[str, bytes]]) -> int:

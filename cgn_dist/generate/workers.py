@@ -8,10 +8,13 @@
   each actor its own GPU through its resources.)
 - ``check_same_provenance``: every worker's sampler provenance against the first one seen, when the worker
   starts: a sampler that differs on one machine (torch.compile failed there and it fell back to eager,
-  another torch...) stops the run at once instead of when the manifest is written hours later.
+  another torch...) stops the run at once instead of when the manifest is written hours later; on a
+  rerun the committed shards' provenance comes first (a rerun elsewhere, where precision=auto resolved
+  otherwise, is refused before it writes).
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -73,7 +76,9 @@ def pin_visible_device(visible: str | None) -> None:
 
 
 def provenance_difference(first: dict[str, Any], other: dict[str, Any]) -> list[str]:
-    """'key: other vs first' for every provenance key whose value differs (missing keys included)."""
+    """'key: other vs first' for every provenance key whose value differs (missing keys included); compared
+    as JSON holds them (a committed shard's stats were read back from JSON: tuples came back as lists)."""
+    first, other = (json.loads(json.dumps(d, sort_keys=True, default=str)) for d in (first, other))
     keys = sorted(set(first) | set(other))
     return [f"{k}: {other.get(k, '<absent>')!r} vs {first.get(k, '<absent>')!r}" for k in keys
             if first.get(k, "<absent>") != other.get(k, "<absent>")]

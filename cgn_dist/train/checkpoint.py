@@ -20,13 +20,15 @@ import numpy as np
 import torch
 
 from cgn_dist.config import Config, ConfigError, config_to_dict, save_config
-from cgn_dist.train.run_dir import CKPT_DIR, check_config_change
+from cgn_dist.train.run_dir import CKPT_DIR, check_config_change, resolve_run_precisions
 
 
-def prepare_run_dir(cfg: Config, is_main: bool = True) -> Path:
-    """Create ``<out_dir>/<name>/`` with samples/, tb/, checkpoints/ and the resolved config. Resuming with
-    other training settings than the run's config.yaml is refused (see run_dir.check_config_change)."""
+def prepare_run_dir(cfg: Config, is_main: bool = True, device: Any = "cpu") -> Path:
+    """Create ``<out_dir>/<name>/`` with samples/, tb/, checkpoints/ and the resolved config (``auto``
+    precisions resolved for ``device``). Resuming with other training settings than the run's config.yaml
+    is refused (see run_dir.check_config_change)."""
     run_dir = cfg.run_dir
+    resolve_run_precisions(cfg, device)
     check_config_change(cfg, run_dir, cfg.train.resume and latest_checkpoint(run_dir) is not None, is_main)
     if is_main:
         for sub in ("samples", "tb", CKPT_DIR):

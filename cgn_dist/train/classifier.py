@@ -100,7 +100,7 @@ def train_classifier(cfg: Config, env: DistEnv | None = None, reporter: Reporter
     t, ic = cfg.train, cfg.invariant
     owns_group = init_process_group(env)
     streams = build_streams(cfg, env)  # bad data paths fail here, before a run directory exists
-    run_dir = prepare_run_dir(cfg, env.is_main)
+    run_dir = prepare_run_dir(cfg, env.is_main, env.device)
     setup_logging(run_dir, env.is_main)
     logger = build_logger(run_dir, env.is_main)
 

@@ -67,7 +67,7 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter |
     if t.max_steps <= 0:
         raise ValueError("train.max_steps must be > 0 for ImageNet CGN (the number of optimizer updates)")
     owns_group = init_process_group(env)  # torchrun / deepspeed launchers; Ray Train made its own
-    run_dir = prepare_run_dir(cfg, env.is_main)
+    run_dir = prepare_run_dir(cfg, env.is_main, env.device)
     setup_logging(run_dir, env.is_main)
     logger = build_logger(run_dir, env.is_main)
     ckpt = find_resume_checkpoint(run_dir, reporter) if t.resume else None

@@ -109,7 +109,7 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
     reporter = reporter or NullReporter()
     t, m = cfg.train, cfg.mnist
     owns_group = init_process_group(env)  # torchrun / deepspeed launchers; Ray Train made its own
-    run_dir = prepare_run_dir(cfg, env.is_main)
+    run_dir = prepare_run_dir(cfg, env.is_main, env.device)
     setup_logging(run_dir, env.is_main)
     logger = build_logger(run_dir, env.is_main)
 
@@ -137,7 +137,8 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
     eng_g = build_engine(gen, opt_g, t, env)
     eng_d = build_engine(disc, opt_d, t, env)
     engines = {"generator": eng_g, "discriminator": eng_d}
-    update = MnistUpdate(m, eng_g, eng_d, disc, vgg, fast=m.fast_update)
+    update = MnistUpdate(m, eng_g, eng_d, disc, vgg, fast=m.fast_update,
+                         precision=m.precision if m.fast_update else "bf16")
 
     start = 0
     if ckpt is not None:

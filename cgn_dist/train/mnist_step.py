@@ -32,14 +32,14 @@ def has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def fast_vgg(vgg: nn.Module) -> nn.Module:
-    """A frozen copy of the VGG16 trunk held in bf16 and channels-last.
+def fast_vgg(vgg: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A frozen copy of the VGG16 trunk held in ``dtype`` (bf16; fp32 on CPUs without AMX) and channels-last.
 
     bf16 weights: autocast would otherwise cast every weight at every update. Channels-last: oneDNN's
     bf16 convolutions skip a layout reorder per call, and max-pooling with indices (what backward needs)
     runs ~15x faster in NHWC than in NCHW on this CPU, where it was 14 % of the whole update.
     """
-    out = copy.deepcopy(vgg).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    out = copy.deepcopy(vgg).to(dtype=dtype, memory_format=torch.channels_last)
     return out.requires_grad_(False).eval()
 
 
@@ -51,14 +51,14 @@ def to_channels_last(*modules: nn.Module) -> None:
         module.to(memory_format=torch.channels_last)
 
 
-def style_loss_bf16(vgg, x: torch.Tensor, target: torch.Tensor, weights) -> torch.Tensor:
+def style_loss_bf16(vgg, x: torch.Tensor, target: torch.Tensor, weights, bf16: bool = True) -> torch.Tensor:
     """perceptual_loss with the VGG convolutions and the Grams in bf16 and their L1 in fp32 (any
-    VGG16Features; fastest with fast_vgg's copy)."""
+    VGG16Features; fastest with fast_vgg's copy). bf16=False: the same channels-last pass in fp32."""
     n = _last_used_layer(weights)
     if n == 0:
         return x.new_zeros(())
     cl = torch.channels_last
-    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         feats_x = vgg(x.contiguous(memory_format=cl), num_outputs=n)
         with torch.no_grad():
             feats_t = vgg(target.contiguous(memory_format=cl), num_outputs=n)
@@ -68,9 +68,16 @@ def style_loss_bf16(vgg, x: torch.Tensor, target: torch.Tensor, weights) -> torc
 class MnistUpdate:
     """Callable micro step: (x_real, y_real, y_gen) -> losses, mask and the generated batch."""
 
-    def __init__(self, m, eng_g, eng_d, disc: nn.Module, vgg, fast: bool = False, bf16_models: bool = True):
+    def __init__(self, m, eng_g, eng_d, disc: nn.Module, vgg, fast: bool = False, bf16_models: bool = True,
+                 precision: str = "bf16"):
+        # precision: the fast layout's (cgn_dist.precision.resolve_precision's answer). fp32 keeps everything
+        # else the fast layout does (tensor batches, one D pass, fused Adam, channels-last, NHWC pooling):
+        # without AMX a bf16 conv is slower than fp32, and this is then never slower than the plain update
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"mnist.precision must resolve to fp32 or bf16, got {precision!r}")
         self.m, self.eng_g, self.eng_d, self.fast = m, eng_g, eng_d, fast
-        self.vgg = fast_vgg(vgg) if fast else vgg
+        self.bf16 = fast and precision == "bf16"
+        self.vgg = fast_vgg(vgg, torch.bfloat16 if self.bf16 else torch.float32) if fast else vgg
         self.disc = disc
         self.joint_d = fast and not has_batchnorm(self.disc)
         self.bf16_models = bf16_models
@@ -78,13 +85,13 @@ class MnistUpdate:
     def _autocast(self, eng, device_type: str):
         # fast: the generator's and D's convolutions and linears in bf16 as well; the mechanisms' outputs, the
         # composite and every loss stay fp32 (CGNMnist casts before clamp and compose; MSE is fp32 in autocast)
-        if self.fast and self.bf16_models:
+        if self.bf16 and self.bf16_models:
             return torch.autocast(device_type, dtype=torch.bfloat16)
         return eng.autocast()
 
     def _style(self, x_gen, x_real):
         if self.fast:
-            return style_loss_bf16(self.vgg, x_gen, x_real, self.m.style_weights)
+            return style_loss_bf16(self.vgg, x_gen, x_real, self.m.style_weights, bf16=self.bf16)
         return perceptual_loss(self.vgg, x_gen, x_real, self.m.style_weights)
 
     def __call__(self, x_real: torch.Tensor, y_real: torch.Tensor, y_gen: torch.Tensor) -> dict:

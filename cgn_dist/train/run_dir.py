@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from cgn_dist.config import Config, ConfigError, config_to_dict
+from cgn_dist.distributed.engine import resolve_train_precision
+from cgn_dist.precision import resolve_precision
 
 CKPT_DIR = "checkpoints"  # <run_dir>/checkpoints/step_0001234/
 
@@ -69,6 +72,29 @@ def check_config_change(cfg: Config, run_dir: Path, resuming: bool, is_main: boo
                     "; ".join(changes), kept.name)
 
 
+def recorded_setting(cfg: Config, key: str) -> Any:
+    """The value dotted ``key`` has in the run's saved config.yaml when this start resumes it, else None:
+    what ``auto`` resolved to in an earlier part of the run is kept, so a resume on another machine
+    gives the same bytes as an uninterrupted run."""
+    saved = cfg.run_dir / "config.yaml"
+    if not (cfg.train.resume and saved.is_file()):
+        return None
+    try:
+        return _flat(yaml.safe_load(saved.read_text()) or {}).get(key)
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def resolve_run_precisions(cfg: Config, device: Any) -> None:
+    """Replace every ``auto`` precision of a training run by what this device runs fastest (bf16 on CUDA and
+    on AMX CPUs, else fp32: cgn_dist.precision), or by what the run being resumed recorded, before the
+    run's config.yaml is written: the bytes of a run depend on it."""
+    resolve_train_precision(cfg.train, device, recorded_setting(cfg, "train.precision"))
+    if cfg.task == "mnist" and cfg.mnist.fast_update:
+        cfg.mnist.precision = resolve_precision(cfg.mnist.precision, device, "mnist.precision",
+                                                recorded_setting(cfg, "mnist.precision"))
+
+
 def checkpoint_step(path: Path) -> int:
     """The update a checkpoint directory holds (its meta.json), without loading it."""
     return int(json.loads((Path(path) / "meta.json").read_text())["step"])
@@ -92,6 +118,8 @@ def start_line(cfg: Config, world: int, total: int, start: int, device: Any) -> 
     t = cfg.train
     what = f"CGN-MNIST {cfg.data.dataset}" if cfg.task == "mnist" else f"CGN-ImageNet (BigGAN {cfg.imagenet.biggan})"
     state = f"resuming at update {start}" if start else "starting at update 0"
+    if cfg.task == "mnist" and cfg.mnist.fast_update:  # the precision auto resolved to, said where it matters
+        state = f"fast update in {cfg.mnist.precision}, {torch.get_num_threads()} torch thread(s); {state}"
     return (f"{what} -> {cfg.run_dir}: {total} updates of {t.micro_batch_size * t.grad_accum * world} samples "
             f"(micro batch {t.micro_batch_size} x accumulation {t.grad_accum} x {world} process(es)), "
             f"engine {t.engine} {t.precision}, device {device}, seed {cfg.seed}; {state}")

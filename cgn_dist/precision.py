@@ -1,0 +1,146 @@
+"""Which precision a device runs fastest: ``resolve_precision(requested, device, key)`` -> "fp32" | "bf16".
+
+"auto" means bf16 where the device has a matrix unit for it (CUDA with bf16 support; a CPU whose oneDNN
+uses AMX) and fp32 everywhere else. Without AMX a bf16 convolution is slower than fp32 on the CPU: 1.5x
+with AVX-512 BF16, 6-8x on AVX2, where oneDNN emulates it.
+
+The answer comes from capability flags alone, never from a timing: a timed probe can answer differently
+in two processes on a busy machine, and the bytes of a run depend on the answer (a resumed run must
+equal an uninterrupted one). AMX counts only when oneDNN may use it: ONEDNN_MAX_CPU_ISA (or the older
+DNNL_MAX_CPU_ISA), read by oneDNN at its first use, can cap it away while /proc/cpuinfo still lists
+amx_bf16. A timing is taken only to word the one warning for an explicit bf16 on a CPU without AMX.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CHOICES = ("auto", "fp32", "bf16", "fp16")  # fp16: passed through (CUDA only; checked where it is used)
+# oneDNN's ISA names in rising order (its documented ONEDNN_MAX_CPU_ISA values); anything at or above
+# AVX512_CORE_BF16 runs bf16 natively, only the AMX ones have the matrix unit
+_ISA_ORDER = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+              "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX10_1_512_AMX", "AVX512_CORE_AMX",
+              "AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16", "ALL", "DEFAULT")
+
+
+def onednn_isa_cap() -> str | None:
+    """The ISA cap oneDNN reads from the environment (upper-cased), or None when uncapped."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    cap = (cap or "").strip().upper()
+    return None if cap in ("", "ALL", "DEFAULT") else cap
+
+
+def _cap_allows(cap: str | None, isa: str) -> bool:
+    if cap is None:
+        return True
+    if cap not in _ISA_ORDER:  # an unknown name: oneDNN ignores it and runs uncapped
+        return True
+    if "AMX" in isa:
+        return "AMX" in cap
+    return _ISA_ORDER.index(cap) >= _ISA_ORDER.index(isa)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel reports (empty where /proc/cpuinfo is missing)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_capabilities() -> dict:
+    """What this CPU's oneDNN can use: {"amx", "avx512_bf16", "avx2": bool, "isa_cap": str | None}."""
+    flags, cap = cpu_flags(), onednn_isa_cap()
+    amx = bool(torch.cpu._is_amx_tile_supported()) if hasattr(torch.cpu, "_is_amx_tile_supported") else False
+    amx = amx or "amx_bf16" in flags
+    return {"amx": amx and _cap_allows(cap, "AVX512_CORE_AMX"),
+            "avx512_bf16": "avx512_bf16" in flags and _cap_allows(cap, "AVX512_CORE_BF16"),
+            "avx2": "avx2" in flags and _cap_allows(cap, "AVX2"),
+            "isa_cap": cap}
+
+
+def device_capabilities(device: torch.device | str) -> dict:
+    """The flags the decision reads, for one device: {"type", "cuda_bf16", "amx", "avx512_bf16", ...}."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return {"type": "cuda", "cuda_bf16": bool(ok)}
+    return {"type": dev.type, "cuda_bf16": False, **cpu_capabilities()}
+
+
+def decide_precision(requested: str, caps: dict, key: str = "precision") -> tuple[str, str]:
+    """(precision, reason) from ``requested`` and device_capabilities()'s flags; touches no hardware."""
+    if requested not in CHOICES:
+        raise ValueError(f"{key} must be one of {', '.join(CHOICES)}, got {requested!r}")
+    if requested != "auto":
+        return requested, "as configured"
+    if caps.get("type") == "cuda":
+        return ("bf16", "CUDA device with bf16 support") if caps.get("cuda_bf16") else \
+            ("fp32", "CUDA device without bf16 support")
+    if caps.get("amx"):
+        return "bf16", "CPU with AMX (bf16 matrix unit)"
+    why = f"oneDNN capped at {caps['isa_cap']}" if caps.get("isa_cap") else \
+        ("AVX-512 BF16 without AMX" if caps.get("avx512_bf16") else "no AVX-512 BF16 or AMX")
+    return "fp32", f"CPU without AMX ({why}: bf16 convolutions are slower than fp32 there)"
+
+
+@functools.lru_cache(maxsize=1)
+def probe_cpu_conv(reps: int = 5) -> dict[str, float]:
+    """Best-of-``reps`` seconds of one 3x3 conv, 16x64x32x32 channels-last, in fp32 and in bf16 (for the
+    warning's figure only; oneDNN's ISA is fixed at its first use, so once per process is enough)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 64, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(64, 64, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
+    out = {}
+    with torch.no_grad():
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            xd, wd = x.to(dtype), w.to(dtype)
+            torch.nn.functional.conv2d(xd, wd, padding=1)  # warm-up: oneDNN builds its kernel here
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                torch.nn.functional.conv2d(xd, wd, padding=1)
+                best = min(best, time.perf_counter() - t0)
+            out[name] = best
+    return out
+
+
+_said: set[tuple[str, str, str]] = set()
+
+
+def resolve_precision(requested: str, device: torch.device | str, key: str,
+                      recorded: str | None = None) -> str:
+    """The concrete precision for config key ``key`` on ``device``; logged once per (key, answer).
+
+    ``recorded``: what an earlier part of the same run resolved to (a resume, possibly on another machine):
+    auto keeps it, so the run's bytes do not depend on where each part ran."""
+    if requested == "auto" and recorded in ("fp32", "bf16"):
+        name, reason = recorded, "recorded by the run being resumed"
+    else:
+        caps = device_capabilities(device)
+        name, reason = decide_precision(requested, caps, key)
+        if requested == "bf16" and caps["type"] == "cpu" and not caps.get("amx"):
+            t = probe_cpu_conv()
+            ratio = t["bf16"] / t["fp32"]
+            if ratio > 1.0 and (key, "slow", name) not in _said:
+                _said.add((key, "slow", name))
+                log.warning("%s=bf16 on a CPU without AMX: a bf16 convolution measured %.1fx slower than fp32 "
+                            "here; %s=auto (or fp32) runs faster", key, ratio, key)
+    if (key, "chose", name) not in _said:
+        _said.add((key, "chose", name))
+        log.info("%s: %s (%s)", key, name, reason)
+    return name
+
+
+__all__ = ["CHOICES", "cpu_capabilities", "cpu_flags", "decide_precision", "device_capabilities",
+           "onednn_isa_cap", "probe_cpu_conv", "resolve_precision"]
