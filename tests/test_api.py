@@ -48,7 +48,7 @@ def test_imagenet_image_does_not_depend_on_its_batch(tiny):
 
 def test_imagenet_api_recomputes_what_generate_stored(tmp_path, tiny):
     assert main(["generate", "configs/debug/generate_tiny.yaml", f"out_dir={tmp_path}", "generate.n_samples=4",
-                 "generate.shard_size=4", "generate.forward_batch=1", "generate.image_format=png",
+                 "generate.shard_size=4", "generate.precision=fp32", "generate.forward_batch=1", "generate.image_format=png",
                  "generate.grid_every=0", "train.progress=false"]) == 0
     samples = list(read_tar_samples(tmp_path / "gen_tiny" / "shard-000000.tar"))
     assert len(samples) == 4
