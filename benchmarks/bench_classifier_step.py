@@ -40,7 +40,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per precision (after one warm-up each)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--json", default="", help="also write the result here")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = InvariantClassifier(args.backbone, weights="random").to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
@@ -63,7 +67,13 @@ def main() -> None:
         res[prec] = {"s_per_step_median": round(med, 3), "all": [round(t, 3) for t in ts],
                      "images_per_s": round(2 * b / med, 2)}
     res["bf16_speedup"] = round(res["fp32"]["s_per_step_median"] / res["bf16"]["s_per_step_median"], 2)
+    from cgn_dist.precision import resolve_precision
+
+    res["auto_precision"] = resolve_precision("auto", device, "train.precision")
     print(json.dumps(res, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

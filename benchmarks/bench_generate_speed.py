@@ -237,7 +237,10 @@ def main() -> None:
     if args.device_check:  # a GPU forward outruns 2 Pillow threads: encode on half the cores
         base["encode_threads"] = max(2, (os.cpu_count() or 4) // 2)
     batches = [int(b) for b in args.batches.split(",")] if args.device_check else [args.batch]
-    results: dict = {"device": name, "peak_bf16_tflops": peak, "rows": []}
+    from cgn_dist.precision import resolve_precision
+
+    results: dict = {"device": name, "peak_bf16_tflops": peak, "rows": [],
+                     "auto_precision": resolve_precision("auto", dev, "generate.precision")}
     tmp = Path(tempfile.mkdtemp(prefix="bench_speed_"))
 
     def dump() -> None:  # after every row: a run cut short by a time limit keeps what it measured

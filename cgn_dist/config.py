@@ -73,7 +73,9 @@ def _check_values(cfg: Config) -> None:
     need(1 <= sh.shard_size <= 999_999, "shards.shard_size", "must lie in 1..999999")
     need(sh.shard_bytes >= 0 and sh.resize >= 0, "shards", "shard_bytes and resize must be >= 0")
     need(1 <= sh.jpeg_quality <= 100, "shards.jpeg_quality", "must lie in 1..100")
-    need(sh.batch_size >= 1 and sh.num_workers >= 1, "shards", "batch_size and num_workers must be >= 1")
+    need(sh.batch_size >= 1, "shards.batch_size", "must be >= 1")
+    need(sh.num_workers >= 0, "shards.num_workers", "must be >= 0 (0 = one per core)")
+    need(g.num_workers >= 0, "generate.num_workers", "must be >= 0 (0 = one per GPU, else per core)")
     bad_ds = set(cfg.pipeline.datasets) - {"colored", "double_colored", "wildlife"}
     need(not bad_ds, "pipeline.datasets", f"unknown {sorted(bad_ds)}; accepted: colored, double_colored, wildlife")
     need(not cfg.pipeline.datasets or cfg.pipeline.released_dir, "pipeline.datasets",

@@ -122,7 +122,7 @@ class GenerateConfig:
     save_layers: bool = False  # also store mask.png, fg and bg beside each image (ImageNet and MNIST)
     no_cfs: int = 1  # MNIST: counterfactual redraws per mask
     backend: Literal["local", "ray"] = "local"  # local: this process, or a process pool when num_workers > 1; ray: Ray actors
-    num_workers: int = 1  # worker processes / Ray actors
+    num_workers: int = 0  # worker processes / Ray actors; 0 = auto: one per GPU, else per core (num_threads each) within free memory
     max_retries: int = 3  # further attempts per failed shard (a full disk stops at once)
     verify: Literal["auto", "sha256", "size"] = "auto"  # a rerun's check of committed shards; auto: sha256 on disk, size on a bucket (sha256 re-reads every object)
     grid_every: int = 10  # TensorBoard grid every N shards (0 = never)
@@ -159,7 +159,7 @@ class ShardsConfig:
     jpeg_quality: int = 95  # quality of re-encoded images (conversions, resizes)
     batch_size: int = 64  # files per read call in a worker
     backend: Literal["local", "ray"] = "local"  # ray: workers on every node (ray.address); paths must be shared
-    num_workers: int = 1  # worker processes / Ray actors
+    num_workers: int = 0  # worker processes / Ray actors; 0 = auto: one per core (or Ray CPU)
     max_retries: int = 3  # further attempts per failed shard
     dry_run: bool = False  # list the tree, time a probe, print shards / time / disk; write nothing
     dry_run_samples: int = 64  # files the dry run reads

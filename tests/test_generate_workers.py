@@ -14,7 +14,7 @@ from cgn_dist.generate.plan import make_plan
 from cgn_dist.generate.pool import run_process_pool
 from cgn_dist.generate.run import generate_dataset
 from cgn_dist.generate.toy import ToySamplerFactory
-from cgn_dist.generate.workers import assign_devices, check_same_provenance, resolve_device
+from cgn_dist.generate.workers import assign_devices, auto_worker_count, check_same_provenance, resolve_device
 
 
 def test_assign_devices_round_robin_over_the_visible_gpus():
@@ -150,3 +150,24 @@ def test_a_rerun_whose_sampler_differs_from_the_committed_shards_stops_before_wr
     with pytest.raises(GenerationError, match=r"differs from that of the committed shard 0 \(kind: 'b' vs 'a'\)"):
         generate_dataset(_KindFactory("b"), tmp_path, **kw)
     assert not list(tmp_path.glob("shard-00000[23]*"))  # nothing of the other sampler was written
+
+
+def test_auto_worker_count_fills_the_machine_within_its_memory():
+    # GPUs: one worker each, never more than the shards left
+    assert auto_worker_count(100, gpus=8)[0] == 8 and auto_worker_count(3, gpus=8)[0] == 3
+    # CPUs: cores / threads per worker ...
+    n, why = auto_worker_count(100, threads_per_worker=2, worker_gb=1.0, gpus=0, cpus=32, available_gb=512)
+    assert n == 16 and "32 cores / 2 thread(s)" in why
+    # ... unless the free memory holds fewer models (80 % of 20 GiB at 3.5 GiB each: 4)
+    n, why = auto_worker_count(100, worker_gb=3.5, gpus=0, cpus=32, available_gb=20)
+    assert n == 4 and "GiB free" in why
+    assert auto_worker_count(100, worker_gb=64, gpus=0, cpus=32, available_gb=8)[0] == 1  # always one
+    assert auto_worker_count(1, gpus=0, cpus=32, available_gb=512)[0] == 1
+
+
+def test_num_workers_zero_runs_a_pool_with_the_bytes_of_one_process(tmp_path):
+    kw = dict(n_samples=8, shard_size=2, run_seed=1, progress=False)
+    generate_dataset(ToySamplerFactory(), tmp_path / "one", num_workers=1, **kw)
+    generate_dataset(ToySamplerFactory(), tmp_path / "auto", num_workers=0, **kw)
+    one, auto = (sorted(p.read_bytes() for p in (tmp_path / d).glob("shard-*.tar")) for d in ("one", "auto"))
+    assert len(one) == 4 and one == auto

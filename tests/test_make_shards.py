@@ -112,7 +112,8 @@ m.read_and_check = read_slowly
 from cgn_dist.config import load_config
 from cgn_dist.data.make_shards import run_make_shards
 run_make_shards(load_config(None, ["shards.root={tree.train}", "shards.out={out}", "shards.shard_size=5",
-                                   "shards.batch_size=2", "train.progress=false", "seed=7"]))
+                                   "shards.batch_size=2", "shards.num_workers=1", "train.progress=false",
+                                   "seed=7"]))  # one process: the slowed reader is this process's
 """
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)

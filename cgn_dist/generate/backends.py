@@ -27,7 +27,7 @@ from cgn_dist.generate.plan import ShardSpec
 from cgn_dist.generate.progress import make_progress
 from cgn_dist.generate.sampler import close_sampler, sampler_info
 from cgn_dist.generate.pool import run_process_pool
-from cgn_dist.generate.workers import check_same_provenance
+from cgn_dist.generate.workers import auto_worker_count, check_same_provenance
 from cgn_dist.generate.writer import (GenerationError, StopGeneration, give_up, must_stop, tar_name, verify_shard,
                                      write_shard)
 from cgn_dist.storage import is_remote, join, storage_env
@@ -57,8 +57,8 @@ def run_shards(sampler_factory: Callable[[], Any], shards: Iterable[ShardSpec], 
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if num_workers < 1 or batch_size < 1 or max_retries < 0:
-        raise ValueError(f"need num_workers >= 1, batch_size >= 1, max_retries >= 0; got {num_workers}, "
+    if num_workers < 0 or batch_size < 1 or max_retries < 0:
+        raise ValueError(f"need num_workers >= 0 (0 = auto), batch_size >= 1, max_retries >= 0; got {num_workers}, "
                          f"{batch_size}, {max_retries}")
     if verify not in ("sha256", "size"):
         raise ValueError(f"verify must be 'sha256' or 'size', got {verify!r}")
@@ -119,6 +119,10 @@ def _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_si
     if done:
         first = min(done)
         seen.append((f"the committed shard {first}", done[first].get("sampler_info", {})))
+    if todo and num_workers == 0 and backend == "local":
+        num_workers, why = auto_worker_count(len(todo), getattr(sampler_factory, "num_threads", 1) or 1,
+                                             getattr(sampler_factory, "worker_gb", 1.0))
+        log.info("generation: %d local worker process(es) (num_workers=0: %s)", num_workers, why)
     bar = make_progress(total=sum(s.n for s in shards), initial=sum(s["count"] for s in done.values()),
                         n_shards=len(shards), shards_done=len(done), enabled=progress)
     try:
@@ -210,6 +214,14 @@ def _run_ray(factory, todo, out_dir, batch_size, num_workers, max_retries, ray_a
     started_here = not ray.is_initialized()
     if started_here:
         init_ray(address=ray_address)
+    if num_workers == 0:  # auto: one actor per GPU of the cluster, else per CPU (at the factory's threads)
+        from cgn_dist.distributed.ray_utils import cluster_gpus
+
+        gpus = int(cluster_gpus())
+        threads = getattr(factory, "num_threads", 1) or 1
+        num_workers = max(1, min(len(todo), gpus or int(ray.cluster_resources().get("CPU", 1)) // threads))
+        log.info("generation: %d Ray actor(s) (num_workers=0: one per %s of the cluster)", num_workers,
+                 "GPU" if gpus else f"{threads} CPU(s)")
     resources = dict(worker_resources or default_worker_resources(num_workers))
     if is_remote(out_dir) and storage_env():  # the bucket's endpoint and credentials, for every node's actors
         resources["runtime_env"] = {"env_vars": storage_env()}

@@ -51,6 +51,12 @@ class ImagenetCounterfactualFactory:
     encode_threads: int = 2  # threads encoding images (same bytes); <= 1 = in the caller's thread
     jpeg_encoder: str = "pil"  # pil | nvjpeg (CUDA; other bytes than Pillow's, recorded in the provenance)
 
+    @property
+    def worker_gb(self) -> float:
+        """About what one worker process holds (three BigGAN-deep-256, U²-Net, a forward batch's activations):
+        bounds num_workers=0 by the free memory."""
+        return 0.5 if self.biggan == "tiny" else 3.0 + 0.1 * self.forward_batch
+
     def with_recorded(self, provenance: dict[str, Any]) -> "ImagenetCounterfactualFactory":
         """This factory with ``auto`` settings pinned to what a run's committed shards recorded (their
         sampler provenance): continuing or regenerating that run elsewhere gives its bytes."""

@@ -13,6 +13,7 @@ from cgn_dist.generate.backends import run_shards
 from cgn_dist.generate.manifest import (INDEX_NAME, build_manifest, build_plan_doc, check_or_write_plan,
                                         write_outputs)
 from cgn_dist.generate.plan import ShardSpec, make_plan, sample_refs, shard_name
+from cgn_dist.generate.workers import auto_worker_count
 from cgn_dist.generate.writer import stats_name
 from cgn_dist.generate.sampler import describe_factory
 from cgn_dist.storage import Store
@@ -91,6 +92,8 @@ def describe_plan(shards: Sequence[ShardSpec], sampler: Any, batch_size: int = 1
     """
     if not shards:
         raise ValueError("the plan has no shards")
+    if num_workers == 0:  # auto, as the run would resolve it on this machine (local workers)
+        num_workers = auto_worker_count(len(shards), getattr(sampler, "num_threads", 1) or 1)[0]
     n_samples = sum(s.n for s in shards)
     probe_size = min(probe_size or batch_size, shards[0].n)
     sampler.sample(sample_refs(shards[0], 0, 1))

@@ -101,5 +101,33 @@ def check_same_provenance(seen: list[tuple[str, dict[str, Any]]], who: str, info
     seen.append((who, info))
 
 
+def auto_worker_count(n_todo: int, threads_per_worker: int = 1, worker_gb: float = 1.0,
+                      gpus: int | None = None, cpus: int | None = None,
+                      available_gb: float | None = None) -> tuple[int, str]:
+    """(workers, why) for num_workers=0 ("auto") on this machine: one per GPU where there are GPUs, else as
+    many as the cores hold at ``threads_per_worker`` each and the free memory at ``worker_gb`` each (a
+    worker holds its own model); never more than the shards left. The bytes do not depend on the count."""
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus:
+        n, why = gpus, f"one per GPU ({gpus})"
+    else:
+        if cpus is None:  # the cores this process may run on (a container's or taskset's share)
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if available_gb is None:
+            import psutil
+
+            available_gb = psutil.virtual_memory().available / 2**30
+        by_cpu = max(1, cpus // max(1, threads_per_worker))
+        by_mem = max(1, int(available_gb * 0.8 // max(worker_gb, 1e-3)))
+        n = min(by_cpu, by_mem)
+        why = (f"{cpus} cores / {max(1, threads_per_worker)} thread(s) per worker" if by_cpu <= by_mem else
+               f"{available_gb:.0f} GiB free / ~{worker_gb:g} GiB per worker")
+    n = max(1, min(n, n_todo))
+    return n, why + (f", at most the {n_todo} shard(s) to write" if n == n_todo and n_todo > 1 else "")
+
+
 def format_assignment(devices: Sequence[str | None]) -> str:
     return ", ".join(f"worker {i} -> GPU {d}" for i, d in enumerate(devices) if d is not None)
