@@ -106,8 +106,11 @@ def evaluate_classifier(model: torch.nn.Module, cfg: Config, what: str = "all", 
 
     def write(name: str, table: dict, details: dict, label: str = "") -> None:
         if is_main:
+            # Stamped with what was run, so a smoke evaluation (tiny crops, a few images) cannot pass for a result.
+            stamp = (f"settings: {label or model_label}; image size {e.image_size}, precision {e.precision}, "
+                     f"images per rank {e.limit or 'all'}")
             paths = report.save_table(out, name + suffix, f"{name.replace('_', ' ')} ({label or model_label})",
-                                      table["columns"], table["rows"], table["notes"], details)
+                                      table["columns"], table["rows"], [*table["notes"], stamp], details)
             log.info("wrote %s", paths["txt"])
 
     if "shape-bias" in want and (e.cue_conflict or e.decisions_csv):
