@@ -255,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--out", default=None, help="where to write the regenerated image "
                     "(default ./KEY.<ext>)")
     sp.set_defaults(fn=cmd_regenerate)
-    sp = sub.add_parser("verify", help="check a shard folder (generate / make-shards) against its manifest: "
-                        "sizes, sha256, samples, keys; lists each problem and the command that rebuilds it "
-                        "(exit 1 when any)", epilog=CONFIG_EPILOG)
+    verify_help = ("check a shard folder (generate / make-shards) against its manifest: sizes, sha256, samples, "
+                   "keys; lists each problem and the command that rebuilds it (exit 1 when any)")
+    sp = sub.add_parser("verify", help=verify_help, description=verify_help, epilog=CONFIG_EPILOG)
     sp.add_argument("dir", help="the shard folder (with manifest.json): a local path or s3://bucket/prefix")
     sp.set_defaults(fn=cmd_verify)
     sp = sub.add_parser("import", help="convert the authors' released ckp.pth / cgn.pth into cgn_dist weights")
