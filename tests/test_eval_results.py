@@ -135,3 +135,21 @@ def test_published_figure_only_beside_its_own_model(tmp_path, shared_ref, monkey
         assert ours["output"] == "logits" and "random" not in doc["title"]
         paper[arch] = ours["paper_%"]
     assert paper == {"resnet50": 22.1, "resnet18": None}
+
+
+def test_the_default_folder_is_named_after_what_is_evaluated(tmp_path):
+    from cgn_dist.classifier.eval_out import choose_out
+    from cgn_dist.config import load_config
+
+    ckpt = tmp_path / "runs" / "inv" / "checkpoints" / "step_000100"
+    ckpt.mkdir(parents=True)
+    (tmp_path / "w.pt").write_bytes(b"")
+    cases = {(f"eval.model={ckpt}", "all"): "inv-step_000100-all",
+             (f"eval.model={tmp_path / 'runs' / 'inv'}", "in9"): "inv-in9",
+             (f"eval.model={tmp_path / 'w.pt'}", "accuracy"): "w-accuracy",
+             ("eval.model=torchvision:vgg16", "in9"): "vgg16-in9",
+             (f"eval.decisions_csv={tmp_path / 'alexnet.csv'}", "shape-bias"): "alexnet-shape-bias",
+             (f"eval.samples={tmp_path / 'cf_val'}", "inception"): "cf_val-inception"}
+    for (over, what), name in cases.items():
+        out, derived = choose_out(load_config(None, [f"out_dir={tmp_path}", over]), what)
+        assert (out, derived) == (tmp_path / "eval" / name, True)
