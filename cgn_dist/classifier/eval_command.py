@@ -107,7 +107,7 @@ def evaluate_classifier(model: torch.nn.Module, cfg: Config, what: str = "all", 
     def write(name: str, table: dict, details: dict, label: str = "") -> None:
         if is_main:
             # Stamped with what was run, so a smoke evaluation (tiny crops, a few images) cannot pass for a result.
-            stamp = (f"settings: {label or model_label}; image size {e.image_size}, precision {e.precision}, "
+            stamp = (f"settings: {label or model_label}; image size {e.image_size}, precision {kw['precision']}, "
                      f"images per rank {e.limit or 'all'}")
             paths = report.save_table(out, name + suffix, f"{name.replace('_', ' ')} ({label or model_label})",
                                       table["columns"], table["rows"], [*table["notes"], stamp], details)
