@@ -133,6 +133,15 @@ def cmd_regenerate(args) -> int:
     return 0 if report["identical"] else 1
 
 
+def cmd_verify(args) -> int:
+    """Check a shard folder against its manifest; exit 1 (and how to rebuild) when anything is wrong."""
+    from cgn_dist.generate.verify import format_report, verify_folder
+
+    result = verify_folder(args.dir)
+    print(format_report(result))
+    return 1 if result["problems"] else 0
+
+
 def cmd_eval(args) -> int:
     """ImageNet evaluations of a classifier: shape bias, IN-9, top-1/5, Inception Score; tables beside the paper."""
     from cgn_dist.classifier.eval_command import run_eval
@@ -246,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--out", default=None, help="where to write the regenerated image "
                     "(default ./KEY.<ext>)")
     sp.set_defaults(fn=cmd_regenerate)
+    verify_help = ("check a shard folder (generate / make-shards) against its manifest: sizes, sha256, samples, "
+                   "keys; lists each problem and the command that rebuilds it (exit 1 when any)")
+    sp = sub.add_parser("verify", help=verify_help, description=verify_help, epilog=CONFIG_EPILOG)
+    sp.add_argument("dir", help="the shard folder (with manifest.json): a local path or s3://bucket/prefix")
+    sp.set_defaults(fn=cmd_verify)
     sp = sub.add_parser("import", help="convert the authors' released ckp.pth / cgn.pth into cgn_dist weights")
     sp.add_argument("src")
     sp.add_argument("dst")

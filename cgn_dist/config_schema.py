@@ -211,14 +211,14 @@ class InvariantConfig:
 class EvalConfig:
     """ImageNet evaluations: what to evaluate and on which data."""
     model: str = ""  # our classifier (run dir, checkpoint dir or state-dict file), or torchvision:<arch> (e.g. torchvision:resnet50)
-    weights: str = "auto"  # weights of a torchvision:<arch> model ("imagenet", "auto", "random" or a file)
+    weights: str = "imagenet"  # weights of a torchvision:<arch> model: "imagenet" (hub cache or download; the eval stops when neither works; "auto" = the same), "random" (on purpose: tables say so, no paper figures) or a file
     cue_conflict: str = ""  # cue-conflict stimuli folder (<class>/<shape><n>-<texture><m>.png)
     decisions_csv: str = ""  # published per-image 16-class decisions (Geirhos raw-data CSV) to score
     in9: str = ""  # IN-9 root: <variant>/val/<class>/ for original, mixed_same, mixed_rand, ...
     val_shards: str = ""  # ImageNet val shards (top-1/5 of every output)
     cf_val_shards: str = ""  # counterfactual val shards (top-1/5 of each head vs its own class)
     samples: str = ""  # generation run folder (shards) for Inception Score and mu_mask
-    inception_weights: str = "auto"  # Inception v3: "imagenet", "auto", "random" or a file
+    inception_weights: str = "imagenet"  # Inception v3: "imagenet" (the eval stops when unavailable; "auto" = the same), "random" (on purpose, no paper figures) or a file
     is_splits: int = 10  # Inception Score splits (standard: 10)
     is_samples: int = 0  # samples used for IS (0 = all in eval.samples)
     batch_size: int = 32  # evaluation batch per rank
@@ -226,7 +226,8 @@ class EvalConfig:
     image_size: int = 224  # centre crop for val / cue-conflict images (IN-9 stays at 224)
     limit: int = 0  # shard evaluations: at most this many images per rank (0 = all; smoke runs)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward autocast; auto = bf16 on AMX CPUs / CUDA, else fp32
-    out: str = ""  # output folder; "" = <out_dir>/<name>/eval
+    out: str = ""  # output folder; "" = a new <out_dir>/eval/<model or data>-<kind>[-N] (never overwritten)
+    overwrite: bool = False  # let eval.out replace a previous result there (default: refused)
 
 
 @dataclass

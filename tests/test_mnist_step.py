@@ -186,9 +186,17 @@ def test_counterfactual_sheet_layout(shared_ref):
     from cgn_dist.train.mnist_sheets import counterfactual_sheet
 
     gen = load_original_mnist_checkpoint(shared_ref / "original_mnist_checkpoints" / "cgn_colored_MNIST.pth")
-    sheet = counterfactual_sheet(gen, 10, "cpu")
+    labelled = counterfactual_sheet(gen, 10, "cpu")
+    sheet = counterfactual_sheet(gen, 10, "cpu", labels=False)
     tile = 64 + 2
     assert sheet.shape == (3, 2 + 10 * tile, 2 + 11 * tile)
+    # the labelled sheet is the same grid with a header (mask, tex+bg 0..9) and a margin (shape 0..9)
+    top, left = labelled.shape[1] - sheet.shape[1], labelled.shape[2] - sheet.shape[2]
+    assert top > 8 and left > 30
+    torch.testing.assert_close(labelled[:, top:, left:], sheet, atol=0.5 / 255 + 1e-6, rtol=0)
+    ink = lambda region: int((region < 0.5).any(dim=0).sum())  # noqa: E731 - black text on white
+    assert all(ink(labelled[:, :top, left + 2 + c * tile: left + 2 + c * tile + 64]) > 0 for c in range(11))
+    assert all(ink(labelled[:, top + 2 + r * tile: top + 2 + r * tile + 64, :left]) > 0 for r in range(10))
     mask_col = sheet[:, 2:2 + 64, 2:2 + 64]
     assert 0.05 < mask_col.mean() < 0.5  # a trained mask: a digit, not a blob over everything
     # row 0: the same shape under ten different textures/backgrounds, so the tiles differ

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from PIL import Image
 
+from cgn_dist.classifier.eval_out import RANDOM_NOTE
 from cgn_dist.classifier.evaluation import forward_outputs, gather_rows, sum_counts
 from cgn_dist.data.shards import iter_tar_samples
 
@@ -21,6 +22,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CF_LABELS = {"shape": "shape_cls", "texture": "texture_cls", "bg": "bg_cls"}
 PAPER = {"imagenet_val": {"top1": 74.0, "top5": 91.7}}  # IN + CGN, avg output [paper, via MLRC-2021]
 BASELINE = {"ResNet-50 (IN)": {"top1": 76.13, "top5": 92.86}}
+BY_ARCH = {"resnet50": BASELINE["ResNet-50 (IN)"]}  # torchvision's IMAGENET1K_V1, what eval.weights=imagenet loads
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
@@ -103,20 +105,27 @@ def evaluate_topk(model: torch.nn.Module, source, kind: str = "real", batch_size
     return {"kind": kind, "per_output": result, "shards": len(shards.urls), "images_listed": shards.n_samples}
 
 
-def accuracy_table(real: dict[str, Any] | None, cf: dict[str, Any] | None) -> dict[str, Any]:
+def accuracy_table(real: dict[str, Any] | None, cf: dict[str, Any] | None, arch: str = "",
+                   random: bool = False) -> dict[str, Any]:
+    """paper_* beside a measured row only for the model it was published for: the IN + CGN avg output, or a
+    torchvision network's logits with its ImageNet weights (arch); nothing for random weights."""
     rows = []
     for name, res in (("ImageNet val", real), ("counterfactual val", cf)):
         if not res:
             continue
         for h, r in res["per_output"].items():
-            paper = PAPER["imagenet_val"] if (name == "ImageNet val" and h == "avg") else {}
-            rows.append({"set": name, "output": h, "top1": _r(r["top1"]), "top5": _r(r.get("top5")),
-                         "paper_top1": paper.get("top1"), "paper_top5": paper.get("top5"), "images": r["images"]})
-    for name, v in BASELINE.items():
+            paper = {}
+            if name == "ImageNet val" and not random:
+                paper = PAPER["imagenet_val"] if h == "avg" else (BY_ARCH.get(arch, {}) if h == "logits" else {})
+            rows.append({"set": name, "output": h + (" (random weights)" if random else ""), "top1": _r(r["top1"]),
+                         "top5": _r(r.get("top5")), "paper_top1": paper.get("top1"), "paper_top5": paper.get("top5"),
+                         "images": r["images"]})
+    for name, v in ({} if random else BASELINE).items():
         rows.append({"set": "ImageNet val", "output": name, "paper_top1": v["top1"], "paper_top5": v["top5"]})
     return {"columns": ["set", "output", "top1", "top5", "paper_top1", "paper_top5", "images"], "rows": rows,
-            "notes": ["paper: IN + CGN avg output 74.0 / 91.7 [paper, via MLRC-2021]; counterfactual val: each head "
-                      "against its own class"]}
+            "notes": [RANDOM_NOTE] if random else
+            ["paper: IN + CGN avg output 74.0 / 91.7 [paper, via MLRC-2021]; torchvision ResNet-50 V1 76.13 / "
+             "92.86; counterfactual val: each head against its own class"]}
 
 
 def _r(v):

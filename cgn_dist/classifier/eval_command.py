@@ -1,22 +1,27 @@
 """``cgn-dist eval <what> CONFIG``: load the model named by eval.model, run the evaluations, write tables.
 
 what = shape-bias | in9 | accuracy | inception | all. Each evaluation whose data is configured writes
-``<name>.{json,csv,txt,png}`` into eval.out (default <out_dir>/<name>/eval) with the paper's numbers beside
-ours. Under torchrun / the deepspeed launcher every rank evaluates its part and counts are summed.
+``<name>.{json,csv,txt,png}`` with the published figure of the model evaluated beside ours, and every figure
+into metrics.json and onto stdout. The folder is eval.out, or one of its own under <out_dir>/eval/ (see
+eval_out: never overwritten). Pretrained weights that cannot be loaded stop the evaluation; random weights
+only when asked for (eval.weights=random), and then no paper figure stands beside them. Under torchrun / the deepspeed launcher every rank evaluates its part and counts are summed.
 Training calls ``evaluate_classifier`` the same way before the first epoch and after each epoch.
 """
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cgn_dist.classifier import report
+from cgn_dist.classifier.eval_out import RESULT, choose_out, eval_weights, is_random
 from cgn_dist.config import Config
 from cgn_dist.precision import resolve_precision
+from cgn_dist.weights import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +67,12 @@ def load_eval_model(cfg: Config) -> torch.nn.Module:
         raise ValueError("eval.model is empty: name our classifier (run dir, checkpoint or file) or "
                          "torchvision:<arch>, e.g. eval.model=torchvision:resnet50")
     if spec.startswith("torchvision:"):
-        return TorchvisionClassifier(spec.split(":", 1)[1], cfg.eval.weights, cfg.seed)
+        arch = spec.split(":", 1)[1]
+        try:
+            return TorchvisionClassifier(arch, eval_weights(cfg.eval.weights), cfg.seed)
+        except WeightsError as err:
+            raise WeightsError(f"eval.weights={cfg.eval.weights}: {str(err).rstrip('.')}; random weights only on "
+                               "purpose: eval.weights=random (no paper figure then)") from None
     path = resolve_model_path(spec)
     ic = cfg.invariant
     backbone, n_classes = ic.backbone, ic.n_classes
@@ -85,13 +95,22 @@ def evaluate_classifier(model: torch.nn.Module, cfg: Config, what: str = "all", 
     metrics: dict[str, float] = {}
     kw = dict(device=device, precision=resolve_precision(e.precision, device, "eval.precision"))
     suffix = f"_{tag}" if tag else ""
-    model_label = ("no model" if isinstance(model, torch.nn.Identity)
-                   else getattr(model, "weights_source", type(model).__name__))
+    random = is_random(model)
+    arch = cfg.eval.model.split(":", 1)[1] if cfg.eval.model.startswith("torchvision:") else ""
+    source = getattr(model, "weights_source", "")
+    # The published figure of a torchvision network belongs to its ImageNet weights only.
+    paper_arch = arch if source == "imagenet" else ""
+    model_label = (Path(e.decisions_csv or e.samples or "no model").name if isinstance(model, torch.nn.Identity)
+                   else (f"{cfg.eval.model}, random weights" if random else
+                         (f"{cfg.eval.model}, {source}" if arch else source or type(model).__name__)))
 
-    def write(name: str, table: dict, details: dict) -> None:
+    def write(name: str, table: dict, details: dict, label: str = "") -> None:
         if is_main:
-            paths = report.save_table(out, name + suffix, f"{name.replace('_', ' ')} ({model_label})",
-                                      table["columns"], table["rows"], table["notes"], details)
+            # Stamped with what was run, so a smoke evaluation (tiny crops, a few images) cannot pass for a result.
+            stamp = (f"settings: {label or model_label}; image size {e.image_size}, precision {kw['precision']}, "
+                     f"images per rank {e.limit or 'all'}")
+            paths = report.save_table(out, name + suffix, f"{name.replace('_', ' ')} ({label or model_label})",
+                                      table["columns"], table["rows"], [*table["notes"], stamp], details)
             log.info("wrote %s", paths["txt"])
 
     if "shape-bias" in want and (e.cue_conflict or e.decisions_csv):
@@ -104,7 +123,9 @@ def evaluate_classifier(model: torch.nn.Module, cfg: Config, what: str = "all", 
         for h, r in res["per_output"].items():
             if r["shape_bias"] is not None:
                 metrics[f"shape_bias/{h}"] = 100 * r["shape_bias"]
-        write("shape_bias", shape_bias_table(res, csv_res),
+        if csv_res is not None and csv_res["shape_bias"] is not None:
+            metrics["shape_bias/decisions_csv"] = 100 * csv_res["shape_bias"]
+        write("shape_bias", shape_bias_table(res, csv_res, arch=paper_arch, random=random),
               {"result": {k: v for k, v in res.items() if k != "decisions"}, "decisions_csv": csv_res})
         if is_main and res.get("decisions"):
             (out / f"shape_bias_decisions{suffix}.csv").write_text(
@@ -119,7 +140,7 @@ def evaluate_classifier(model: torch.nn.Module, cfg: Config, what: str = "all", 
                     metrics[f"in9/{v}/{h}"] = a["accuracy"]
         if res["bg_gap"] is not None:
             metrics["in9/bg_gap"] = res["bg_gap"]
-        write("in9", in9_table(res), res)
+        write("in9", in9_table(res, random=random), res)
     if "accuracy" in want and (e.val_shards or e.cf_val_shards):
         from cgn_dist.classifier.eval_accuracy import accuracy_table, evaluate_topk
 
@@ -132,17 +153,24 @@ def evaluate_classifier(model: torch.nn.Module, cfg: Config, what: str = "all", 
                 for k in ("top1", "top5"):
                     if r.get(k) is not None:
                         metrics[f"{name}/{h}/{k}"] = r[k]
-        write("accuracy", accuracy_table(real, cf), {"real": real, "counterfactual": cf})
+        write("accuracy", accuracy_table(real, cf, arch=paper_arch, random=random),
+              {"real": real, "counterfactual": cf})
     if "inception" in want and e.samples:
         from cgn_dist.classifier.inception_score import InceptionProbs, build_inception, evaluate_samples, is_table
 
-        net = InceptionProbs(build_inception(e.inception_weights, cfg.seed))
+        try:
+            net = InceptionProbs(build_inception(eval_weights(e.inception_weights), cfg.seed))
+        except WeightsError as err:
+            raise WeightsError(f"eval.inception_weights={e.inception_weights}: {str(err).rstrip('.')}; random "
+                               "weights only on purpose: eval.inception_weights=random (no paper figure then)") from None
         res = evaluate_samples(net, e.samples, e.is_splits, e.is_samples, e.batch_size, device)
         if res["inception_score"] is not None:
             metrics["is/score"] = res["inception_score"]
         if res["mask_mean"] is not None:
             metrics["is/mask_mean"] = res["mask_mean"]
-        write("inception_score", is_table(res), res)
+        rand_is = is_random(net.net)
+        write("inception_score", is_table(res, random=rand_is), res,
+              f"{Path(e.samples).name}, Inception v3 {'random weights' if rand_is else net.net.weights_source}")
     return metrics
 
 
@@ -165,18 +193,25 @@ def run_eval(cfg: Config, what: str) -> dict[str, Any]:
     env = read_env("auto")
     owns = init_process_group(env)
     setup_logging(None, env.is_main)
+    out, derived = choose_out(cfg, what)  # every rank: the same answer, before anything is written
+    existed = out.exists()
     try:
         model = None if (what == "inception" or (what == "shape-bias" and not e.cue_conflict)) else \
             load_eval_model(cfg).to(env.device)
-        out = Path(e.out) if e.out else cfg.run_dir / "eval"
         metrics = evaluate_classifier(model if model is not None else torch.nn.Identity(), cfg, what, env.device,
                                       out, env.is_main)
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / (RESULT + ".tmp")  # metrics.json last and whole: its presence marks a complete result
+            tmp.write_text(json.dumps(metrics, indent=1) + "\n")
+            tmp.replace(out / RESULT)
+    except BaseException:
+        if env.is_main and derived and not existed and out.exists():  # no half result under a name of its own
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         if owns:
             destroy_process_group()
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return {"out": str(out), "metrics": metrics}
 
 

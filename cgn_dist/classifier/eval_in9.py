@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from cgn_dist.classifier.eval_out import RANDOM_NOTE
 from cgn_dist.classifier.evaluation import gather_rows, image_batches, rank_part, run_model, sum_counts
 
 IN9_MEAN = (0.4717, 0.4499, 0.3837)
@@ -122,25 +123,26 @@ def _order(h: str):
     return (order.index(h) if h in order else len(order), h)
 
 
-def in9_table(result: dict[str, Any]) -> dict[str, Any]:
+def in9_table(result: dict[str, Any], random: bool = False) -> dict[str, Any]:
+    """Our rows, then the published rows (each under its own model's name); none for random weights."""
     variants = result["variants"]
     columns = ["model", "output", *variants, "bg_gap"]
     rows = []
     heads = sorted({h for v in variants for h in result["accuracy"][v]}, key=_order)
     for h in heads:
-        row = {"model": "ours", "output": h}
+        row = {"model": "ours, random weights" if random else "ours", "output": h}
         for v in variants:
             a = result["accuracy"][v][h]["accuracy"]
             row[v] = None if a is None else round(a, 2)
         row["bg_gap"] = round(result["bg_gap"], 2) if (h == result["bg_gap_output"] and result["bg_gap"]
                                                       is not None) else None
         rows.append(row)
-    for name, p in PAPER.items():
+    for name, p in ({} if random else PAPER).items():
         rows.append({"model": name, "output": "shape_texture" if "CGN" in name else "-",
                      **{v: p.get(v) for v in variants}, "bg_gap": p["bg_gap"]})
     n = {v: result["accuracy"][v][heads[0]]["images"] if heads else 0 for v in variants}
     return {"columns": columns, "rows": rows,
-            "notes": [f"images per variant: {n}", "BG-gap = mixed_same - mixed_rand of shape_texture "
+            "notes": [*([RANDOM_NOTE] if random else []), f"images per variant: {n}", "BG-gap = mixed_same - mixed_rand of shape_texture "
                       "(logits for a plain classifier); paper values [paper, via MLRC-2021]"]}
 
 

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from cgn_dist.classifier.eval_out import RANDOM_NOTE
 from cgn_dist.classifier.evaluation import (gather_rows, image_batches, imagenet_eval_transform, rank_part,
                                             run_model, sum_counts)
 
@@ -29,6 +30,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 PAPER_HEADS = {"shape": 54.8, "texture": 16.7, "bg": 22.9}  # IN + CGN, per head
 BASELINES = {"ResNet-50 (IN), Geirhos release": 21.39, "ResNet-50 (IN), texture-vs-shape paper": 22.1,
              "SIN": 81.37, "IN+SIN": 34.65, "IN+SIN->IN": 20.54}
+# The published figure of one network, shown beside that network's row only: torchvision architectures
+# (with their ImageNet weights) and the `subj` of Geirhos' decision files. ResNet-50: 22.1 (texture-vs-shape
+# paper; its released decisions score 22.07). Others are left empty until a verified figure is known.
+PUBLISHED_BY_MODEL = {"resnet50": 22.1}
 
 
 def load_category_indices() -> dict[str, list[int]]:
@@ -73,11 +78,12 @@ def summarize(c: dict[str, int]) -> dict[str, Any]:
 
 def shape_bias_from_decisions_csv(path: str | Path, subject: str | None = None) -> dict[str, Any]:
     """Shape bias of published per-image 16-class decisions (Geirhos raw-data CSV format)."""
-    triples = []
+    triples, subjects = [], set()
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             if subject and row.get("subj") != subject:
                 continue
+            subjects.add(row.get("subj") or "")
             shape, texture = parse_stimulus(row["imagename"])
             if row.get("category") and row["category"] != shape:
                 raise ValueError(f"{path}: row {row['imagename']} has category {row['category']} but its name "
@@ -85,7 +91,7 @@ def shape_bias_from_decisions_csv(path: str | Path, subject: str | None = None) 
             triples.append((shape, texture, row["object_response"]))
     if not triples:
         raise ValueError(f"{path}: no decisions" + (f" for subject {subject!r}" if subject else ""))
-    return summarize(shape_bias_counts(triples))
+    return {**summarize(shape_bias_counts(triples)), "subjects": sorted(subjects), "csv": Path(path).name}
 
 
 def list_stimuli(root: str | Path) -> list[Path]:
@@ -138,28 +144,45 @@ def _output_names(model: torch.nn.Module, rows: list) -> list[str]:
     return sorted(set(seen), key=lambda h: (order.index(h) if h in order else len(order), h))
 
 
-def shape_bias_table(result: dict[str, Any], csv_result: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Rows for report.save_table: ours per output beside the paper's per-head values and baselines."""
+def _csv_subject(csv_result: dict[str, Any]) -> str:
+    subjects = [s for s in csv_result.get("subjects", []) if s]
+    return subjects[0] if len(subjects) == 1 else ""
+
+
+def shape_bias_table(result: dict[str, Any], csv_result: dict[str, Any] | None = None, arch: str = "",
+                     random: bool = False) -> dict[str, Any]:
+    """Rows for report.save_table. paper_% stands only beside the model it was published for: the IN + CGN
+    heads of an invariant classifier, ``PUBLISHED_BY_MODEL[arch]`` beside a torchvision network's logits
+    (arch given only for its ImageNet weights), the CSV subject's figure beside its decisions; none at all
+    for random weights."""
     rows = []
+    ours = "ours, random weights" if random else "ours"
     for h, r in result.get("per_output", {}).items():
-        rows.append({"model": "ours", "output": h, "shape_bias_%": None if r["shape_bias"] is None
-                     else round(100 * r["shape_bias"], 2), "paper_%": PAPER_HEADS.get(h),
+        paper = PUBLISHED_BY_MODEL.get(arch) if h == "logits" else PAPER_HEADS.get(h)
+        rows.append({"model": ours, "output": h, "shape_bias_%": None if r["shape_bias"] is None
+                     else round(100 * r["shape_bias"], 2), "paper_%": None if random else paper,
                      "shape_hits": r["shape_hits"], "texture_hits": r["texture_hits"], "images": r["n"]})
     if csv_result is not None:
-        rows.append({"model": "published decisions (CSV)", "output": "-",
-                     "shape_bias_%": round(100 * csv_result["shape_bias"], 2),
-                     "paper_%": BASELINES["ResNet-50 (IN), texture-vs-shape paper"],
+        subject = _csv_subject(csv_result)
+        rows.append({"model": f"published decisions: {subject or 'several subjects'} ({csv_result.get('csv', 'CSV')})",
+                     "output": "-", "shape_bias_%": round(100 * csv_result["shape_bias"], 2),
+                     "paper_%": None if random else PUBLISHED_BY_MODEL.get(subject),
                      "shape_hits": csv_result["shape_hits"], "texture_hits": csv_result["texture_hits"],
                      "images": csv_result["n"]})
+    notes = ["16-class decision = argmax of the mean softmax probability per category; shape == texture "
+             "stimuli excluded"]
+    if random:
+        return {"columns": ["model", "output", "shape_bias_%", "paper_%", "shape_hits", "texture_hits", "images"],
+                "rows": rows, "notes": [RANDOM_NOTE, *notes]}
     for h, v in PAPER_HEADS.items():
         rows.append({"model": "IN + CGN (paper)", "output": h, "shape_bias_%": None, "paper_%": v})
     for name, v in BASELINES.items():
         rows.append({"model": name, "output": "-", "shape_bias_%": None, "paper_%": v})
     return {"columns": ["model", "output", "shape_bias_%", "paper_%", "shape_hits", "texture_hits", "images"],
             "rows": rows,
-            "notes": ["paper (IN + CGN): 54.8 shape / 16.7 texture / 22.9 bg head [paper, via MLRC-2021]",
-                      "16-class decision = argmax of the mean softmax probability per category; shape == texture "
-                      "stimuli excluded"]}
+            "notes": ["paper_% beside a measured row: the figure published for that same model (IN + CGN heads "
+                      "[paper, via MLRC-2021]; torchvision ResNet-50: 22.1, texture-vs-shape); empty = none known",
+                      *notes]}
 
 
 __all__ = ["evaluate_shape_bias", "shape_bias_from_decisions_csv", "shape_bias_counts", "summarize",

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cgn_dist.classifier.eval_accuracy import decode_image
+from cgn_dist.classifier.eval_out import RANDOM_NOTE
 from cgn_dist.classifier.evaluation import IMAGENET_MEAN, IMAGENET_STD, gather_rows, rank_part
 from cgn_dist.data.shards import iter_tar_samples
 
@@ -115,12 +116,16 @@ def evaluate_samples(classifier: torch.nn.Module, source, splits: int = 10, max_
             "classifier": getattr(getattr(classifier, "net", classifier), "weights_source", "unknown")}
 
 
-def is_table(result: dict[str, Any]) -> dict[str, Any]:
-    rows = [{"model": "ours", "IS": _r(result["inception_score"]), "IS_std": _r(result["inception_score_std"]),
-             "mu_mask": _r(result["mask_mean"], 3), "samples": result["samples"]}]
-    rows += [{"model": f"paper: {k}", "IS": v[0], "mu_mask": v[1]} for k, v in PAPER.items()]
+def is_table(result: dict[str, Any], random: bool = False) -> dict[str, Any]:
+    """Ours, then the paper's rows; with a random Inception v3 (asked for) the score means nothing: no paper rows."""
+    rows = [{"model": "ours, random Inception weights" if random else "ours", "IS": _r(result["inception_score"]),
+             "IS_std": _r(result["inception_score_std"]), "mu_mask": _r(result["mask_mean"], 3),
+             "samples": result["samples"]}]
+    if not random:
+        rows += [{"model": f"paper: {k}", "IS": v[0], "mu_mask": v[1]} for k, v in PAPER.items()]
     return {"columns": ["model", "IS", "IS_std", "mu_mask", "samples"], "rows": rows,
-            "notes": [f"Inception v3 weights: {result['classifier']}; {result['splits']} splits",
+            "notes": [*([RANDOM_NOTE] if random else []),
+                      f"Inception v3 weights: {result['classifier']}; {result['splits']} splits",
                       "the paper states no IS sample count or truncation"]}
 
 

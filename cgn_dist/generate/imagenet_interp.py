@@ -59,8 +59,16 @@ def interpolate(sampler: "ImagenetCounterfactualSampler", start: Sequence[int], 
 
 # --- interpolation output ----------------------------------------------------------------------------------
 
-def interpolation_sheet(frames: Mapping[str, np.ndarray], pad: int = 2) -> np.ndarray:
-    """One uint8 image: rows mask | foreground | background | composite, one column per step."""
+SHEET_ROWS = ("mask", "foreground", "background", "composite")
+ROW_LABELS = ("mask", "fg", "bg", "composite")
+
+
+def interpolation_sheet(frames: Mapping[str, Any], pad: int = 2, labels: bool = True) -> np.ndarray:
+    """One uint8 image: rows mask | foreground | background | composite, one column per step.
+
+    With ``labels`` (and the result's start / target / alphas) a caption says which mechanism moves from
+    which classes to which, each column is titled with its step (start, the interpolation weight, target)
+    and each row with what it shows, so the picture reads on its own."""
     rows = [np.repeat(frames["mask"][..., None], 3, axis=-1), frames["fg"], frames["bg"], frames["composite"]]
     steps, h, w, _ = frames["composite"].shape
     sheet = np.full((len(rows) * (h + pad) + pad, steps * (w + pad) + pad, 3), 255, dtype=np.uint8)
@@ -68,7 +76,45 @@ def interpolation_sheet(frames: Mapping[str, np.ndarray], pad: int = 2) -> np.nd
         for c in range(steps):
             y, x = pad + r * (h + pad), pad + c * (w + pad)
             sheet[y:y + h, x:x + w] = row[c]
-    return sheet
+    if not labels or "alphas" not in frames:
+        return sheet
+    return _label(sheet, frames, h, w, pad)
+
+
+def _short(c: int) -> str:
+    return f"{class_name(c).split(',')[0].strip()} ({c})"
+
+
+def _label(sheet: np.ndarray, frames: Mapping[str, Any], h: int, w: int, pad: int) -> np.ndarray:
+    """Caption, step titles and row labels drawn around the grid (black on white, PIL's default font)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def size(text: str) -> tuple[int, int]:
+        x0, y0, x1, y1 = probe.textbbox((0, 0), text, font=font)
+        return x1 - x0, y1 - y0
+
+    start, target, mech = frames["start"], frames["target"], frames["mechanism"]
+    moving = {"all": "shape, texture and background", "shape": "shape", "text": "texture", "bg": "background"}[mech]
+    caption = (f"{moving} from [{', '.join(_short(c) for c in start)}] (shape, texture, bg) to {_short(target)}")
+    alphas = frames["alphas"]
+    titles = ["start"] + [f"{a:.2f}" for a in alphas[1:-1]] + ["target"] if len(alphas) > 1 else ["start"]
+    line = max(size(t)[1] for t in [caption, *titles, *ROW_LABELS]) + 4
+    top, left = 2 * line + 2, max(size(t)[0] for t in ROW_LABELS) + 8
+    gh, gw = sheet.shape[:2]
+    canvas = Image.new("RGB", (max(gw + left, size(caption)[0] + 8), gh + top), "white")
+    canvas.paste(Image.fromarray(sheet), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 2), caption, fill="black", font=font)
+    for j, text in enumerate(titles):
+        tw, _ = size(text)
+        draw.text((left + pad + j * (w + pad) + (w - tw) // 2, line + 2), text, fill="black", font=font)
+    for i, text in enumerate(ROW_LABELS):
+        tw, th = size(text)
+        draw.text((left - tw - 4, top + pad + i * (h + pad) + (h - th) // 2), text, fill="black", font=font)
+    return np.asarray(canvas).copy()
 
 
 def write_interpolation(out_dir: str | os.PathLike, result: Mapping[str, Any], image_format: str = "png",
@@ -91,7 +137,8 @@ def write_interpolation(out_dir: str | os.PathLike, result: Mapping[str, Any], i
             frames.append(name)
         doc = {k: result[k] for k in ("start", "target", "mechanism", "steps", "alphas")}
         doc.update(start_names=[class_name(c) for c in result["start"]], target_name=class_name(result["target"]),
-                   frames=frames, sheet="sheet.png", sheet_rows=["mask", "foreground", "background", "composite"])
+                   frames=frames, sheet="sheet.png", sheet_rows=list(SHEET_ROWS),
+                   sheet_columns=["start", *(f"{a:.2f}" for a in result["alphas"][1:-1]), "target"])
         doc.update(meta or {})
         write_json_atomic(tmp / "interpolation.json", doc)
         old = None

@@ -3,7 +3,7 @@
 One rule for every torchvision network cgn_dist loads (ResNet-50 of the invariant classifier,
 Inception v3 of the Inception Score, any baseline classifier):
   "imagenet": the enum's default weights from the torch hub cache, else downloaded (short socket timeout);
-              an error when neither works.
+              a WeightsError when neither works (evaluations only accept this, never a random fallback).
   "auto":     "imagenet" when it works, otherwise random init with ONE warning in the log.
   "random":   the architecture's own init (seeded by the caller).
   a path:     a state dict file (a bare state dict, or a dict holding one under "state_dict"/"model"/"module"),
@@ -60,7 +60,9 @@ def resolve_weights(spec: str, weights_enum, what: str) -> tuple[dict | None, st
             return _imagenet_state(weights_enum), "imagenet"
         except Exception as err:  # noqa: BLE001 - any failure means "not available here"
             if spec == "imagenet":
-                raise RuntimeError(
+                from cgn_dist.weights import WeightsError  # one line through the CLI, exit 2
+
+                raise WeightsError(
                     f"{what}: ImageNet weights unavailable: not in the torch hub cache ({_hub_file(weights_enum)}) "
                     f"and the download failed ({err}). Put the file there, give a local path, or use 'random'."
                 ) from err
