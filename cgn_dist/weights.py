@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cgn_dist.data.shards import sha256_file
+from cgn_dist.errors import UserError
 
 CACHE_ENV = "CGN_DIST_CACHE"
 DOWNLOAD_TIMEOUT_S = 30
 
 
-class WeightsError(OSError):
+class WeightsError(UserError, OSError):
     """A weight file is missing, cannot be downloaded, or is not the expected file."""
 
 

@@ -20,6 +20,7 @@ import torch
 
 from cgn_dist.classifier.evaluation import (gather_rows, image_batches, imagenet_eval_transform, rank_part,
                                             run_model, sum_counts)
+from cgn_dist.errors import InputError, InputNotFound
 
 # "airplane1-bicycle2.png", also with a prefix ("0001_s5n_dnn_0_airplane_00_airplane1-bicycle2.png")
 STIMULUS = re.compile(r"(?:^|_)([a-z]+)\d+-([a-z]+)\d+\.(?:png|jpe?g)$", re.IGNORECASE)
@@ -42,7 +43,7 @@ def parse_stimulus(name: str) -> tuple[str, str]:
     """(shape, texture) categories from a cue-conflict file name."""
     m = STIMULUS.search(Path(name).name)
     if not m:
-        raise ValueError(f"{name!r} is not a cue-conflict stimulus name (<shape><n>-<texture><m>.png)")
+        raise InputError(f"{name!r} is not a cue-conflict stimulus name (<shape><n>-<texture><m>.png)")
     return m.group(1).lower(), m.group(2).lower()
 
 
@@ -80,21 +81,21 @@ def shape_bias_from_decisions_csv(path: str | Path, subject: str | None = None) 
                 continue
             shape, texture = parse_stimulus(row["imagename"])
             if row.get("category") and row["category"] != shape:
-                raise ValueError(f"{path}: row {row['imagename']} has category {row['category']} but its name "
+                raise InputError(f"{path}: row {row['imagename']} has category {row['category']} but its name "
                                  f"says shape {shape}")
             triples.append((shape, texture, row["object_response"]))
     if not triples:
-        raise ValueError(f"{path}: no decisions" + (f" for subject {subject!r}" if subject else ""))
+        raise InputError(f"{path}: no decisions" + (f" for subject {subject!r}" if subject else ""))
     return summarize(shape_bias_counts(triples))
 
 
 def list_stimuli(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"eval.cue_conflict: {root} is not a folder of cue-conflict stimuli")
+        raise InputNotFound(f"eval.cue_conflict: {root} is not a folder of cue-conflict stimuli")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and STIMULUS.search(p.name))
     if not files:
-        raise FileNotFoundError(f"eval.cue_conflict: no <shape><n>-<texture><m>.png stimuli under {root}")
+        raise InputNotFound(f"eval.cue_conflict: no <shape><n>-<texture><m>.png stimuli under {root}")
     return files
 
 

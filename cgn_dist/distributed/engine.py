@@ -16,6 +16,7 @@ from torch import nn
 
 from cgn_dist.config import TrainConfig
 from cgn_dist.distributed.env import DistEnv
+from cgn_dist.errors import InputNotFound
 
 
 class TorchEngine:
@@ -171,7 +172,7 @@ class DeepSpeedEngine:
     def load(self, directory: Path, name: str) -> None:
         path, _ = self.engine.load_checkpoint(str(directory), tag=name)
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint {name!r} under {directory}")
+            raise InputNotFound(f"no DeepSpeed checkpoint {name!r} under {directory}")
 
 
 def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, env: DistEnv,
