@@ -221,13 +221,15 @@ def main(argv: list[str] | None = None) -> int:
 
     p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
-    def add(name: str, help: str, epilog: str | None = CONFIG_EPILOG):
-        sp = sub.add_parser(name, help=help, description=help, epilog=epilog)
+    def add(name: str, help: str, epilog: str | None = CONFIG_EPILOG, usage: str | None = None):
+        sp = sub.add_parser(name, help=help, description=help, epilog=epilog, usage=usage)
         sp.add_argument("--debug", action="store_true", help=DEBUG_HELP)
         return sp
 
     def with_config(name: str, fn, help: str, config_required: bool = True):
-        sp = add(name, help)
+        extra = " [--doc]" if name == "config" else ""
+        sp = add(name, help, usage=f"cgn-dist {name} [-h] [--debug]{extra} {'CONFIG' if config_required else '[CONFIG]'} "
+                 "[key=value ...]")
         # nargs="?" even when required: argparse would name `overrides` as missing too; main() says it
         sp.add_argument("config", nargs="?", help="YAML config (overrides on the defaults), e.g. "
                         + EXAMPLE_CONFIG.get(name, "configs/main.yaml"))

@@ -62,7 +62,12 @@ def load_eval_model(cfg: Config) -> torch.nn.Module:
         raise InputError("eval.model is empty: name our classifier (run dir, checkpoint or file) or "
                          "torchvision:<arch>, e.g. eval.model=torchvision:resnet50")
     if spec.startswith("torchvision:"):
-        return TorchvisionClassifier(spec.split(":", 1)[1], cfg.eval.weights, cfg.seed)
+        from cgn_dist.weights import WeightsError
+
+        try:
+            return TorchvisionClassifier(spec.split(":", 1)[1], cfg.eval.weights, cfg.seed)
+        except WeightsError as e:  # say which key chose these weights
+            raise WeightsError(f"eval.weights={cfg.eval.weights}: {e}") from e
     path = resolve_model_path(spec)
     ic = cfg.invariant
     backbone, n_classes = ic.backbone, ic.n_classes
