@@ -109,16 +109,33 @@ def test_train_on_cuda_without_a_gpu(tmp_path, capsys):
 
 
 def test_imagenet_weights_offline_is_one_line_naming_the_key(tmp_path, monkeypatch, capsys):
-    from PIL import Image
-
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache; conftest: no network
-    stimuli = tmp_path / "cue" / "cat"
-    stimuli.mkdir(parents=True)
-    Image.new("RGB", (32, 32)).save(stimuli / "cat1-dog2.png")
+    cue = _stimuli(tmp_path / "cue", "cat1-dog2.png")
     _fails_in_one_line(["eval", "shape-bias", "eval.model=torchvision:resnet18", "eval.weights=imagenet",
-                        f"eval.cue_conflict={tmp_path / 'cue'}", f"out_dir={tmp_path}"], capsys,
+                        f"eval.cue_conflict={cue}", f"out_dir={tmp_path}"], capsys,
                        "eval.weights=imagenet: resnet18 weights: ImageNet weights unavailable",
                        "download failed", "use 'random'")
+
+
+def _stimuli(root, *names):
+    from PIL import Image
+
+    (root / "cat").mkdir(parents=True)
+    for name in names:
+        Image.new("RGB", (32, 32)).save(root / "cat" / name)
+    return root
+
+
+def test_a_text_file_as_eval_weights_and_a_non_image_among_the_stimuli(tmp_path, capsys):
+    cue = _stimuli(tmp_path / "cue", "cat1-dog2.png")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes about the run\n")
+    base = ["eval", "shape-bias", "eval.model=torchvision:resnet18", f"eval.cue_conflict={cue}", f"out_dir={tmp_path}"]
+    _fails_in_one_line([*base, f"eval.weights={notes}"], capsys, f"weights file {notes} is not a state dict",
+                       "it is a text file")
+    (cue / "cat" / "cat2-dog3.png").write_text("not a picture")  # e.g. a failed download kept its name
+    _fails_in_one_line([*base, "eval.weights=random"], capsys, f"{cue / 'cat' / 'cat2-dog3.png'} cannot be read as "
+                       "an image", "remove or replace it")
 
 
 # --------------------------------------------------------------------------- damaged shards

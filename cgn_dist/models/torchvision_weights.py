@@ -58,7 +58,12 @@ def read_state_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise InputNotFound(f"weights file {str(p)!r} does not exist")
-    state = torch.load(p, map_location="cpu", weights_only=True)
+    from cgn_dist.weights import TORCH_LOAD_ERRORS, unreadable_reason
+
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except TORCH_LOAD_ERRORS as e:  # a text file ends in "IndexError: pop from empty list" deep in torch
+        raise InputError(f"weights file {p} is not a state dict: {unreadable_reason(p, e)}") from e
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
