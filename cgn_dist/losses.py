@@ -193,7 +193,9 @@ class VGG16Features(nn.Module):
                 raise InputNotFound(f"VGG16 weights: {source!r} is neither 'imagenet', 'random', "
                                     "'auto' nor an existing state dict file")
             features = _build_vgg16_trunk()
-            state = _trunk_state(_features_state(torch.load(path, map_location="cpu", weights_only=True)))
+            from cgn_dist.weights import load_user_file
+
+            state = _trunk_state(_features_state(load_user_file(path, "VGG16 weights (mnist/imagenet.vgg_weights)")))
             missing = [k for k in features.state_dict() if k not in state]
             if missing:
                 raise InputError(f"VGG16 weights file {source} lacks {missing}")

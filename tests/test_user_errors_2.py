@@ -98,6 +98,17 @@ def test_a_web_page_as_the_mnist_init_checkpoint(tmp_path, capsys):
                        capsys, str(page), "it is a web page")
 
 
+@pytest.mark.parametrize("args, says", [
+    (["train", "configs/debug/mnist_tiny.yaml", "mnist.vgg_weights={notes}"], "VGG16 weights (mnist/imagenet.vgg_weights)"),
+    ([*TINY_GEN, "generate.mode=interpolation", "generate.interp_noise={notes}"], "generate.interp_noise"),
+])
+def test_a_text_file_for_other_file_keys(tmp_path, capsys, args, says):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes about the run\n")
+    _fails_in_one_line([a.format(notes=notes) for a in args] + [f"out_dir={tmp_path / 'out'}"], capsys,
+                       f"{says}: {notes} cannot be loaded: it is a text file")
+
+
 # --------------------------------------------------------------------------- the machine and the network
 
 
@@ -133,6 +144,8 @@ def test_a_text_file_as_eval_weights_and_a_non_image_among_the_stimuli(tmp_path,
     base = ["eval", "shape-bias", "eval.model=torchvision:resnet18", f"eval.cue_conflict={cue}", f"out_dir={tmp_path}"]
     _fails_in_one_line([*base, f"eval.weights={notes}"], capsys, f"weights file {notes} is not a state dict",
                        "it is a text file")
+    _fails_in_one_line(["eval", "shape-bias", f"eval.decisions_csv={tmp_path / 'nope.csv'}", f"out_dir={tmp_path}"],
+                       capsys, f"eval.decisions_csv: {tmp_path / 'nope.csv'} does not exist")
     (cue / "cat" / "cat2-dog3.png").write_text("not a picture")  # e.g. a failed download kept its name
     _fails_in_one_line([*base, "eval.weights=random"], capsys, f"{cue / 'cat' / 'cat2-dog3.png'} cannot be read as "
                        "an image", "remove or replace it")

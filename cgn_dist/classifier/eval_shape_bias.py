@@ -75,6 +75,9 @@ def summarize(c: dict[str, int]) -> dict[str, Any]:
 def shape_bias_from_decisions_csv(path: str | Path, subject: str | None = None) -> dict[str, Any]:
     """Shape bias of published per-image 16-class decisions (Geirhos raw-data CSV format)."""
     triples = []
+    if not Path(path).is_file():
+        raise InputNotFound(f"eval.decisions_csv: {path} does not exist (a Geirhos raw-data CSV of per-image "
+                            "decisions, e.g. from the model-vs-human release)")
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             if subject and row.get("subj") != subject:

@@ -113,7 +113,9 @@ def load_noise(path: str | os.PathLike) -> torch.Tensor:
     p = Path(path)
     if not p.is_file():
         raise InputNotFound(f"noise file {p} not found (generate.interp_noise)")
-    u = torch.load(p, map_location="cpu", weights_only=True)
+    from cgn_dist.weights import load_user_file
+
+    u = load_user_file(p, "generate.interp_noise")
     if not isinstance(u, torch.Tensor):
         raise InputError(f"{p} holds a {type(u).__name__}, not a noise tensor")
     return u.float().reshape(1, -1)
