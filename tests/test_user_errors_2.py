@@ -292,3 +292,18 @@ def test_config_doc_keeps_a_group_header_off_the_previous_key(capsys):
     assert interp.endswith('"" = from seed')  # its own doc, and nothing after it
     (spectral,) = [ln for ln in lines if ln.startswith("imagenet.spectral_norm_updates:")]
     assert "False keeps the pretrained estimates" in spectral  # a continued doc line still joins its key
+
+
+def test_debug_in_a_real_process_prints_the_traceback(repo_root):
+    import subprocess
+    import sys
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "-m", "cgn_dist.cli", "config", "configs/debug/mnist_tiny.yaml",
+                               "mnist.lr=-1", *extra], cwd=repo_root, capture_output=True, text=True, timeout=120)
+
+    says = "mnist.lr: got -1.0; a learning rate must be > 0 (e.g. the default 0.0002)"
+    plain, debug = run(), run("--debug")
+    assert plain.returncode == 2 and plain.stderr.strip() == f"config error: {says}", plain.stderr
+    assert debug.returncode == 1 and debug.stderr.startswith("Traceback (most recent call last):")
+    assert debug.stderr.strip().endswith(f"cgn_dist.config.ConfigError: {says}")
