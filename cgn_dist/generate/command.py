@@ -216,6 +216,7 @@ def _discard_unstarted(run_dir: Path) -> None:
 
 
 def _generate(cfg: Config, factory: Any, run_dir: Path, target: str, remote: bool) -> dict[str, Any]:
+    """The run itself: config.yaml, log.txt and tb/ in ``run_dir``, then the shards, manifest and index."""
     g = cfg.generate
     if remote:
         Store(target).check_writable()
