@@ -91,6 +91,18 @@ def test_a_truncated_checkpoint_says_it_is_truncated(tmp_path, capsys, args, key
     assert not list((tmp_path / "out").glob("*"))  # nothing left of either run
 
 
+def test_a_zip_of_photos_as_the_generate_checkpoint(tmp_path, capsys):
+    import zipfile
+
+    photos = tmp_path / "cgn.pth"  # a zip, as torch's own files are, but of something else
+    with zipfile.ZipFile(photos, "w") as z:
+        z.writestr("holiday/a.jpg", b"\xff\xd8\xff")
+    _fails_in_one_line([*TINY_GEN, f"generate.checkpoint={photos}", f"out_dir={tmp_path / 'out'}"], capsys,
+                       f"generate.checkpoint={photos} is not a CGN checkpoint: it is a zip archive of something else "
+                       "(holiday/a.jpg)")
+    assert not list((tmp_path / "out").glob("*"))
+
+
 def test_a_web_page_as_the_mnist_init_checkpoint(tmp_path, capsys):
     page = tmp_path / "ckp.pth"
     page.write_text("<!DOCTYPE html><html><head><title>Sign in</title></head></html>")
@@ -216,24 +228,31 @@ def test_bad_optimizer_values_name_their_key(tmp_path, capsys, override, says):
 # --------------------------------------------------------------------------- what a failed run leaves
 
 
-def test_a_generation_that_fails_before_its_first_shard_leaves_no_folder(tmp_path, capsys):
+MNIST_GEN = ["generate", "configs/generate/mnist_colored.yaml", "generate.n_samples=20", "generate.shard_size=10",
+             "generate.no_cfs=2", "train.progress=false"]
+
+
+def test_a_generation_that_fails_before_its_first_shard_leaves_no_folder(tmp_path, capsys, shared_ref):
+    # The MNIST generator is loaded in the workers, after the run folder has its lock, config, plan and log.
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
     out = tmp_path / "out"
-    _fails_in_one_line([*TINY_GEN, f"out_dir={out}", f"generate.checkpoint={notes}"], capsys, "it is a text file")
-    assert not (out / "gen_tiny").exists()  # no lock, config, plan, tb/ or log.txt left to look like a run
+    _fails_in_one_line([*MNIST_GEN, f"out_dir={out}", f"generate.checkpoint={notes}"], capsys, "it is a text file")
+    assert not (out / "cf_mnist_colored").exists()  # nothing left to look like a run
     # the corrected command starts afresh (not "a run made with other settings") and logs into a new log.txt
-    assert main([*TINY_GEN, f"out_dir={out}"]) == 0
-    assert (out / "gen_tiny" / "manifest.json").is_file() and (out / "gen_tiny" / "log.txt").stat().st_size > 0
+    released = shared_ref / "original_mnist_checkpoints" / "cgn_colored_MNIST.pth"
+    assert main([*MNIST_GEN, f"out_dir={out}", f"generate.checkpoint={released}"]) == 0
+    run = out / "cf_mnist_colored"
+    assert (run / "manifest.json").is_file() and (run / "log.txt").stat().st_size > 0
 
 
 def test_a_failed_generation_keeps_a_folder_it_did_not_make(tmp_path, capsys):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
-    run = tmp_path / "gen_tiny"
+    run = tmp_path / "cf_mnist_colored"
     run.mkdir()
     (run / "results.txt").write_text("someone's earlier results\n")
-    assert main([*TINY_GEN, f"out_dir={tmp_path}", f"generate.checkpoint={notes}"]) == 2
+    assert main([*MNIST_GEN, f"out_dir={tmp_path}", f"generate.checkpoint={notes}"]) == 2
     capsys.readouterr()
     assert (run / "results.txt").read_text() == "someone's earlier results\n"
 
