@@ -3,7 +3,9 @@
 Each subcommand loads the config (file + dotted overrides) and makes one call.
 Config fields are never mirrored as flags: overrides are the only way in.
 A mistake in the input or the environment (config, missing weights, offline, disk full) ends with one
-line on stderr and exit code 2; ``--debug`` (or CGN_DIST_DEBUG=1) shows the traceback instead.
+line on stderr and exit code 2; ``--debug`` (or CGN_DIST_DEBUG=1) shows the traceback instead. Only the
+project's own error types (cgn_dist.errors.UserError) and the machine's (disk full, read-only, no
+permission) read so: any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from cgn_dist.config import ConfigError, load_config
+from cgn_dist.errors import UserError, is_machine_error
 from cgn_dist.storage import is_remote
 
 
@@ -194,13 +197,6 @@ CONFIG_EPILOG = ("Every key, its value and its one-line doc: cgn-dist config --d
                  "Add --debug to see a traceback.")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean the input or the environment is wrong, not cgn_dist: one line, no traceback."""
-    from cgn_dist.generate.writer import GenerationError
-
-    return (FileNotFoundError, ValueError, OSError, GenerationError)
-
-
 def _console_logging() -> None:
     """cgn_dist's INFO lines on the console (rank 0 only; others warnings): what a run does, as it does it.
     Training and generation add their run's log.txt (train.metrics.setup_logging)."""
@@ -215,18 +211,39 @@ def _console_logging() -> None:
 
 
 def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
+    # Taken out before argparse reads the line, so --debug may stand anywhere, even among the overrides;
+    # the parsers declare it too, for their --help.
     return [a for a in argv if a != "--debug"], "--debug" in argv
+
+
+DEBUG_HELP = f"show the traceback of an error instead of its one line (or set {DEBUG_ENV}=1)"
+# What `cgn-dist CMD` without a config names as an example.
+EXAMPLE_CONFIG = {"train": "configs/main.yaml", "mnist-pipeline": "configs/main.yaml",
+                  "generate": "configs/generate/mnist_colored.yaml", "bench-train": "configs/debug/mnist_tiny.yaml",
+                  "imagenet-pipeline": "configs/imagenet/paper_single_gpu.yaml",
+                  "make-shards": "configs/shards/imagenet_train.yaml"}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cgn-dist", description=__doc__, epilog=CONFIG_EPILOG)
     sub = p.add_subparsers(dest="cmd", required=True)
 
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+
+    def add(name: str, help: str, epilog: str | None = CONFIG_EPILOG, usage: str | None = None):
+        sp = sub.add_parser(name, help=help, description=help, epilog=epilog, usage=usage)
+        sp.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+        return sp
+
     def with_config(name: str, fn, help: str, config_required: bool = True):
-        sp = sub.add_parser(name, help=help, description=help, epilog=CONFIG_EPILOG)
-        sp.add_argument("config", nargs=None if config_required else "?", help="YAML config (overrides on the defaults)")
+        extra = " [--doc]" if name == "config" else ""
+        sp = add(name, help, usage=f"cgn-dist {name} [-h] [--debug]{extra} {'CONFIG' if config_required else '[CONFIG]'} "
+                 "[key=value ...]")
+        # nargs="?" even when required: argparse would name `overrides` as missing too; main() says it
+        sp.add_argument("config", nargs="?", help="YAML config (overrides on the defaults), e.g. "
+                        + EXAMPLE_CONFIG.get(name, "configs/main.yaml"))
         sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=10")
-        sp.set_defaults(fn=fn)
+        sp.set_defaults(fn=fn, config_required=config_required)
         return sp
 
     with_config("train", cmd_train, "train a CGN (MNIST or ImageNet; Ray Train when distributed.num_workers>0)")
@@ -241,15 +258,16 @@ def main(argv: list[str] | None = None) -> int:
                 "generate counterfactual shards (generate.dry_run=true: estimate; mode=interpolation: a sheet)")
     with_config("imagenet-pipeline", cmd_imagenet_pipeline,
                 "ImageNet end to end: real shards -> counterfactuals -> invariant classifier -> evaluations -> table")
-    sp = sub.add_parser("eval", help="evaluate a classifier (eval.model): shape-bias | in9 | accuracy | inception "
-                        "| all; json/csv/png tables beside the paper's numbers")
+    sp = add("eval", "evaluate a classifier (eval.model): shape-bias | in9 | accuracy | inception | all; "
+             "json/csv/png tables beside the paper's numbers (CONFIG is optional: overrides alone will do)")
     sp.add_argument("what", choices=["shape-bias", "in9", "accuracy", "inception", "all"])
     sp.add_argument("config", nargs="?", help="YAML config (overrides on the defaults)")
     sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. eval.model=torchvision:resnet50")
     sp.set_defaults(fn=cmd_eval)
     with_config("make-shards", cmd_make_shards,
                 "shard an image tree (ImageNet train/val, ImageFolder) into WebDataset tars (shards.dry_run=true: estimate)")
-    sp = sub.add_parser("regenerate", help="recompute sample KEY of a generation run and check it against the shard")
+    sp = add("regenerate", "recompute sample KEY of a generation run and check it against the stored bytes "
+             "(exit 1 when they differ)", epilog=None)
     sp.add_argument("run_dir", help="the generation run's folder (with manifest.json)")
     sp.add_argument("key", help="sample key, e.g. 000000_000003")
     sp.add_argument("--out", default=None, help="where to write the regenerated image "
@@ -257,16 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     sp.set_defaults(fn=cmd_regenerate)
     verify_help = ("check a shard folder (generate / make-shards) against its manifest: sizes, sha256, samples, "
                    "keys; lists each problem and the command that rebuilds it (exit 1 when any)")
-    sp = sub.add_parser("verify", help=verify_help, description=verify_help, epilog=CONFIG_EPILOG)
+    sp = add("verify", verify_help)
     sp.add_argument("dir", help="the shard folder (with manifest.json): a local path or s3://bucket/prefix")
     sp.set_defaults(fn=cmd_verify)
-    sp = sub.add_parser("import", help="convert the authors' released ckp.pth / cgn.pth into cgn_dist weights")
-    sp.add_argument("src")
-    sp.add_argument("dst")
+    sp = add("import", "convert the authors' released ckp.pth / cgn.pth into cgn_dist weights", epilog=None)
+    sp.add_argument("src", help="the authors' checkpoint: MNIST ckp.pth (cgn_<dataset>_MNIST.pth) or ImageNet cgn.pth")
+    sp.add_argument("dst", help="the cgn_dist weights file to write (e.g. weights/cgn_colored.pt), the value for "
+                    "generate.checkpoint / mnist.init_from")
     sp.add_argument("--kind", choices=["auto", "mnist", "imagenet"], default="auto")
     sp.set_defaults(fn=cmd_import)
-    sp = sub.add_parser("weights", help="list the weight files cgn_dist uses (source, size, sha256, where, "
-                        "present?); `weights fetch NAME` downloads one", epilog=CONFIG_EPILOG)
+    sp = add("weights", "list the weight files cgn_dist uses (source, size, sha256, where, present?); "
+             "`weights fetch NAME` downloads one")
     sp.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
     sp.add_argument("names", nargs="*", help="weights to fetch (names from the listing)")
     sp.add_argument("--force", action="store_true", help="download again even when present")
@@ -275,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     argv, debug = _pop_debug(_drop_local_rank(sys.argv[1:] if argv is None else argv))
     debug = debug or bool(os.environ.get(DEBUG_ENV) or os.environ.get("CGN_DIST_TRACEBACK"))
     args = p.parse_args(argv)
+    if getattr(args, "config_required", False) and args.config is None:
+        sub.choices[args.cmd].error(f"a CONFIG is required: cgn-dist {args.cmd} CONFIG [key=value ...], e.g. "
+                                    f"cgn-dist {args.cmd} {EXAMPLE_CONFIG.get(args.cmd, 'configs/main.yaml')}")
     _console_logging()
     try:
         return args.fn(args)
@@ -283,15 +305,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except _user_errors() as e:
-        if debug:
+    except Exception as e:  # noqa: BLE001 - only the user's and the machine's errors; a bug is re-raised
+        if debug or not (isinstance(e, UserError) or is_machine_error(e)):
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 
 def _one_line(e: BaseException) -> str:
-    return str(e).strip() or type(e).__name__
+    text = str(e).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        # raised in a DataLoader worker: torch re-raises it with the worker's traceback as the message;
+        # the last line is the error itself ("cgn_dist.data.shards.ShardFormatError: shard ... ")
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith(f"{type(e).__module__}.{type(e).__name__}: ") else last
+    return text or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ import yaml
 from cgn_dist.config_schema import (  # noqa: F401  (the schema's names are part of this module's API)
     DataConfig, MnistConfig, ImagenetConfig, TrainConfig, DistributedConfig, RayConfig, GenerateConfig,
     ShardsConfig, ClassifierConfig, PipelineConfig, InvariantConfig, EvalConfig, ImagenetPipelineConfig, Config)
+from cgn_dist.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is wrong; the message says which key and what is accepted."""
 
 
@@ -87,6 +88,35 @@ def _check_values(cfg: Config) -> None:
     need(cfg.invariant.lr_step_epochs >= 1, "invariant.lr_step_epochs", "must be >= 1")
     bad = set(cfg.classifier.train_on) - {"original", "counterfactual", "combined"}
     need(not bad, "classifier.train_on", f"unknown {sorted(bad)}; accepted: original, counterfactual, combined")
+    _check_optimizer_values(cfg, need)
+
+
+def _check_optimizer_values(cfg: Config, need) -> None:
+    """Learning rates, betas and loss weights, checked here so that the error names the key (torch's own
+    check says only "Invalid learning rate: -1.0", deep inside the run)."""
+    def number(key: str) -> float:
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    # lr 0 would train nothing; for the three ImageNet mechanisms it freezes one on purpose
+    for key in ("mnist.lr", "classifier.lr", "invariant.lr"):
+        need(number(key) > 0, key, f"got {number(key)}; a learning rate must be > 0 (e.g. the default "
+                                   f"{_default_of(key)})")
+    for key in ("imagenet.lr_shape", "imagenet.lr_text", "imagenet.lr_bg", "mnist.lambda_mask", "imagenet.w_l1",
+                "imagenet.w_binary", "imagenet.w_mask_area", "imagenet.w_background", "invariant.weight_decay"):
+        need(number(key) >= 0, key, f"got {number(key)}; must be >= 0 (0 = off)")
+    for key in ("classifier.gamma", "invariant.lr_gamma", "mnist.init_gain", "distributed.cpus_per_worker"):
+        need(number(key) > 0, key, f"got {number(key)}; must be > 0 (default {_default_of(key)})")
+    need(0 <= cfg.invariant.momentum < 1, "invariant.momentum", f"got {cfg.invariant.momentum}; must lie in [0, 1)")
+    for key in ("mnist.betas", "imagenet.betas"):
+        need(all(0 <= b < 1 for b in number(key)), key, f"got {number(key)}; Adam betas must lie in [0, 1)")
+    for key in ("mnist.style_weights", "imagenet.w_perceptual", "imagenet.w_texture"):
+        need(all(w >= 0 for w in number(key)), key, f"got {number(key)}; weights must be >= 0")
+
+
+def _default_of(key: str):
+    section, name = key.split(".")
+    return getattr(getattr(Config(), section), name)
 
 
 # --------------------------------------------------------------------------- typed merge
@@ -189,8 +219,21 @@ def _read_yaml(path: Path, seen: tuple = ()) -> list[dict]:
     if not isinstance(data, dict):
         raise ConfigError(f"config {path}: top level must be a mapping of keys")
     base = data.pop("base", None)
-    chain = _read_yaml((path.parent / base), seen + (path.resolve(),)) if base else []
+    chain = _read_yaml(_find_base(str(base), path), seen + (path.resolve(),)) if base else []
     return chain + [data]
+
+
+def _find_base(base: str, of: Path) -> Path:
+    """``base:`` of the config ``of``: beside it first, else like a top-level config path (the current
+    directory, the project root, its configs/), so a config kept outside the checkout can build on
+    ``base: configs/mnist/colored.yaml``."""
+    p = Path(base).expanduser()
+    candidates = [p] if p.is_absolute() else [of.parent / p, p, PROJECT_ROOT / p, PROJECT_ROOT / "configs" / p]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    where = "" if p.is_absolute() else f" (looked beside it, in {Path.cwd()} and under the project root {PROJECT_ROOT})"
+    raise ConfigError(f"config {of}: base: {base!r} does not exist{where}; fix that base: line")
 
 
 # The checkout cgn_dist runs from (quickstart installs it editable): its configs/ serve every directory.
@@ -244,6 +287,8 @@ def field_docs(cls: type = None, prefix: str = "") -> dict[str, str]:
             docs[prefix + last] = (m.group(2) or "").strip()
         elif last and re.match(r"^    \)\s*#", line):  # the comment after a field spanning lines
             docs[prefix + last] = line.split("#", 1)[1].strip()
+        elif re.match(r"^    #.*:\s*$", line):  # a group header ("# ImageNet generation speed ...:") of the keys below
+            last = None
         elif last and re.match(r"^    #", line):
             docs[prefix + last] = (docs[prefix + last] + " " + line.strip()[1:].strip()).strip()
         elif line.strip() and not line.startswith("        "):

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cgn_dist.errors import InputError, InputNotFound, SetupError
+
 log = logging.getLogger(__name__)
 
 STYLE_SCALE = 5000.0
@@ -131,7 +133,7 @@ def _random_vgg16_features() -> nn.Sequential:
 def _features_state(sd: dict) -> dict:
     """Accept a full torchvision vgg16 state dict ("features.N.*") or a features-only one."""
     if not isinstance(sd, dict):
-        raise ValueError(f"VGG16 weights file must hold a state dict, got {type(sd).__name__}")
+        raise InputError(f"VGG16 weights file must hold a state dict, got {type(sd).__name__}")
     if any(k.startswith("features.") for k in sd):
         return {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
     return dict(sd)
@@ -174,7 +176,7 @@ class VGG16Features(nn.Module):
                 source = "imagenet"
             except Exception as err:  # noqa: BLE001 - any failure means "not available"
                 if weights == "imagenet":
-                    raise RuntimeError(
+                    raise SetupError(
                         "VGG16 ImageNet weights are unavailable: not in the torch hub cache "
                         f"({_vgg16_cache_path()}) and the download failed ({err}). Put "
                         f"{VGG16_IMAGENET_FILE} there, pass a local path, or use weights='random'."
@@ -188,13 +190,15 @@ class VGG16Features(nn.Module):
         else:
             path = Path(source)
             if not path.is_file():
-                raise FileNotFoundError(f"VGG16 weights: {source!r} is neither 'imagenet', 'random', "
-                                        "'auto' nor an existing state dict file")
+                raise InputNotFound(f"VGG16 weights: {source!r} is neither 'imagenet', 'random', "
+                                    "'auto' nor an existing state dict file")
             features = _build_vgg16_trunk()
-            state = _trunk_state(_features_state(torch.load(path, map_location="cpu", weights_only=True)))
+            from cgn_dist.weights import load_user_file
+
+            state = _trunk_state(_features_state(load_user_file(path, "VGG16 weights (mnist/imagenet.vgg_weights)")))
             missing = [k for k in features.state_dict() if k not in state]
             if missing:
-                raise ValueError(f"VGG16 weights file {source} lacks {missing}")
+                raise InputError(f"VGG16 weights file {source} lacks {missing}")
             features.load_state_dict(state)
             source = str(path)
         self.weights_source = source

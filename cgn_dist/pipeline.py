@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from cgn_dist.config import Config, save_config
+from cgn_dist.errors import InputNotFound
 from cgn_dist.train.metrics import setup_logging
 
 log = logging.getLogger("cgn_dist.pipeline")
@@ -21,8 +22,8 @@ ALL_DATASETS = ("colored", "double_colored", "wildlife")
 def released_checkpoint(folder: str | Path, dataset: str) -> Path:
     path = Path(folder) / f"cgn_{dataset}_MNIST.pth"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: pipeline.released_dir must hold the authors' released "
-                                f"cgn_<dataset>_MNIST.pth files (their repo's mnists/experiments/*/weights/ckp.pth)")
+        raise InputNotFound(f"{path} not found: pipeline.released_dir must hold the authors' released "
+                            f"cgn_<dataset>_MNIST.pth files (their repo's mnists/experiments/*/weights/ckp.pth)")
     return path
 
 

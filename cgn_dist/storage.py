@@ -24,6 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from cgn_dist.errors import InputNotFound, UserError
+
 _HINTS = {
     "s3": "set AWS_ENDPOINT_URL (an S3-compatible server) and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
           "AWS_PROFILE, and check that the bucket exists",
@@ -44,7 +46,7 @@ def storage_env() -> dict[str, str]:
     return {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
 
 
-class StorageError(ValueError):
+class StorageError(UserError, ValueError):
     """An output location cannot be used: wrong bucket, missing credentials, or a missing fsspec backend."""
 
 
@@ -252,7 +254,7 @@ def read_text(url: str) -> str:
     folder, name = url.rsplit("/", 1)
     data = Store(folder).read_bytes(name)
     if data is None:
-        raise FileNotFoundError(url)
+        raise InputNotFound(url)
     return data.decode("utf-8")
 
 

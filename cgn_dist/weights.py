@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cgn_dist.data.shards import sha256_file
+from cgn_dist.errors import UserError
 
 CACHE_ENV = "CGN_DIST_CACHE"
 DOWNLOAD_TIMEOUT_S = 30
 
 
-class WeightsError(OSError):
+class WeightsError(UserError, OSError):
     """A weight file is missing, cannot be downloaded, or is not the expected file."""
 
 
@@ -236,6 +237,17 @@ def unreadable_reason(path: str | os.PathLike, err: BaseException) -> str:
     return f"torch cannot read it ({first if len(first) <= 160 else type(err).__name__})"
 
 
+def load_user_file(path: str | os.PathLike, what: str):
+    """torch.load (tensors only) of a file the user gave as ``what`` (its config key); one line saying what
+    the file is instead of torch's unpickler error."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except TORCH_LOAD_ERRORS as e:
+        raise WeightsError(f"{what}: {path} cannot be loaded: {unreadable_reason(path, e)}") from e
+
+
 # --- fetching ----------------------------------------------------------------------------------------------
 
 def _download(url: str, dest: Path, progress: bool, label: str) -> None:
@@ -301,4 +313,5 @@ def fetch(name: str, progress: bool = True, force: bool = False) -> Path:
 
 
 __all__ = ["REGISTRY", "WeightFile", "WeightsError", "cache_dir", "path_of", "resolve", "is_name", "fetch",
+           "load_user_file",
            "status", "format_listing", "missing_message", "check_file", "CACHE_ENV"]

@@ -50,8 +50,8 @@ def test_overrides_base_chain_and_roundtrip(tmp_path):
 
 def test_exponent_floats_without_a_dot(tmp_path):
     # YAML 1.1 reads 2e-4 as a string; as a float field's value it is the number 0.0002
-    cfg = load_config(None, ["mnist.lr=2e-4", "mnist.betas=[5E-1, 1e0]"])
-    assert cfg.mnist.lr == 0.0002 and cfg.mnist.betas == [0.5, 1.0]
+    cfg = load_config(None, ["mnist.lr=2e-4", "mnist.betas=[5E-1, 9.99e-1]"])
+    assert cfg.mnist.lr == 0.0002 and cfg.mnist.betas == [0.5, 0.999]
     f = tmp_path / "c.yaml"
     f.write_text("mnist:\n  lr: 1e-3\n")
     assert load_config(f).mnist.lr == 0.001

@@ -147,7 +147,9 @@ def test_random_resized_crop_box_stays_inside_and_in_range():
 
 def test_index_with_wrong_count_is_a_clear_error(tmp_path):
     root = _make_shards(tmp_path / "s", [3])
-    with pytest.raises(RuntimeError, match="index is stale"):
+    from cgn_dist.data.shards import ShardFormatError
+
+    with pytest.raises(ShardFormatError, match="index says 5 .*the index is stale"):
         list(make_loader([(str(root / "shard-000000.tar"), 5)], 5, train=False, rank=0, world_size=1,
                          image_size=16, resize=20))
     assert load_shard_set(root).n_samples == 3

@@ -17,6 +17,7 @@ from PIL import Image
 from cgn_dist.classifier.eval_out import RANDOM_NOTE
 from cgn_dist.classifier.evaluation import forward_outputs, gather_rows, sum_counts
 from cgn_dist.data.shards import iter_tar_samples
+from cgn_dist.errors import InputError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CF_LABELS = {"shape": "shape_cls", "texture": "texture_cls", "bg": "bg_cls"}
@@ -37,7 +38,7 @@ def decode_image(sample: dict[str, Any]) -> Image.Image:
     for ext in IMAGE_EXTS:
         if ext in sample:
             return Image.open(io.BytesIO(sample[ext])).convert("RGB")
-    raise ValueError(f"sample {sample.get('__key__')} has no image ({', '.join(IMAGE_EXTS)})")
+    raise InputError(f"sample {sample.get('__key__')} has no image ({', '.join(IMAGE_EXTS)})")
 
 
 def shard_set_of(source):

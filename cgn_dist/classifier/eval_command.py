@@ -20,6 +20,7 @@ import torch
 from cgn_dist.classifier import report
 from cgn_dist.classifier.eval_out import RESULT, choose_out, eval_weights, is_random
 from cgn_dist.config import Config
+from cgn_dist.errors import InputError, InputNotFound
 from cgn_dist.precision import resolve_precision
 from cgn_dist.weights import WeightsError
 
@@ -41,7 +42,7 @@ def _state_of_checkpoint(path: Path) -> dict:
         # DeepSpeed files hold more than tensors; this is our own checkpoint, so a full unpickle is fine.
         state = torch.load(ds, map_location="cpu", weights_only=False)["module"]
         return {k: v.float() for k, v in state.items()}
-    raise FileNotFoundError(f"eval.model: {path} holds no classifier.pt or classifier/ (DeepSpeed) weights")
+    raise InputNotFound(f"eval.model: {path} holds no classifier.pt or classifier/ (DeepSpeed) weights")
 
 
 def resolve_model_path(spec: str) -> Path:
@@ -51,11 +52,11 @@ def resolve_model_path(spec: str) -> Path:
     if p.is_dir() and (p / "checkpoints").is_dir():
         ckpt = latest_checkpoint(p)
         if ckpt is None:
-            raise FileNotFoundError(f"eval.model: run {p} has no completed checkpoint yet")
+            raise InputNotFound(f"eval.model: run {p} has no completed checkpoint yet")
         return ckpt
     if not p.exists():
-        raise FileNotFoundError(f"eval.model: {spec!r} is neither torchvision:<arch>, a run dir, a checkpoint "
-                                "directory nor a weights file")
+        raise InputNotFound(f"eval.model: {spec!r} is neither torchvision:<arch>, a run dir, a checkpoint "
+                            "directory nor a weights file")
     return p
 
 
@@ -64,7 +65,7 @@ def load_eval_model(cfg: Config) -> torch.nn.Module:
 
     spec = cfg.eval.model
     if not spec:
-        raise ValueError("eval.model is empty: name our classifier (run dir, checkpoint or file) or "
+        raise InputError("eval.model is empty: name our classifier (run dir, checkpoint or file) or "
                          "torchvision:<arch>, e.g. eval.model=torchvision:resnet50")
     if spec.startswith("torchvision:"):
         arch = spec.split(":", 1)[1]
@@ -179,17 +180,17 @@ def run_eval(cfg: Config, what: str) -> dict[str, Any]:
     from cgn_dist.train.metrics import setup_logging
 
     if what not in WHAT:
-        raise ValueError(f"cgn-dist eval: unknown evaluation {what!r}; accepted: {', '.join(WHAT)}")
+        raise InputError(f"cgn-dist eval: unknown evaluation {what!r}; accepted: {', '.join(WHAT)}")
     e = cfg.eval
     needs = {"shape-bias": e.cue_conflict or e.decisions_csv, "in9": e.in9, "accuracy": e.val_shards or e.cf_val_shards,
              "inception": e.samples}
     if what == "all" and not any(needs.values()):
-        raise ValueError("cgn-dist eval all: no evaluation data set; give any of eval.cue_conflict, "
+        raise InputError("cgn-dist eval all: no evaluation data set; give any of eval.cue_conflict, "
                          "eval.decisions_csv, eval.in9, eval.val_shards, eval.cf_val_shards, eval.samples")
     if what != "all" and not needs[what]:
         keys = {"shape-bias": "eval.cue_conflict or eval.decisions_csv", "in9": "eval.in9",
                 "accuracy": "eval.val_shards or eval.cf_val_shards", "inception": "eval.samples"}[what]
-        raise ValueError(f"cgn-dist eval {what}: set {keys}")
+        raise InputError(f"cgn-dist eval {what}: set {keys}")
     env = read_env("auto")
     owns = init_process_group(env)
     setup_logging(None, env.is_main)

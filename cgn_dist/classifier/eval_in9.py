@@ -20,6 +20,7 @@ import torch
 
 from cgn_dist.classifier.eval_out import RANDOM_NOTE
 from cgn_dist.classifier.evaluation import gather_rows, image_batches, rank_part, run_model, sum_counts
+from cgn_dist.errors import InputError, InputNotFound
 
 IN9_MEAN = (0.4717, 0.4499, 0.3837)
 IN9_STD = (0.2600, 0.2516, 0.2575)
@@ -48,7 +49,7 @@ def in9_transform():
 
     def check_size(im):
         if im.size != (IN9_SIZE, IN9_SIZE):
-            raise ValueError(f"IN-9 images are {IN9_SIZE} x {IN9_SIZE} and are not resized; got {im.size} "
+            raise InputError(f"IN-9 images are {IN9_SIZE} x {IN9_SIZE} and are not resized; got {im.size} "
                              "(point eval.in9 at the Backgrounds Challenge release)")
         return im
 
@@ -60,7 +61,7 @@ def list_variants(root: str | Path) -> dict[str, list[tuple[Path, int]]]:
     """{variant: [(file, label), ...]} for every variant folder under ``root``."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"eval.in9: {root} is not a folder (expected <root>/<variant>/val/<class>/...)")
+        raise InputNotFound(f"eval.in9: {root} is not a folder (expected <root>/<variant>/val/<class>/...)")
     out = {}
     for vdir in sorted(p for p in root.iterdir() if p.is_dir()):
         base = vdir / "val" if (vdir / "val").is_dir() else vdir
@@ -68,7 +69,7 @@ def list_variants(root: str | Path) -> dict[str, list[tuple[Path, int]]]:
         if not classes:
             continue
         if len(classes) != 9:
-            raise ValueError(f"eval.in9: {base} holds {len(classes)} class folders; IN-9 has 9 "
+            raise InputError(f"eval.in9: {base} holds {len(classes)} class folders; IN-9 has 9 "
                              "(00_dog ... 08_fish in the release)")
         items = [(f, label) for label, c in enumerate(classes) for f in sorted(c.iterdir())
                  if f.suffix.lower() in IMAGE_SUFFIXES]
@@ -77,7 +78,7 @@ def list_variants(root: str | Path) -> dict[str, list[tuple[Path, int]]]:
              "mixed_next")
     out = dict(sorted(out.items(), key=lambda kv: (known.index(kv[0]) if kv[0] in known else len(known), kv[0])))
     if not out:
-        raise FileNotFoundError(f"eval.in9: no variant folders with 9 class folders under {root}")
+        raise InputNotFound(f"eval.in9: no variant folders with 9 class folders under {root}")
     return out
 
 

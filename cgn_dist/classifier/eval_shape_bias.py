@@ -21,6 +21,7 @@ import torch
 from cgn_dist.classifier.eval_out import RANDOM_NOTE
 from cgn_dist.classifier.evaluation import (gather_rows, image_batches, imagenet_eval_transform, rank_part,
                                             run_model, sum_counts)
+from cgn_dist.errors import InputError, InputNotFound
 
 # "airplane1-bicycle2.png", also with a prefix ("0001_s5n_dnn_0_airplane_00_airplane1-bicycle2.png")
 STIMULUS = re.compile(r"(?:^|_)([a-z]+)\d+-([a-z]+)\d+\.(?:png|jpe?g)$", re.IGNORECASE)
@@ -47,7 +48,7 @@ def parse_stimulus(name: str) -> tuple[str, str]:
     """(shape, texture) categories from a cue-conflict file name."""
     m = STIMULUS.search(Path(name).name)
     if not m:
-        raise ValueError(f"{name!r} is not a cue-conflict stimulus name (<shape><n>-<texture><m>.png)")
+        raise InputError(f"{name!r} is not a cue-conflict stimulus name (<shape><n>-<texture><m>.png)")
     return m.group(1).lower(), m.group(2).lower()
 
 
@@ -79,6 +80,9 @@ def summarize(c: dict[str, int]) -> dict[str, Any]:
 def shape_bias_from_decisions_csv(path: str | Path, subject: str | None = None) -> dict[str, Any]:
     """Shape bias of published per-image 16-class decisions (Geirhos raw-data CSV format)."""
     triples, subjects = [], set()
+    if not Path(path).is_file():
+        raise InputNotFound(f"eval.decisions_csv: {path} does not exist (a Geirhos raw-data CSV of per-image "
+                            "decisions, e.g. from the model-vs-human release)")
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             if subject and row.get("subj") != subject:
@@ -86,21 +90,21 @@ def shape_bias_from_decisions_csv(path: str | Path, subject: str | None = None) 
             subjects.add(row.get("subj") or "")
             shape, texture = parse_stimulus(row["imagename"])
             if row.get("category") and row["category"] != shape:
-                raise ValueError(f"{path}: row {row['imagename']} has category {row['category']} but its name "
+                raise InputError(f"{path}: row {row['imagename']} has category {row['category']} but its name "
                                  f"says shape {shape}")
             triples.append((shape, texture, row["object_response"]))
     if not triples:
-        raise ValueError(f"{path}: no decisions" + (f" for subject {subject!r}" if subject else ""))
+        raise InputError(f"{path}: no decisions" + (f" for subject {subject!r}" if subject else ""))
     return {**summarize(shape_bias_counts(triples)), "subjects": sorted(subjects), "csv": Path(path).name}
 
 
 def list_stimuli(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"eval.cue_conflict: {root} is not a folder of cue-conflict stimuli")
+        raise InputNotFound(f"eval.cue_conflict: {root} is not a folder of cue-conflict stimuli")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and STIMULUS.search(p.name))
     if not files:
-        raise FileNotFoundError(f"eval.cue_conflict: no <shape><n>-<texture><m>.png stimuli under {root}")
+        raise InputNotFound(f"eval.cue_conflict: no <shape><n>-<texture><m>.png stimuli under {root}")
     return files
 
 

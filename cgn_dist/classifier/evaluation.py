@@ -13,8 +13,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from cgn_dist.errors import InputError
 from cgn_dist.models.invariant import as_outputs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -76,7 +77,11 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        with Image.open(self.paths[i]) as im:
+        try:
+            im = Image.open(self.paths[i])
+        except (UnidentifiedImageError, OSError) as e:  # the user's folder holds a file that is no image
+            raise InputError(f"{self.paths[i]} cannot be read as an image ({e}); remove or replace it") from e
+        with im:
             return self.transform(im.convert("RGB")), i
 
 

@@ -25,6 +25,7 @@ from typing import Any, Iterable
 from cgn_dist.classifier.mnist import (TRAIN_SETS, ClassifierSettings, ImageSet, load_image_set, save_results,
                                        train_classifier)
 from cgn_dist.classifier.originals import dump_original_sets
+from cgn_dist.errors import InputError
 from cgn_dist.generate.mnist import MnistCounterfactualFactory, checkpoint_sha256
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def run_mnist_experiment(dataset: str, generator_checkpoint: str | os.PathLike, 
         if name not in TRAIN_SETS:
             raise ValueError(f"unknown training set {name!r}; choose from {TRAIN_SETS}")
     if n_counterfactuals < 1 and any(n != "original" for n in train_on):
-        raise ValueError(f"n_counterfactuals must be >= 1 to train on {train_on}")
+        raise InputError(f"n_counterfactuals must be >= 1 to train on {train_on}")
     wall: dict[str, Any] = {}
 
     # --- original train / test sets, dumped once

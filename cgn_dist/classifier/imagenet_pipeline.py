@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cgn_dist.config import Config, save_config
+from cgn_dist.errors import InputError
 
 log = logging.getLogger("cgn_dist.imagenet_pipeline")
 
@@ -60,7 +61,7 @@ def _stage_cf(cfg: Config, n: int, out: Path, seed: int) -> str:
     c.task, c.seed, c.out_dir, c.name = "imagenet", seed, str(out.parent), out.name
     c.generate.n_samples, c.generate.dry_run = n, False
     if c.generate.mode == "interpolation":
-        raise ValueError("generate.mode=interpolation makes sheets, not a data set: use random or best_classes")
+        raise InputError("generate.mode=interpolation makes sheets, not a data set: use random or best_classes")
     run_generate(c)
     return "ran"
 

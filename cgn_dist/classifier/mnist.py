@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cgn_dist.data.pixels import decode_uint8
+from cgn_dist.errors import InputError, InputNotFound
 from cgn_dist.models.classifier import build_classifier
 
 TRAIN_SETS = ("original", "counterfactual", "combined")
@@ -70,10 +71,10 @@ def shard_urls_of(source: str | os.PathLike | Sequence[str | os.PathLike]) -> li
         else:
             tars = sorted(p.glob("shard-*.tar"))
             if not tars:
-                raise FileNotFoundError(f"{p} holds no index.json and no shard-*.tar files")
+                raise InputNotFound(f"{p} holds no index.json and no shard-*.tar files")
             return [str(t) for t in tars]
     if not p.is_file():
-        raise FileNotFoundError(f"no shards at {p}")
+        raise InputNotFound(f"no shards at {p}")
     if p.suffix == ".tar":
         return [str(p)]
     from cgn_dist.data.shard_index import shard_urls
@@ -102,7 +103,7 @@ def load_image_set(source: str | os.PathLike | Sequence[str | os.PathLike], limi
         if limit is not None and len(labels) >= limit:
             break
     if not images:
-        raise ValueError(f"no samples in {urls[:3]}{' ...' if len(urls) > 3 else ''}")
+        raise InputError(f"no samples in {urls[:3]}{' ...' if len(urls) > 3 else ''}")
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return ImageSet(x, torch.tensor(labels, dtype=torch.int64))
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from cgn_dist.data.image_tree import SourceFile, TreeListing
 from cgn_dist.data.shards import json_text, write_json_atomic
+from cgn_dist.errors import InputNotFound, SetupError
 from cgn_dist.generate.plan import SampleRef, ShardSpec
 from cgn_dist.storage import Store
 
@@ -113,10 +114,10 @@ class ImageTreeSampler:
         store = Store(cfg.listing)
         data = store.read_bytes(SOURCES_TSV)
         if data is None:
-            raise FileNotFoundError(f"{cfg.listing}/{SOURCES_TSV} is missing: every worker must see the output folder")
+            raise InputNotFound(f"{cfg.listing}/{SOURCES_TSV} is missing: every worker must see the output folder")
         if hashlib.sha256(data).hexdigest() != cfg.sources_sha256:
-            raise RuntimeError(f"{cfg.listing}/{SOURCES_TSV} changed since this run was planned; rerun the command "
-                               "that planned it (it lists the tree again) or use a new output folder")
+            raise SetupError(f"{cfg.listing}/{SOURCES_TSV} changed since this run was planned; rerun the command "
+                             "that planned it (it lists the tree again) or use a new output folder")
         meta = json.loads(store.read_bytes(SOURCES_JSON))
         self.lines = data.decode("utf-8").splitlines()
         self.offsets = np.concatenate([[0], np.cumsum(meta["shard_sizes"])]).astype(np.int64)

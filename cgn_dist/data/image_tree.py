@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cgn_dist.data.imagenet_classes import imagenet_classes
+from cgn_dist.errors import InputError, InputNotFound
 
 # torchvision's ImageFolder extensions (case-insensitive); ILSVRC uses .JPEG.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -85,27 +86,27 @@ def list_tree(root: str | os.PathLike, labels: str = "imagenet", val_labels: str
               devkit_meta: str = "") -> TreeListing:
     """List ``root`` (class folders, or a flat folder with ``val_labels``) in sorted path order."""
     if labels not in ("imagenet", "folders"):
-        raise ValueError(f"shards.labels must be 'imagenet' or 'folders', got {labels!r}")
+        raise InputError(f"shards.labels must be 'imagenet' or 'folders', got {labels!r}")
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"shards.root={str(root)!r} is not a folder; point it at ILSVRC's train/ or val/ "
-                                "folder, or any <root>/<class>/<image> tree")
+        raise InputNotFound(f"shards.root={str(root)!r} is not a folder; point it at ILSVRC's train/ or val/ "
+                            "folder, or any <root>/<class>/<image> tree")
     images, others, dirs = _scan(str(root))
     if val_labels:
         return _list_flat(root, images, others, dirs, val_labels, devkit_meta, labels)
     if images and not dirs:
-        raise ValueError(f"{root} holds images directly ({images[0]}, ...) but no class folders: for ILSVRC's flat "
+        raise InputError(f"{root} holds images directly ({images[0]}, ...) but no class folders: for ILSVRC's flat "
                          "val folder set shards.val_labels to the devkit's ILSVRC2012_validation_ground_truth.txt "
                          "(or LOC_val_solution.csv, or '<file> <wnid>' lines)")
     if not dirs:
-        raise ValueError(f"{root} has no class folders")
+        raise InputError(f"{root} has no class folders")
     ignored = [*images, *others]  # files beside the class folders belong to no class
     if labels == "imagenet":
         cats = imagenet_categories()
         index = {w: i for i, (w, _) in enumerate(cats)}
         unknown = [d for d in dirs if d not in index]
         if unknown:
-            raise ValueError(f"{len(unknown)} folder(s) of {root} are not ImageNet WNIDs (e.g. {unknown[:3]}): set "
+            raise InputError(f"{len(unknown)} folder(s) of {root} are not ImageNet WNIDs (e.g. {unknown[:3]}): set "
                              "shards.labels=folders to label by sorted folder order instead")
         classes, names = [w for w, _ in cats], [n for _, n in cats]
     else:
@@ -133,7 +134,7 @@ def read_val_labels(path: str | os.PathLike, devkit_meta: str = "") -> dict[str,
     """Validation file stem (``ILSVRC2012_val_00000001``) -> WNID, from any of the supported lists."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"shards.val_labels={str(path)!r} does not exist")
+        raise InputNotFound(f"shards.val_labels={str(path)!r} does not exist")
     text = path.read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if lines and lines[0].lower().startswith("imageid"):  # Kaggle LOC_val_solution.csv
@@ -141,7 +142,7 @@ def read_val_labels(path: str | os.PathLike, devkit_meta: str = "") -> dict[str,
     if lines and all(ln.isdigit() for ln in lines):  # devkit ground truth: IDs in file order
         meta = Path(devkit_meta) if devkit_meta else path.parent / "meta.mat"
         if not meta.is_file():
-            raise FileNotFoundError(
+            raise InputNotFound(
                 f"{path} holds devkit class IDs, which need the devkit's meta.mat to become WNIDs; set "
                 f"shards.devkit_meta (looked for {meta}; it is data/meta.mat in ILSVRC2012_devkit_t12)")
         id_to_wnid = devkit_id_to_wnid(meta)
@@ -150,7 +151,7 @@ def read_val_labels(path: str | os.PathLike, devkit_meta: str = "") -> dict[str,
     for ln in lines:
         parts = ln.replace(",", " ").split()
         if len(parts) < 2 or not WNID_RE.match(parts[1]):
-            raise ValueError(f"{path}: cannot read line {ln!r}; expected devkit IDs, LOC_val_solution.csv, or "
+            raise InputError(f"{path}: cannot read line {ln!r}; expected devkit IDs, LOC_val_solution.csv, or "
                              "'<file name> <wnid>' lines")
         out[Path(parts[0]).stem] = parts[1]
     return out
@@ -173,12 +174,12 @@ def _list_flat(root: Path, images: Sequence[str], others: Sequence[str], dirs: S
             unlabelled.append(n)
             continue
         if wnid not in index:
-            raise ValueError(f"{val_labels} gives {n} the class {wnid}, which is not an ImageNet WNID")
+            raise InputError(f"{val_labels} gives {n} the class {wnid}, which is not an ImageNet WNID")
         files.append(SourceFile(n, index[wnid], wnid, _size(str(root / n))))
     if unlabelled:
-        raise ValueError(f"{len(unlabelled)} image(s) in {root} have no entry in {val_labels} (e.g. "
+        raise InputError(f"{len(unlabelled)} image(s) in {root} have no entry in {val_labels} (e.g. "
                          f"{unlabelled[:3]}); is it the ground truth of this folder?")
     missing = len(truth) - len(files)
     if missing:
-        raise ValueError(f"{val_labels} lists {missing} image(s) that are not in {root}: an incomplete download?")
+        raise InputError(f"{val_labels} lists {missing} image(s) that are not in {root}: an incomplete download?")
     return TreeListing(str(root.resolve()), "flat", labels, classes, names, files, sorted([*others, *dirs]))

@@ -17,6 +17,7 @@ from typing import Any
 from cgn_dist.config import Config, config_to_dict, save_config
 from cgn_dist.data.image_shards import ImageTreeSamplerFactory, order_files, plan_shards, write_listing
 from cgn_dist.data.image_tree import list_tree
+from cgn_dist.errors import InputError, SetupError
 from cgn_dist.storage import Store, is_remote, join
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,11 @@ def _listing_sha(out_dir: str | Path) -> str | None:
 def run_make_shards(cfg: Config) -> dict[str, Any]:
     sh = cfg.shards
     if not sh.root:
-        raise ValueError("shards.root is empty: set it to the image tree, e.g. shards.root=/data/ILSVRC2012/train")
+        raise InputError("shards.root is empty: set it to the image tree, e.g. shards.root=/data/ILSVRC2012/train")
     t0 = time.perf_counter()
     listing = list_tree(sh.root, labels=sh.labels, val_labels=sh.val_labels, devkit_meta=sh.devkit_meta)
     if not listing.files:
-        raise ValueError(f"no image files under {listing.root} (extensions: .JPEG/.jpg/.png/...)")
+        raise InputError(f"no image files under {listing.root} (extensions: .JPEG/.jpg/.png/...)")
     files = order_files(listing.files, sh.shuffle, cfg.seed)
     shards = plan_shards(files, sh.shard_size, sh.shard_bytes, cfg.seed)
     list_s = time.perf_counter() - t0
@@ -56,7 +57,7 @@ def run_make_shards(cfg: Config) -> dict[str, Any]:
         new_sha = write_listing(tmp, listing, files, shards)
     old_sha = _listing_sha(out)
     if old_sha is not None and old_sha != new_sha:
-        raise ValueError(f"{out} holds shards of another listing (the tree, shards.shuffle, shards.shard_size/"
+        raise InputError(f"{out} holds shards of another listing (the tree, shards.shuffle, shards.shard_size/"
                          "shard_bytes or seed changed); rerun with the same settings, or choose a new shards.out")
     write_listing(out, listing, files, shards)
     if is_remote(out):
@@ -84,8 +85,8 @@ def run_make_shards(cfg: Config) -> dict[str, Any]:
     seconds = time.perf_counter() - t1
     written, rejected = manifest["total_samples"], manifest["total_rejected"]
     if written + rejected != len(files):
-        raise RuntimeError(f"listed {len(files)} but written {written} + rejected {rejected}: the output folder "
-                           f"{out} is inconsistent; delete it and rerun")
+        raise SetupError(f"listed {len(files)} but written {written} + rejected {rejected}: the output folder "
+                         f"{out} is inconsistent; delete it and rerun")
     totals.update(written=written, rejected=rejected, converted=len(manifest["notes"]),
                   total_bytes=manifest["total_bytes"], seconds=round(seconds, 2),
                   images_per_s=round(len(files) / seconds, 1) if seconds > 0 else None)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from cgn_dist.data.textures import Textures, load_textures, prepare_texture, random_texture_crop
+from cgn_dist.errors import InputError, InputNotFound
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,14 @@ def _load_torchvision(root: str, download: bool, train: bool) -> tuple[torch.Ten
     raw = Path(root) / "MNIST" / "raw"
     if not download and not all((raw / f).is_file() for f in _MNIST_RAW_FILES[train]):
         # Checked before importing torchvision (seconds) so an offline fallback stays quick.
-        raise FileNotFoundError(f"MNIST not found under {raw} and download=False")
+        raise InputNotFound(f"MNIST not found under {raw} and download=False")
     from torchvision.datasets import MNIST
 
     try:
         ds = MNIST(root, train=train, download=False)
     except RuntimeError:
         if not download:
-            raise FileNotFoundError(f"MNIST not found under {root!r} and download=False")
+            raise InputNotFound(f"MNIST not found under {root!r} and download=False")
         old = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         try:
@@ -233,7 +234,7 @@ def load_lntl_colored(path: str | os.PathLike, split: Split) -> tuple[torch.Tens
     data = np.load(path, allow_pickle=True, encoding="latin1").item()
     missing = {f"{split}_image", f"{split}_label"} - set(data)
     if missing:
-        raise ValueError(f"{path} is not the LNTL colored-MNIST file: missing keys {sorted(missing)}")
+        raise InputError(f"{path} is not the LNTL colored-MNIST file: missing keys {sorted(missing)}")
     images = torch.from_numpy(np.asarray(data[f"{split}_image"], dtype=np.uint8))
     labels = torch.from_numpy(np.asarray(data[f"{split}_label"]).astype(np.int64).reshape(-1))
     return images, labels

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from cgn_dist.data.shards import ShardFormatError
+from cgn_dist.errors import InputNotFound
 from cgn_dist.storage import is_remote, read_text
 
 WIDS_KIND = "wids-shard-index-v1"
@@ -38,13 +39,13 @@ def load_shard_index(path: str | os.PathLike) -> list[dict[str, Any]]:
         try:
             index = json.loads(read_text(str(path)))
         except FileNotFoundError:
-            raise FileNotFoundError(f"no shard index at {path}; generation writes index.json beside the shards") \
+            raise InputNotFound(f"no shard index at {path}; generation writes index.json beside the shards") \
                 from None
         base = str(path).rsplit("/", 1)[0]
         return [dict(e, url=e["url"] if "://" in e["url"] else f"{base}/{e['url']}") for e in _shardlist(index, path)]
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no shard index at {path}; generation writes index.json beside the shards")
+        raise InputNotFound(f"no shard index at {path}; generation writes index.json beside the shards")
     index = json.loads(path.read_text())
     out = []
     for entry in _shardlist(index, path):

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from cgn_dist.errors import UserError
 from cgn_dist.storage import open_read, write_bytes_atomic
 
 
@@ -38,8 +39,24 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _EXT_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(UserError, ValueError):
     """A sample or shard does not follow the WebDataset layout this package writes."""
+
+
+def damaged_shard(url: str | os.PathLike, what: str) -> ShardFormatError:
+    """The one-line error of a reader that meets a truncated or corrupt shard: which file, what is wrong,
+    and how to find every damaged shard and make them again."""
+    folder = os.path.dirname(str(url)) or "."
+    return ShardFormatError(
+        f"shard {url} cannot be read: {what}. Check the folder with `cgn-dist verify {folder}`, then rerun the "
+        "command that made it (cgn-dist generate / make-shards with the same config: it checks every committed "
+        "shard and makes a damaged one again)")
+
+
+def tar_error_text(e: BaseException) -> str:
+    """tarfile's reason without the file object webdataset appends (``unexpected end of data @ <_io...>``)."""
+    first = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    return f"{first.split(' @ ')[0] or type(e).__name__} (a truncated or corrupt tar)"
 
 
 # --- encoding -----------------------------------------------------------------------------------------------
@@ -306,6 +323,13 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     (WebDataset would split such a sample in two). The last sample is yielded only once the whole tar
     has been checked.
     """
+    try:
+        yield from _iter_tar_samples(path)
+    except (tarfile.TarError, EOFError) as e:
+        raise damaged_shard(path, tar_error_text(e)) from e
+
+
+def _iter_tar_samples(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     seen: set[str] = set()
     current: dict[str, Any] | None = None
     with open_read(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
@@ -325,14 +349,14 @@ def iter_tar_samples(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
                 raise ShardFormatError(f"{path}: sample {key} has extension {ext} twice")
             data = tar.extractfile(member).read()
             if len(data) != member.size:
-                raise ShardFormatError(f"{path}: member {member.name} is truncated")
+                raise damaged_shard(path, f"member {member.name} is truncated")
             current[ext] = data
         # tarfile takes a file cut at a header boundary for a shorter archive: insist on the two zero
         # blocks that end every complete tar.
         f.seek(tar.offset)
         end = f.read(1024)
         if len(end) < 1024 or any(end):
-            raise ShardFormatError(f"{path} is truncated (no end-of-archive marker after the last member)")
+            raise damaged_shard(path, "it is truncated (no end-of-archive marker after the last member)")
     if current is not None:
         yield current
 

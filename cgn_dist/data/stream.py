@@ -35,6 +35,8 @@ import numpy as np
 import torch
 
 from cgn_dist.data.shard_index import load_shard_index
+from cgn_dist.data.shards import damaged_shard, tar_error_text
+from cgn_dist.errors import InputError
 from cgn_dist.storage import is_remote, register_stream_schemes
 from cgn_dist.data.transforms import ImageTransform, image_bytes, normalize_images
 
@@ -71,7 +73,7 @@ def load_shard_set(source: Any) -> ShardSet:
     else:
         pairs = [(str(u), int(n)) for u, n in source]
     if not pairs or sum(n for _, n in pairs) == 0:
-        raise ValueError(f"no samples in {source!r}: the shard index lists no shard or only empty ones")
+        raise InputError(f"no samples in {source!r}: the shard index lists no shard or only empty ones")
     return ShardSet(tuple(u for u, _ in pairs), tuple(n for _, n in pairs))
 
 
@@ -132,10 +134,15 @@ def steps_per_epoch(n_epoch: int, batch_size: int, rank: int = 0, world: int = 1
 
 
 def _tar_samples(url: str) -> Iterator[dict[str, Any]]:
+    import tarfile
+
     from webdataset.tariterators import tarfile_samples
     if is_remote(url):
         register_stream_schemes()
-    return tarfile_samples([{"url": url}])
+    try:  # webdataset's own message ("unexpected end of data @ ...") says neither what to check nor how to fix
+        yield from tarfile_samples([{"url": url}])
+    except (tarfile.TarError, EOFError) as e:
+        raise damaged_shard(url, tar_error_text(e)) from e
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -168,7 +175,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.start_step = 0
         self.num_workers = num_workers  # what __len__ assumes; the DataLoader's actual count wins in __iter__
         if self.drop_last and len(self) == 0 and not resampled:
-            raise ValueError(f"{self.n_epoch} samples per epoch give no full batch of {batch_size} on each of "
+            raise InputError(f"{self.n_epoch} samples per epoch give no full batch of {batch_size} on each of "
                              f"{world_size} ranks: lower the batch size or add shards")
 
     @property
@@ -217,8 +224,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                     yield sample
             else:
                 if i + 1 < end:
-                    raise RuntimeError(f"{url} holds {i + 1} samples, its index says {self.shards.counts[shard]}: "
-                                       "the index is stale; rebuild it (the sharder's manifest step writes it)")
+                    raise damaged_shard(url, f"it holds {i + 1} samples, its index says "
+                                        f"{self.shards.counts[shard]} (the shard is cut short, or the index is stale)")
 
     def _resampled(self, rng: random.Random, per_worker: int | None) -> Iterator[dict[str, Any]]:
         counts = np.asarray(self.shards.counts, dtype=np.float64)

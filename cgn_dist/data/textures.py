@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cgn_dist.errors import InputError, InputNotFound
+
 N_CLASSES = 10
 TEXTURE_SIZE = 150
 CROP_SIZE = 32
@@ -60,15 +62,15 @@ def _read_rgb(path: Path) -> torch.Tensor:
 
 def _class_files(folder: Path, n_classes: int) -> list[Path]:
     if not folder.is_dir():
-        raise FileNotFoundError(f"texture folder {folder} does not exist (expected "
-                                f"'object/' and 'background/' with <cls>_*.jpg files)")
+        raise InputNotFound(f"texture folder {folder} does not exist (expected "
+                            f"'object/' and 'background/' with <cls>_*.jpg files)")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     out = []
     for c in range(n_classes):
         matches = [p for p in files if p.name.startswith(f"{c}_")]
         if len(matches) != 1:
             found = [p.name for p in matches] or "none"
-            raise ValueError(f"{folder}: need exactly one image named '{c}_*.jpg' for class {c}, "
+            raise InputError(f"{folder}: need exactly one image named '{c}_*.jpg' for class {c}, "
                              f"found {found}")
         out.append(matches[0])
     return out

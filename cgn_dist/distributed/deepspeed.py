@@ -11,6 +11,7 @@ import torch
 
 from cgn_dist.config import ConfigError, TrainConfig
 from cgn_dist.distributed.env import DistEnv, set_single_process_env
+from cgn_dist.errors import InputError
 
 
 def build_ds_config(train: TrainConfig, world_size: int) -> dict:
@@ -53,7 +54,7 @@ def _prepare_cpu() -> None:
 
 def initialize_deepspeed(module: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, env: DistEnv):
     if train.precision == "fp16" and env.device.type == "cpu":
-        raise ValueError("train.precision=fp16: DeepSpeed refuses fp16 on CPU; use bf16 or fp32 there")
+        raise InputError("train.precision=fp16: DeepSpeed refuses fp16 on CPU; use bf16 or fp32 there")
     _prepare_cpu()
     set_single_process_env()
     import deepspeed

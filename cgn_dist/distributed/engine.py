@@ -17,6 +17,7 @@ from torch import nn
 
 from cgn_dist.config import TrainConfig
 from cgn_dist.distributed.env import DistEnv
+from cgn_dist.errors import InputNotFound
 from cgn_dist.precision import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class DeepSpeedEngine:
     def load(self, directory: Path, name: str) -> None:
         path, _ = self.engine.load_checkpoint(str(directory), tag=name)
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint {name!r} under {directory}")
+            raise InputNotFound(f"no DeepSpeed checkpoint {name!r} under {directory}")
 
 
 def resolve_train_precision(train: TrainConfig, device, recorded: str | None = None) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cgn_dist.errors import SetupError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -32,7 +34,7 @@ class DistEnv:
 def pick_device(choice: str = "auto", local_rank: int = 0) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+            raise SetupError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 

@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from cgn_dist.errors import InputError
+
 LOOPBACK = "127.0.0.1"
 
 # Ray's settings for a single-machine cluster that talks to nothing but loopback.
@@ -108,7 +110,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
             ctx = ray.init(**kwargs)
     else:
         if num_cpus is not None or num_gpus is not None:
-            raise ValueError("num_cpus / num_gpus size an embedded cluster only; an existing cluster "
+            raise InputError("num_cpus / num_gpus size an embedded cluster only; an existing cluster "
                              f"({address}) keeps its own resources")
         if ship_code:
             runtime_env.setdefault("py_modules", []).append(str(package_root() / "cgn_dist"))

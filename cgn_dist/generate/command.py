@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cgn_dist.config import Config, config_to_dict, save_config
+from cgn_dist.errors import InputError
 from cgn_dist.generate.plan import make_plan
 from cgn_dist.storage import Store, is_remote, join, staging_dir
 
@@ -57,7 +58,7 @@ def imagenet_factory(cfg: Config):
 
     g, ic = cfg.generate, cfg.imagenet
     if g.mode not in IMAGENET_MODES:
-        raise ValueError(f"generate.mode={g.mode!r} is not an ImageNet mode; accepted: {', '.join(IMAGENET_MODES)}")
+        raise InputError(f"generate.mode={g.mode!r} is not an ImageNet mode; accepted: {', '.join(IMAGENET_MODES)}")
     # A run directory means its latest checkpoint NOW: every worker must load the same one.
     checkpoint = str(resolve_cgn_checkpoint(_checkpoint(g.checkpoint)).resolve()) if g.checkpoint else ""
     mode = "random" if g.mode == "interpolation" else g.mode
@@ -77,15 +78,15 @@ def mnist_factory(cfg: Config):
 
     g = cfg.generate
     if g.mode == "interpolation":
-        raise ValueError("generate.mode=interpolation exists for task=imagenet only")
+        raise InputError("generate.mode=interpolation exists for task=imagenet only")
     if g.precision not in ("auto", "fp32") or g.compile or g.jpeg_encoder != "pil":
-        raise ValueError("generate.precision, generate.compile and generate.jpeg_encoder apply to task=imagenet; "
+        raise InputError("generate.precision, generate.compile and generate.jpeg_encoder apply to task=imagenet; "
                          "the MNIST generator runs in fp32 with Pillow: leave them at fp32 / false / pil")
     if g.image_format == "jpg":
-        raise ValueError("generate.image_format=jpg: MNIST counterfactuals are stored as lossless png (the "
+        raise InputError("generate.image_format=jpg: MNIST counterfactuals are stored as lossless png (the "
                          "classifiers read back exact values); set generate.image_format=png or auto")
     if not g.checkpoint:
-        raise ValueError("generate.checkpoint is empty: pass an MNIST training run directory, a checkpoint, or "
+        raise InputError("generate.checkpoint is empty: pass an MNIST training run directory, a checkpoint, or "
                          "the authors' cgn_<dataset>_MNIST.pth")
     # Resolved now (a clear error here, not in a worker); a run directory means its latest checkpoint NOW.
     checkpoint = str(resolve_generator_file(_checkpoint(g.checkpoint)).resolve())
@@ -108,13 +109,13 @@ def build_factory(cfg: Config):
     if g.mode == "interpolation":
         n = factory.num_classes(factory.checkpoint_kind())
         if g.classes and len(g.classes) != 3:
-            raise ValueError(f"generate.classes for an interpolation is the start [shape, texture, background], "
+            raise InputError(f"generate.classes for an interpolation is the start [shape, texture, background], "
                              f"got {g.classes}")
         if not -1 <= g.interp_target < n:
-            raise ValueError(f"generate.interp_target={g.interp_target} is out of range for this model "
+            raise InputError(f"generate.interp_target={g.interp_target} is out of range for this model "
                              f"({n} classes; -1 = random)")
         if g.midpoints < 0:
-            raise ValueError(f"generate.midpoints must be >= 0, got {g.midpoints}")
+            raise InputError(f"generate.midpoints must be >= 0, got {g.midpoints}")
         from cgn_dist.generate.imagenet import check_classes
 
         check_classes("fixed_classes", g.classes, n)
@@ -137,7 +138,7 @@ def _check_same_run(run_dir: str | Path, factory: Any, cfg: Config) -> None:
     if old.get("shard_size") != cfg.generate.shard_size:
         changed.insert(0, "generate.shard_size")
     if changed:
-        raise ValueError(f"{run_dir} holds a generation run made with other settings ({', '.join(changed)}: "
+        raise InputError(f"{run_dir} holds a generation run made with other settings ({', '.join(changed)}: "
                          f"before {[old_kwargs.get(k, old.get(k)) for k in changed]}); rerun with the same "
                          "settings to complete it, or give this run another name / out_dir")
 
@@ -181,6 +182,42 @@ def run_generate(cfg: Config) -> dict[str, Any]:
     target = cfg.run_location
     remote = is_remote(target)
     _check_same_run(target, factory, cfg)
+    # a folder this run makes (or finds empty) goes again if the run fails before its first committed shard
+    fresh = not remote and not (run_dir.is_dir() and any(run_dir.iterdir()))
+    try:
+        return _generate(cfg, factory, run_dir, target, remote)
+    except BaseException:
+        if fresh:
+            _discard_unstarted(run_dir)
+        raise
+
+
+def _discard_unstarted(run_dir: Path) -> None:
+    """Remove a run folder without a committed shard (its lock, config, plan, log, tb/): a failed first run
+    must not look like a run to resume. Its log file is closed first, so a later run opens a new one."""
+    import fcntl
+    import shutil
+
+    from cgn_dist.generate.backends import LOCK_NAME
+
+    if not run_dir.is_dir() or list(run_dir.glob("shard-*_stats.json")):  # a commit marker: results to keep
+        return
+    with open(run_dir / LOCK_NAME, "a") as lock:
+        try:  # another run started into the same empty folder holds it: its files stay
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        root = logging.getLogger("cgn_dist")
+        for h in list(root.handlers):
+            if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == run_dir.resolve():
+                root.removeHandler(h)
+                h.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _generate(cfg: Config, factory: Any, run_dir: Path, target: str, remote: bool) -> dict[str, Any]:
+    """The run itself: config.yaml, log.txt and tb/ in ``run_dir``, then the shards, manifest and index."""
+    g = cfg.generate
     if remote:
         Store(target).check_writable()
         run_dir = staging_dir("cgn_dist_run_")
@@ -324,7 +361,7 @@ def regenerate(cfg_or_run_dir: Config | str | Path, key: str) -> dict[str, bytes
     try:
         return regenerate_sample(run_dir, key)
     except KeyError as e:
-        raise ValueError(str(e.args[0]) if e.args else f"no sample {key}") from None
+        raise InputError(str(e.args[0]) if e.args else f"no sample {key}") from None
 
 
 def stored_sample(run_dir: str | Path, key: str) -> dict[str, bytes]:

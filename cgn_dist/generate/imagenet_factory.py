@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cgn_dist.errors import InputError, InputNotFound
 from cgn_dist.generate.imagenet_labels import IMAGENET_CLASSES, MODES, check_classes
 from cgn_dist.data.pixels import NORMALIZE
 from cgn_dist.generate.precision import JPEG_ENCODERS, PRECISIONS, check_precision
@@ -78,24 +79,24 @@ class ImagenetCounterfactualFactory:
                                       ("precision", self.precision, ("auto", *PRECISIONS)),
                                       ("jpeg_encoder", self.jpeg_encoder, JPEG_ENCODERS)):
             if value not in accepted:
-                raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
+                raise InputError(f"{name} must be one of {accepted}, got {value!r}")
         if self.mode == "fixed_classes" and len(self.classes) != 3:
-            raise ValueError(f"fixed_classes mode needs three class ids [shape, texture, background], got "
+            raise InputError(f"fixed_classes mode needs three class ids [shape, texture, background], got "
                              f"{self.classes}")
         if any(c < 0 for c in self.classes):
-            raise ValueError(f"class ids must be >= 0, got {self.classes}")
+            raise InputError(f"class ids must be >= 0, got {self.classes}")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must lie in 1..100, got {self.jpeg_quality}")
+            raise InputError(f"jpeg_quality must lie in 1..100, got {self.jpeg_quality}")
         if not 0 <= self.png_compress_level <= 9:
-            raise ValueError(f"png_compress_level must lie in 0..9, got {self.png_compress_level}")
+            raise InputError(f"png_compress_level must lie in 0..9, got {self.png_compress_level}")
         if self.precision == "fp16" and self.device == "cpu":
             check_precision(self.precision, "cpu")  # raises, naming the config key
         if self.jpeg_encoder == "nvjpeg" and self.device == "cpu":
-            raise ValueError("generate.jpeg_encoder=nvjpeg encodes on the GPU; with device=cpu use pil")
+            raise InputError("generate.jpeg_encoder=nvjpeg encodes on the GPU; with device=cpu use pil")
         if self.encode_threads < 0:
-            raise ValueError(f"encode_threads must be >= 0, got {self.encode_threads}")
+            raise InputError(f"encode_threads must be >= 0, got {self.encode_threads}")
         if self.forward_batch < 1 or self.num_threads < 0:
-            raise ValueError(f"need forward_batch >= 1 and num_threads >= 0, got {self.forward_batch}, "
+            raise InputError(f"need forward_batch >= 1 and num_threads >= 0, got {self.forward_batch}, "
                              f"{self.num_threads}")
 
     def checkpoint_kind(self) -> str | None:
@@ -112,7 +113,7 @@ class ImagenetCounterfactualFactory:
         mistake stops the run before any worker starts."""
         kind = self.checkpoint_kind()
         if kind is None and self.biggan not in RANDOM_SOURCES and not Path(self.biggan).is_dir():
-            raise ValueError(f"generate.checkpoint is empty: with BigGAN {self.biggan!r} the mechanisms would be "
+            raise InputError(f"generate.checkpoint is empty: with BigGAN {self.biggan!r} the mechanisms would be "
                              f"three copies of the pretrained BigGAN, not a trained CGN; {CHECKPOINT_HELP}")
         if kind != "original" and self.u2net not in ("tiny", "random") and not Path(self.u2net).is_file():
             from cgn_dist import weights
@@ -121,7 +122,7 @@ class ImagenetCounterfactualFactory:
             if weights.is_name(self.u2net):
                 raise weights.WeightsError(weights.missing_message(self.u2net, "imagenet.u2net"))
 
-            raise FileNotFoundError(f"U²-Net weights {self.u2net!r} (imagenet.u2net) not found. {U2NET_WEIGHTS_HELP}")
+            raise InputNotFound(f"U²-Net weights {self.u2net!r} (imagenet.u2net) not found. {U2NET_WEIGHTS_HELP}")
         check_classes(self.mode, self.classes, self.num_classes(kind))
 
     def __call__(self) -> "ImagenetCounterfactualSampler":

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from cgn_dist.data.shards import encode_jpeg, encode_png, write_json_atomic
+from cgn_dist.errors import InputError, InputNotFound
 from cgn_dist.generate.imagenet_labels import check_classes, class_name
 
 if TYPE_CHECKING:
@@ -30,18 +31,18 @@ def interpolate(sampler: "ImagenetCounterfactualSampler", start: Sequence[int], 
     from cgn_dist.models.biggan import class_vector, interpolate_class_vectors, truncated_noise
 
     if mechanism not in MECHANISMS:
-        raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
+        raise InputError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
     if midpoints < 0:
-        raise ValueError(f"midpoints must be >= 0, got {midpoints}")
+        raise InputError(f"midpoints must be >= 0, got {midpoints}")
     if len(start) != 3:
-        raise ValueError(f"start needs three class ids [shape, texture, background], got {list(start)}")
+        raise InputError(f"start needs three class ids [shape, texture, background], got {list(start)}")
     check_classes("fixed_classes", [*start, target], sampler.n_classes)
     steps = midpoints + 2
     if u is None:
         u = truncated_noise(1, sampler.model.z_dim, sampler.cfg.truncation, seed=[int(seed)])
     u = torch.as_tensor(u, dtype=torch.float32).reshape(1, -1)
     if u.shape[1] != sampler.model.z_dim:
-        raise ValueError(f"interpolation noise must hold {sampler.model.z_dim} values, got {u.shape[1]}")
+        raise InputError(f"interpolation noise must hold {sampler.model.z_dim} values, got {u.shape[1]}")
     moving = {"all": (0, 1, 2), "shape": (0,), "text": (1,), "bg": (2,)}[mechanism]
     ys = [interpolate_class_vectors(int(start[i]), int(target), steps, sampler.n_classes) if i in moving
           else class_vector([int(start[i])] * steps, sampler.n_classes) for i in range(3)]
@@ -158,9 +159,11 @@ def load_noise(path: str | os.PathLike) -> torch.Tensor:
     """A fixed noise vector file (1 x z_dim tensor, e.g. the authors' u_fixed.pth), used as stored."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"noise file {p} not found (generate.interp_noise)")
-    u = torch.load(p, map_location="cpu", weights_only=True)
+        raise InputNotFound(f"noise file {p} not found (generate.interp_noise)")
+    from cgn_dist.weights import load_user_file
+
+    u = load_user_file(p, "generate.interp_noise")
     if not isinstance(u, torch.Tensor):
-        raise ValueError(f"{p} holds a {type(u).__name__}, not a noise tensor")
+        raise InputError(f"{p} holds a {type(u).__name__}, not a noise tensor")
     return u.float().reshape(1, -1)
 

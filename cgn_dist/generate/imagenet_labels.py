@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cgn_dist.data.imagenet_classes import IMAGENET_CLASSES, class_name, imagenet_classes  # noqa: F401
+from cgn_dist.errors import InputError
 from cgn_dist.generate.class_lists import BEST_BACKGROUND_CLASSES, BEST_SHAPE_CLASSES, BEST_TEXTURE_CLASSES
 
 MODES = ("random", "best_classes", "fixed_classes")
@@ -23,11 +24,11 @@ def check_classes(mode: str, classes: Sequence[int], n_classes: int) -> None:
     if mode == "best_classes" and n_classes != IMAGENET_CLASSES:
         # The curated lists name ImageNet classes; reduced modulo a small model's classes they would pick
         # arbitrary ids while claiming to be the authors' selection.
-        raise ValueError(f"best_classes picks from curated ImageNet id lists and needs a {IMAGENET_CLASSES}-class "
+        raise InputError(f"best_classes picks from curated ImageNet id lists and needs a {IMAGENET_CLASSES}-class "
                          f"model; this one has {n_classes} classes: use mode random or fixed_classes")
     bad = [c for c in classes if not 0 <= int(c) < n_classes]
     if bad:
-        raise ValueError(f"class ids {bad} are out of range for this model ({n_classes} classes: 0..{n_classes - 1})")
+        raise InputError(f"class ids {bad} are out of range for this model ({n_classes} classes: 0..{n_classes - 1})")
 
 
 def draw_classes(mode: str, seed: int, n_classes: int, fixed: Sequence[int] = ()) -> tuple[int, int, int]:

@@ -42,6 +42,7 @@ import torch
 from cgn_dist.data.pixels import image_u8 as _image_u8
 from cgn_dist.data.pixels import mask_u8 as _mask_u8
 from cgn_dist.data.shards import encode_jpeg, encode_png
+from cgn_dist.errors import InputError
 from cgn_dist.generate.imagenet_labels import check_classes, class_name, draw_classes
 from cgn_dist.generate.imagenet_weights import build_generation_model, sha256_of
 from cgn_dist.generate.plan import SampleRef, ShardSpec, sample_seed
@@ -89,7 +90,7 @@ class ImagenetCounterfactualSampler:
         self.precision = resolve_precision(cfg.precision, self.device, "generate.precision")
         self.dtype = check_precision(self.precision, self.device.type)
         if cfg.jpeg_encoder == "nvjpeg" and self.device.type != "cuda":
-            raise ValueError("generate.jpeg_encoder=nvjpeg encodes on the GPU: this worker runs on "
+            raise InputError("generate.jpeg_encoder=nvjpeg encodes on the GPU: this worker runs on "
                              f"{self.device.type}; use jpeg_encoder=pil")
         # The encoder that will really run (the setting alone is not proof: on CPU tensors torchvision's
         # "GPU" encoder silently runs libjpeg): probed on an image made as every image is.

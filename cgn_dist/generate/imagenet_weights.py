@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from cgn_dist.data.shards import sha256_file as sha256_of  # noqa: F401  (re-exported)
+from cgn_dist.errors import InputNotFound, UserError
 from cgn_dist.generate.imagenet_labels import IMAGENET_CLASSES
 from cgn_dist.weights import TORCH_LOAD_ERRORS
 
@@ -24,7 +25,7 @@ CHECKPOINT_HELP = (
     "12yVFHPUjKmUFGnO2D4xVlTSpF8CUj136; then generate.checkpoint=cgn-imagenet)")
 
 
-class CGNCheckpointError(ValueError):
+class CGNCheckpointError(UserError, ValueError):
     """The path given as a CGN-ImageNet checkpoint is not one we can load."""
 
 
@@ -37,7 +38,7 @@ def resolve_cgn_checkpoint(path: str | os.PathLike) -> Path:
     if not str(path):
         raise CGNCheckpointError(f"no CGN checkpoint given; {CHECKPOINT_HELP}")
     if not p.exists():
-        raise FileNotFoundError(f"CGN checkpoint {p} does not exist; {CHECKPOINT_HELP}")
+        raise InputNotFound(f"CGN checkpoint {p} does not exist; {CHECKPOINT_HELP}")
     if p.is_file():
         return p
     if (p / "checkpoints").is_dir() and not (p / "meta.json").is_file():
@@ -45,8 +46,8 @@ def resolve_cgn_checkpoint(path: str | os.PathLike) -> Path:
 
         step = latest_checkpoint(p)
         if step is None:
-            raise FileNotFoundError(f"run directory {p} has no completed checkpoint under checkpoints/ (a "
-                                    "completed one has meta.json); train longer or pass a checkpoint file")
+            raise InputNotFound(f"run directory {p} has no completed checkpoint under checkpoints/ (a "
+                                "completed one has meta.json); train longer or pass a checkpoint file")
         p = step
     if (p / "meta.json").is_file():
         engines = json.loads((p / "meta.json").read_text()).get("engines", [])
@@ -135,8 +136,8 @@ def biggan_num_classes(biggan: str) -> int:
         return IMAGENET_CLASSES
     config = Path(biggan) / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"BigGAN source {biggan!r} is not 'tiny', 'random-256', a biggan-deep-* name, "
-                                "nor a directory with config.json + pytorch_model.bin")
+        raise InputNotFound(f"BigGAN source {biggan!r} is not 'tiny', 'random-256', a biggan-deep-* name, "
+                            "nor a directory with config.json + pytorch_model.bin")
     return int(json.loads(config.read_text())["num_classes"])
 
 

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from cgn_dist.data.shards import json_text, write_json_atomic
 from cgn_dist.data.shard_index import build_wids_index
+from cgn_dist.errors import InputError, InputNotFound
 from cgn_dist.generate.plan import KEY_FORMAT, SEED_DERIVATION, ShardSpec, plan_to_dicts, shard_name
 from cgn_dist.generate.writer import GenerationError, ShardCheck, verify_shard
 from cgn_dist.storage import Store, is_remote
@@ -169,11 +170,11 @@ def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
         data = store.read_bytes(MANIFEST_NAME)
         if data is None:
             state = "has not finished" if store.exists(PLAN_NAME) else "holds no generation run"
-            raise FileNotFoundError(f"{folder} {state} (no {MANIFEST_NAME}): rerun `cgn-dist generate` with its "
-                                    "config to complete it")
+            raise InputNotFound(f"{folder} {state} (no {MANIFEST_NAME}): rerun `cgn-dist generate` with its "
+                                "config to complete it")
         manifest = json.loads(data)
         if manifest.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"{folder}/{MANIFEST_NAME} is not a generation manifest ({MANIFEST_FORMAT})")
+            raise InputError(f"{folder}/{MANIFEST_NAME} is not a generation manifest ({MANIFEST_FORMAT})")
         return manifest
     path = Path(path)
     folder = path if path.suffix != ".json" else path.parent
@@ -181,15 +182,15 @@ def load_manifest(path: str | os.PathLike) -> dict[str, Any]:
         path = path / MANIFEST_NAME
     if not path.is_file():
         if not folder.is_dir():
-            raise FileNotFoundError(f"no generation run at {folder}: the folder does not exist (a run's folder is "
-                                    "<out_dir>/<name> of its config)")
+            raise InputNotFound(f"no generation run at {folder}: the folder does not exist (a run's folder is "
+                                "<out_dir>/<name> of its config)")
         if (folder / PLAN_NAME).is_file():
-            raise FileNotFoundError(f"the generation run in {folder} has not finished (no {MANIFEST_NAME} yet): "
-                                    "rerun `cgn-dist generate` with its config to complete it")
-        raise FileNotFoundError(f"{folder} is not a generation run folder (no {MANIFEST_NAME}, no {PLAN_NAME})")
+            raise InputNotFound(f"the generation run in {folder} has not finished (no {MANIFEST_NAME} yet): "
+                                "rerun `cgn-dist generate` with its config to complete it")
+        raise InputNotFound(f"{folder} is not a generation run folder (no {MANIFEST_NAME}, no {PLAN_NAME})")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path} is not a generation manifest ({MANIFEST_FORMAT})")
+        raise InputError(f"{path} is not a generation manifest ({MANIFEST_FORMAT})")
     return manifest
 
 

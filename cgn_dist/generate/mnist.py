@@ -46,6 +46,7 @@ import torch
 
 from cgn_dist.data.pixels import encode_uint8, mask_to_uint8
 from cgn_dist.data.shards import encode_png
+from cgn_dist.errors import InputError, InputNotFound, UserError
 from cgn_dist.generate.plan import SampleRef, sample_seed
 from cgn_dist.generate.workers import DEVICES, resolve_device
 from cgn_dist.models.cgn_mnist import MASK_MAX, MASK_MIN, CGNMnist, shuffle_texture
@@ -59,7 +60,7 @@ DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
 _CACHE_GROUPS = 4
 
 
-class GeneratorCheckpointError(ValueError):
+class GeneratorCheckpointError(UserError, ValueError):
     """The path given as an MNIST generator checkpoint is not one we can load."""
 
 
@@ -78,7 +79,7 @@ def resolve_generator_file(path: str | os.PathLike) -> Path:
     """
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"generator checkpoint {p} does not exist")
+        raise InputNotFound(f"generator checkpoint {p} does not exist")
     if p.is_file():
         return p
     if (p / "checkpoints").is_dir() and not (p / "meta.json").is_file():
@@ -86,8 +87,8 @@ def resolve_generator_file(path: str | os.PathLike) -> Path:
 
         step = latest_checkpoint(p)
         if step is None:
-            raise FileNotFoundError(f"run directory {p} has no completed checkpoint under checkpoints/ "
-                                    "(a completed one has meta.json); train longer or pass a checkpoint")
+            raise InputNotFound(f"run directory {p} has no completed checkpoint under checkpoints/ "
+                                "(a completed one has meta.json); train longer or pass a checkpoint")
         p = step
     if (p / "meta.json").is_file():
         meta = json.loads((p / "meta.json").read_text())
@@ -211,13 +212,13 @@ class MnistCounterfactualFactory:
 
     def __post_init__(self) -> None:
         if self.no_cfs < 1 or self.group_size < 1:
-            raise ValueError(f"no_cfs and group_size must be >= 1, got {self.no_cfs}, {self.group_size}")
+            raise InputError(f"no_cfs and group_size must be >= 1, got {self.no_cfs}, {self.group_size}")
         if self.device not in DEVICES:
-            raise ValueError(f"generate.device must be one of {DEVICES}, got {self.device!r}")
+            raise InputError(f"generate.device must be one of {DEVICES}, got {self.device!r}")
         if self.num_threads < 0:
-            raise ValueError(f"num_threads must be >= 0 (0 = torch's setting), got {self.num_threads}")
+            raise InputError(f"num_threads must be >= 0 (0 = torch's setting), got {self.num_threads}")
         if not 0 <= self.png_compress_level <= 9:
-            raise ValueError(f"png_compress_level must lie in 0..9, got {self.png_compress_level}")
+            raise InputError(f"png_compress_level must lie in 0..9, got {self.png_compress_level}")
 
     @property
     def group_len(self) -> int:

@@ -11,6 +11,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from cgn_dist.errors import InputError
+
 KEY_FORMAT = "{shard_id:06d}_{index:06d}"
 SHARD_NAME_FORMAT = "shard-{shard_id:06d}"
 SEED_DERIVATION = "numpy.random.SeedSequence([run_seed, shard_id, index]).generate_state(2, uint32) as uint64 >> 1"
@@ -74,7 +76,7 @@ def parse_key(key: str) -> tuple[int, int]:
         shard, index = key.split("_")
         return int(shard), int(index)
     except ValueError:
-        raise ValueError(f"{key!r} is not a sample key of the form {KEY_FORMAT}") from None
+        raise InputError(f"{key!r} is not a sample key of the form {KEY_FORMAT}") from None
 
 
 def shard_name(shard_id: int) -> str:

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cgn_dist.errors import InputError
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -43,9 +45,9 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 def check_precision(precision: str, device_type: str) -> torch.dtype:
     """The torch dtype of ``precision`` on this device kind; ValueError naming the config key otherwise."""
     if precision not in PRECISIONS:
-        raise ValueError(f"generate.precision must be one of {PRECISIONS}, got {precision!r}")
+        raise InputError(f"generate.precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp16" and device_type != "cuda":
-        raise ValueError("generate.precision=fp16 runs on CUDA only (CPU fp16 kernels are slow and partly "
+        raise InputError("generate.precision=fp16 runs on CUDA only (CPU fp16 kernels are slow and partly "
                          "missing); use bf16 on CPU")
     return DTYPES[precision]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from cgn_dist.data.shards import encode_sample
+from cgn_dist.errors import InputError
 from cgn_dist.generate.backends import run_shards
 from cgn_dist.generate.manifest import (INDEX_NAME, build_manifest, build_plan_doc, check_or_write_plan,
                                         write_outputs)
@@ -104,7 +105,7 @@ def describe_plan(shards: Sequence[ShardSpec], sampler: Any, batch_size: int = 1
     n_timed = len(refs)
     kept = [(r, s) for r, s in zip(refs, samples) if "__reject__" not in s]
     if not kept:
-        raise ValueError(f"every one of the {len(refs)} probed samples was rejected: {samples[0]['__reject__']}")
+        raise InputError(f"every one of the {len(refs)} probed samples was rejected: {samples[0]['__reject__']}")
     refs, samples = [r for r, _ in kept], [s for _, s in kept]
     tar_bytes = sum(_tar_bytes(encode_sample(r.key, s)) for r, s in zip(refs, samples))
     per_sample_s, member_bytes = seconds / n_timed, tar_bytes / len(refs)

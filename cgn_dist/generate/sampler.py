@@ -28,6 +28,7 @@ import importlib
 import json
 from typing import Any, Callable, Protocol, runtime_checkable
 
+from cgn_dist.errors import InputError
 from cgn_dist.generate.plan import SampleRef
 
 # Field names of the class triple in a counterfactual sample's json (the original labels.csv columns).
@@ -73,7 +74,7 @@ def describe_factory(factory: Any) -> dict[str, Any]:
 def build_factory(description: dict[str, Any]) -> Any:
     """Inverse of describe_factory for dataclass factories; ValueError when the manifest cannot rebuild it."""
     if "kwargs" not in description:
-        raise ValueError(f"the manifest describes the sampler factory only as {description.get('repr')!r}; "
+        raise InputError(f"the manifest describes the sampler factory only as {description.get('repr')!r}; "
                          "pass sampler_factory explicitly")
     module, _, qualname = description["target"].partition(":")
     obj: Any = importlib.import_module(module)

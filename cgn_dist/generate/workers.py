@@ -19,20 +19,22 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from cgn_dist.errors import InputError
+
 DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(requested: str, cuda_available: bool | None = None) -> str:
     """"cpu" or "cuda" for ``requested`` in THIS process (``cuda_available`` defaults to torch's answer here)."""
     if requested not in DEVICES:
-        raise ValueError(f"generate.device must be one of {DEVICES}, got {requested!r}")
+        raise InputError(f"generate.device must be one of {DEVICES}, got {requested!r}")
     if cuda_available is None:
         import torch
         cuda_available = torch.cuda.is_available()
     if requested == "auto":
         return "cuda" if cuda_available else "cpu"
     if requested == "cuda" and not cuda_available:
-        raise ValueError("generate.device=cuda but this worker has no GPU; use generate.device=auto or cpu")
+        raise InputError("generate.device=cuda but this worker has no GPU; use generate.device=auto or cpu")
     return requested
 
 

@@ -10,7 +10,6 @@ uploaded whole (an object appears only when its upload completes), then the mark
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import numbers
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cgn_dist.data.shards import AtomicTarWriter, json_text, write_json_atomic
+from cgn_dist.errors import MACHINE_ERRNOS, UserError
 from cgn_dist.generate.plan import ShardSpec, batch_bounds, sample_refs, shard_name
 from cgn_dist.generate.sampler import coverage_keys, sampler_info
 from cgn_dist.storage import Store, is_remote, staging_dir
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 STATS_FORMAT = "cgn_dist.shard-stats/v1"
 
 
-class GenerationError(RuntimeError):
+class GenerationError(UserError, RuntimeError):
     """A shard could not be generated (after its retries), or the output folder is inconsistent."""
 
 
@@ -42,7 +42,7 @@ class StopGeneration(GenerationError):
 
 
 # Errors of the machine, not of the attempt: retrying only fills the log (a full disk stays full).
-STOP_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+STOP_ERRNOS = MACHINE_ERRNOS
 
 
 def must_stop(e: BaseException | None) -> bool:

@@ -31,6 +31,7 @@ from pytorch_pretrained_biggan.model import (
     WEIGHTS_NAME,
 )
 
+from cgn_dist.errors import DownloadError, InputError, InputNotFound
 from cgn_dist.models.u2net import check_state_dict
 
 __all__ = [
@@ -174,21 +175,21 @@ def load_biggan_files(
     config_file, weights_file = Path(config_file), Path(weights_file)
     for f in (config_file, weights_file):
         if not f.is_file():
-            raise FileNotFoundError(f"BigGAN file '{f}' not found. {WEIGHTS_HELP}")
+            raise InputNotFound(f"BigGAN file '{f}' not found. {WEIGHTS_HELP}")
     try:
         config = BigGANConfig.from_json_file(str(config_file))
         config.layers = [tuple(layer) for layer in config.layers]
     except (ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"'{config_file}' is not a BigGAN config json ({e}). {WEIGHTS_HELP}") from e
+        raise InputError(f"'{config_file}' is not a BigGAN config json ({e}). {WEIGHTS_HELP}") from e
     try:
         state = torch.load(weights_file, map_location=map_location, weights_only=True)
     except Exception as e:
         from cgn_dist.weights import unreadable_reason
 
-        raise ValueError(f"'{weights_file}' is not BigGAN weights: {unreadable_reason(weights_file, e)}. "
+        raise InputError(f"'{weights_file}' is not BigGAN weights: {unreadable_reason(weights_file, e)}. "
                          f"{WEIGHTS_HELP}") from e
     if not isinstance(state, Mapping):
-        raise ValueError(f"'{weights_file}' does not hold a state dict. {WEIGHTS_HELP}")
+        raise InputError(f"'{weights_file}' does not hold a state dict. {WEIGHTS_HELP}")
     model = BigGAN(config)
     check_state_dict(model, state, f"BigGAN weights '{weights_file}'")
     model.load_state_dict(state)
@@ -225,7 +226,7 @@ def _download_pretrained(name: str, cache_dir: str | Path | None) -> BigGAN:
         how = f"offline, set imagenet.biggan to a local directory with '{CONFIG_NAME}' + '{WEIGHTS_NAME}'"
         if weights.is_name(name):
             how = f"{weights.missing_message(name, 'imagenet.biggan')}; or {how[9:]}"
-        raise ConnectionError(f"cannot download BigGAN {name!r} ({reason}); {how}") from e
+        raise DownloadError(f"cannot download BigGAN {name!r} ({reason}); {how}") from e
     return load_biggan_files(config, weights)
 
 
@@ -255,7 +256,7 @@ def build_biggan(
     path = Path(source)
     if path.is_dir():
         return load_biggan_dir(path)
-    raise FileNotFoundError(
+    raise InputNotFound(
         f"Unknown BigGAN source '{src}': not a model name "
         f"({', '.join(PRETRAINED_MODEL_ARCHIVE_MAP)}), 'tiny', 'random-256', nor an existing "
         f"directory. {WEIGHTS_HELP}"
@@ -270,9 +271,9 @@ def check_truncation(truncation: float) -> float:
     try:
         t = float(truncation)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"truncation must be a number in (0, 1], got {truncation!r}") from e
+        raise InputError(f"truncation must be a number in (0, 1], got {truncation!r}") from e
     if not (0.0 < t <= 1.0):  # also rejects NaN
-        raise ValueError(f"truncation must be in (0, 1], got {truncation!r}")
+        raise InputError(f"truncation must be in (0, 1], got {truncation!r}")
     return t
 
 

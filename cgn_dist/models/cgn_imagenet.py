@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cgn_dist.errors import InputNotFound
 from cgn_dist.models.biggan import BigGAN, build_biggan, check_truncation, clone_biggan
 from cgn_dist.models.u2net import U2Net, build_u2net, check_state_dict
 
@@ -178,7 +179,7 @@ class CGNImageNet(nn.Module):
     def load_trainable(self, path: str | Path, map_location: str | torch.device = "cpu") -> None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"CGN mechanisms checkpoint '{path}' not found")
+            raise InputNotFound(f"CGN mechanisms checkpoint '{path}' not found")
         self.load_trainable_state_dict(torch.load(path, map_location=map_location, weights_only=True))
 
 

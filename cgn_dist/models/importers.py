@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from cgn_dist.errors import InputError, InputNotFound
 from cgn_dist.models.original_imagenet import _read_checkpoint, convert_original_state_dict
 from cgn_dist.models.original_mnist import load_original_mnist_checkpoint
 
@@ -26,11 +27,11 @@ def detect_kind(state: dict) -> str:
 def import_original_checkpoint(src: str | Path, dst: str | Path, kind: str = "auto") -> Path:
     src, dst = Path(src), Path(dst)
     if not src.is_file():
-        raise FileNotFoundError(f"{src} does not exist")
+        raise InputNotFound(f"{src} does not exist")
     try:
         state = _read_checkpoint(src, "cpu")
     except ValueError as e:
-        raise ValueError(f"{src} is not an authors' CGN checkpoint (MNIST ckp.pth or ImageNet cgn.pth): "
+        raise InputError(f"{src} is not an authors' CGN checkpoint (MNIST ckp.pth or ImageNet cgn.pth): "
                          f"{str(e).splitlines()[0][:200]}") from None
     kind = detect_kind(dict(state)) if kind == "auto" else kind
     if kind == "mnist":
@@ -39,7 +40,7 @@ def import_original_checkpoint(src: str | Path, dst: str | Path, kind: str = "au
         converted = convert_original_state_dict(state)
         module = {k.removeprefix("mechanisms."): v for k, v in converted.items() if k.startswith("mechanisms.")}
         if not module:
-            raise ValueError(f"{src} holds no f_shape / f_text / f_bg weights")
+            raise InputError(f"{src} holds no f_shape / f_text / f_bg weights")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     torch.save({"module": module, "kind": f"cgn_{kind}", "imported_from": src.name}, tmp)

@@ -16,6 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
+from cgn_dist.errors import InputError
 from cgn_dist.models.torchvision_weights import read_state_file, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,10 @@ def _weights_enum(arch: str):
 def build_torchvision(arch: str, weights: str = "auto", seed: int = 0, **kwargs) -> tuple[nn.Module, str]:
     """A torchvision classifier ``arch`` with weights per cgn_dist.models.torchvision_weights; (model, source)."""
     if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"unknown torchvision classifier {arch!r}; e.g. resnet50, resnet18, vgg16, inception_v3")
+        raise InputError(f"unknown torchvision classifier {arch!r}; e.g. resnet50, resnet18, vgg16, inception_v3")
     enum = _weights_enum(arch)
     if enum is None and weights == "imagenet":
-        raise ValueError(f"torchvision has no ImageNet weights for {arch!r}")
+        raise InputError(f"torchvision has no ImageNet weights for {arch!r}")
     if enum is None and weights in ("auto", "random"):
         state, source = None, "random"
     else:
@@ -59,7 +60,7 @@ class InvariantClassifier(nn.Module):
         super().__init__()
         trunk, self.weights_source = build_torchvision(backbone, weights, seed)
         if not isinstance(getattr(trunk, "fc", None), nn.Linear):
-            raise ValueError(f"invariant.backbone={backbone!r}: need a ResNet-style network with an 'fc' layer")
+            raise InputError(f"invariant.backbone={backbone!r}: need a ResNet-style network with an 'fc' layer")
         dim = trunk.fc.in_features
         trunk.fc = nn.Identity()  # the trunk ends after global average pooling (2048-d for ResNet-50)
         self.backbone = trunk

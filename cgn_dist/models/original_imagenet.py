@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from cgn_dist.errors import InputError, InputNotFound
 from cgn_dist.models.biggan import refresh_spectral_weights
 from cgn_dist.models.cgn_imagenet import CGNImageNet, build_cgn_imagenet
 from cgn_dist.models.u2net import check_state_dict
@@ -56,7 +57,7 @@ def convert_original_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, 
         else:
             foreign.append(key)
     if foreign:
-        raise ValueError(
+        raise InputError(
             f"not a CGN-ImageNet checkpoint: {len(foreign)} keys outside "
             f"{sorted(ORIGINAL_PREFIXES)} (e.g. {foreign[:3]}). {CGN_WEIGHTS_HELP}"
         )
@@ -77,19 +78,19 @@ def to_original_state_dict(cgn: CGNImageNet) -> dict[str, torch.Tensor]:
 
 def _read_checkpoint(path: Path, map_location) -> Mapping[str, torch.Tensor]:
     if not path.is_file():
-        raise FileNotFoundError(f"CGN-ImageNet checkpoint '{path}' not found. {CGN_WEIGHTS_HELP}")
+        raise InputNotFound(f"CGN-ImageNet checkpoint '{path}' not found. {CGN_WEIGHTS_HELP}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         from cgn_dist.weights import unreadable_reason
 
-        raise ValueError(f"'{path}' is not a CGN checkpoint: {unreadable_reason(path, e)}. {CGN_WEIGHTS_HELP}") from e
+        raise InputError(f"'{path}' is not a CGN checkpoint: {unreadable_reason(path, e)}. {CGN_WEIGHTS_HELP}") from e
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not state or not all(
         isinstance(v, torch.Tensor) for v in state.values()
     ):
-        raise ValueError(f"'{path}' does not hold a state dict of tensors. {CGN_WEIGHTS_HELP}")
+        raise InputError(f"'{path}' does not hold a state dict of tensors. {CGN_WEIGHTS_HELP}")
     return state
 
 

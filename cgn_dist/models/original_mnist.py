@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from cgn_dist.errors import InputNotFound, UserError
 from cgn_dist.models.cgn_mnist import CGNMnist
 from cgn_dist.weights import TORCH_LOAD_ERRORS
 
@@ -32,7 +33,7 @@ _MECH_MAP = {"f_shape": ("f_shape", _SHAPE_MAP), "f_text1": ("f_text", _TEXT_MAP
 _BN_ENTRIES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-class OriginalCheckpointError(ValueError):
+class OriginalCheckpointError(UserError, ValueError):
     """The file is not an original CGN-MNIST generator checkpoint."""
 
 
@@ -137,7 +138,7 @@ def load_original_mnist_checkpoint(path: str | os.PathLike, model: CGNMnist | No
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise InputNotFound(f"checkpoint {path} does not exist")
     try:
         sd = torch.load(path, map_location=map_location, weights_only=True)
     except TORCH_LOAD_ERRORS as err:

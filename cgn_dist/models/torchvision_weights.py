@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from cgn_dist.errors import InputError, InputNotFound
+
 log = logging.getLogger(__name__)
 
 DOWNLOAD_TIMEOUT_S = 10.0
@@ -39,16 +41,34 @@ def _imagenet_state(weights_enum) -> dict:
         socket.setdefaulttimeout(old)
 
 
+def _last_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__
+
+
+def _registry_name(weights_enum) -> str:
+    """The `cgn-dist weights` name of torchvision's file (resnet50, inception-v3), else the file's name."""
+    from cgn_dist import weights as registry
+
+    filename = Path(weights_enum.url).name
+    return next((w.name for w in registry.REGISTRY.values() if w.filename == filename), filename)
+
+
 def read_state_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"weights file {str(p)!r} does not exist")
-    state = torch.load(p, map_location="cpu", weights_only=True)
+        raise InputNotFound(f"weights file {str(p)!r} does not exist")
+    from cgn_dist.weights import TORCH_LOAD_ERRORS, unreadable_reason
+
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except TORCH_LOAD_ERRORS as e:  # a text file ends in "IndexError: pop from empty list" deep in torch
+        raise InputError(f"weights file {p} is not a state dict: {unreadable_reason(p, e)}") from e
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ValueError(f"weights file {p} must hold a state dict, got {type(state).__name__}")
+        raise InputError(f"weights file {p} must hold a state dict, got {type(state).__name__}")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -60,11 +80,13 @@ def resolve_weights(spec: str, weights_enum, what: str) -> tuple[dict | None, st
             return _imagenet_state(weights_enum), "imagenet"
         except Exception as err:  # noqa: BLE001 - any failure means "not available here"
             if spec == "imagenet":
-                from cgn_dist.weights import WeightsError  # one line through the CLI, exit 2
+                from cgn_dist.weights import WeightsError
 
+                # the download's own error (urllib's chain) stays behind --debug; its last line says enough
                 raise WeightsError(
                     f"{what}: ImageNet weights unavailable: not in the torch hub cache ({_hub_file(weights_enum)}) "
-                    f"and the download failed ({err}). Put the file there, give a local path, or use 'random'."
+                    f"and the download failed ({_last_line(err)}). Put the file there (cgn-dist weights fetch "
+                    f"{_registry_name(weights_enum)}), give a local path, or use 'random'."
                 ) from err
             if what not in _warned:
                 _warned.add(what)

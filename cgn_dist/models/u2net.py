@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cgn_dist.errors import InputError, InputNotFound
+
 __all__ = ["U2Net", "load_u2net", "build_u2net", "check_state_dict", "U2NET_WEIGHTS_HELP", "TINY_U2NET_WIDTH"]
 
 # Width of the small random variant used by tests and smoke runs (512 channels -> 32).
@@ -224,7 +226,7 @@ def check_state_dict(module: nn.Module, state_dict: dict, what: str) -> None:
             parts.append(f"{len(unexpected)} unexpected keys [{head(unexpected)}]")
         if wrong:
             parts.append(f"{len(wrong)} shape mismatches [{head(wrong)}]")
-        raise ValueError(f"{what} does not match the model: " + "; ".join(parts))
+        raise InputError(f"{what} does not match the model: " + "; ".join(parts))
 
 
 def build_u2net(source: str | Path = "u2net.pth", seed: int = 0, align_corners: bool = True) -> U2Net:
@@ -246,15 +248,15 @@ def load_u2net(path: str | Path, map_location: str | torch.device = "cpu", align
     """Load the full upstream U^2-Net weights (`u2net.pth`). Returned in eval mode."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"U^2-Net weights not found at '{path}'. {U2NET_WEIGHTS_HELP}")
+        raise InputNotFound(f"U^2-Net weights not found at '{path}'. {U2NET_WEIGHTS_HELP}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle / zip errors: not a torch state dict
         from cgn_dist.weights import unreadable_reason
 
-        raise ValueError(f"'{path}' is not U^2-Net weights: {unreadable_reason(path, e)}. {U2NET_WEIGHTS_HELP}") from e
+        raise InputError(f"'{path}' is not U^2-Net weights: {unreadable_reason(path, e)}. {U2NET_WEIGHTS_HELP}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"'{path}' does not hold a U^2-Net state dict. {U2NET_WEIGHTS_HELP}")
+        raise InputError(f"'{path}' does not hold a U^2-Net state dict. {U2NET_WEIGHTS_HELP}")
     state = _strip_prefix(state, "module.")
     net = U2Net(align_corners=align_corners)
     check_state_dict(net, state, f"U^2-Net weights '{path}'")

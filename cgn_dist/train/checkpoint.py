@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from cgn_dist.config import Config, ConfigError, config_to_dict, save_config
+from cgn_dist.errors import InputError, InputNotFound
 from cgn_dist.train.run_dir import CKPT_DIR, check_config_change, resolve_run_precisions
 
 
@@ -161,12 +162,12 @@ def load_checkpoint(path: Path, engines: dict[str, Any], rank: int = 0, restore_
     path = Path(path)
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{path} is not a cgn_dist checkpoint directory (no meta.json)")
+        raise InputNotFound(f"{path} is not a cgn_dist checkpoint directory (no meta.json)")
     meta = json.loads(meta_file.read_text())
     check_world_size(meta, _world_size(), path)
     missing = set(engines) - set(meta.get("engines", []))
     if missing:
-        raise ValueError(f"checkpoint {path} holds {meta.get('engines')}, not {sorted(missing)}")
+        raise InputError(f"checkpoint {path} holds {meta.get('engines')}, not {sorted(missing)}")
     for name, engine in engines.items():
         engine.load(path, name)
     rng_file = path / f"rng_rank{rank}.pt"

@@ -30,6 +30,7 @@ from cgn_dist.config import Config
 from cgn_dist.data.transforms import normalize_images
 from cgn_dist.distributed.engine import build_engine
 from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
+from cgn_dist.errors import InputError, InputNotFound
 from cgn_dist.models.invariant import HEADS, build_invariant_classifier
 from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
 from cgn_dist.train.common import NullReporter, Reporter
@@ -49,7 +50,7 @@ def build_streams(cfg: Config, env: DistEnv):
 
     ic, t = cfg.invariant, cfg.train
     if not ic.real_shards:
-        raise ValueError("invariant.real_shards is empty: point it at the real ImageNet train shards "
+        raise InputError("invariant.real_shards is empty: point it at the real ImageNet train shards "
                          "(cgn-dist make-shards output, a folder with index.json)")
     if not ic.cf_shards or ic.cf_ratio == 0:
         log.warning("no counterfactual stream (invariant.cf_shards empty or invariant.cf_ratio=0): training on "
@@ -57,8 +58,8 @@ def build_streams(cfg: Config, env: DistEnv):
     for key, value in (("invariant.real_shards", ic.real_shards), ("invariant.cf_shards", ic.cf_shards)):
         if value and not (Path(value).is_dir() and (Path(value) / "index.json").is_file()) and \
                 not (Path(value).is_file() and value.endswith(".json")):
-            raise FileNotFoundError(f"{key}={value}: not a shard folder with index.json (cgn-dist make-shards / "
-                                    "cgn-dist generate write one) nor an index.json file")
+            raise InputNotFound(f"{key}={value}: not a shard folder with index.json (cgn-dist make-shards / "
+                                "cgn-dist generate write one) nor an index.json file")
     return make_mixed_loader(ic.real_shards, ic.cf_shards or None, t.micro_batch_size, ic.cf_ratio,
                              rank=env.rank, world_size=env.world_size, num_workers=ic.num_workers, seed=cfg.seed,
                              train=True, image_size=ic.image_size, resize=round(ic.image_size * 256 / 224),
@@ -112,7 +113,7 @@ def train_classifier(cfg: Config, env: DistEnv | None = None, reporter: Reporter
     if ic.steps_per_epoch:
         updates_per_epoch = min(updates_per_epoch, ic.steps_per_epoch)
     if updates_per_epoch < 1:
-        raise ValueError(f"an epoch gives {len(streams)} micro batches per rank, fewer than train.grad_accum="
+        raise InputError(f"an epoch gives {len(streams)} micro batches per rank, fewer than train.grad_accum="
                          f"{t.grad_accum}: lower train.micro_batch_size or add real shards")
     total = t.max_steps or ic.epochs * updates_per_epoch
 

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from cgn_dist.errors import InputNotFound
+
 EMA_NAME = "generator_ema"
 
 
@@ -51,8 +53,8 @@ class EmaWeights:
     def load(self, directory: Path, name: str = EMA_NAME) -> None:
         file = Path(directory) / f"{name}.pt"
         if not file.is_file():
-            raise FileNotFoundError(f"{file} missing: the checkpoint is incomplete (or was written without "
-                                    "mnist.ema_decay); resume from another checkpoint or with the run's own settings")
+            raise InputNotFound(f"{file} missing: the checkpoint is incomplete (or was written without "
+                                "mnist.ema_decay); resume from another checkpoint or with the run's own settings")
         device = next(self.module.parameters()).device
         state = torch.load(file, map_location=device, weights_only=True)
         self.module.load_state_dict(state["module"])

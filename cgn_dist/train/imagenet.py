@@ -15,6 +15,7 @@ from tqdm import tqdm
 from cgn_dist.config import Config
 from cgn_dist.distributed.engine import build_engine
 from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
+from cgn_dist.errors import InputError
 from cgn_dist.losses import VGG16Features
 from cgn_dist.models.biggan import truncated_noise
 from cgn_dist.models.cgn_imagenet import CGNImageNet, build_cgn_imagenet
@@ -65,7 +66,7 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter |
     reporter = reporter or NullReporter()
     t, ic = cfg.train, cfg.imagenet
     if t.max_steps <= 0:
-        raise ValueError("train.max_steps must be > 0 for ImageNet CGN (the number of optimizer updates)")
+        raise InputError("train.max_steps must be > 0 for ImageNet CGN (the number of optimizer updates)")
     owns_group = init_process_group(env)  # torchrun / deepspeed launchers; Ray Train made its own
     run_dir = prepare_run_dir(cfg, env.is_main, env.device)
     setup_logging(run_dir, env.is_main)
