@@ -1,0 +1,176 @@
+"""cgn-dist doctor on a simulated two-node Ray cluster (loopback) and on one machine without Ray.
+
+The second node is started with its own CGN_DIST_CACHE and TORCH_HOME, as a real node's environment would
+set them: its weights cache and torch hub are what those names point at *on that node*. Pointing them at
+a symlink to the head's folders gives both nodes one view (healthy); pointing them at a folder of their own
+is a node that does not share the cache (the driver's marker is not there; a weights file is missing).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cgn_dist import cli
+from cgn_dist.distributed.ray_utils import LoopbackCluster, patched_environ, shutdown_ray
+from cgn_dist.hardware import cpu_flags, cpu_matrix_units, isa_allows
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("doctor")
+    views = {"cache": root / "cache", "torch": root / "torch", "cache2": root / "node2_cache",
+             "torch2": root / "node2_torch"}
+    for k in ("cache", "torch"):
+        views[k].mkdir()
+    shutdown_ray()
+    with patched_environ({"CGN_DIST_CACHE": str(views["cache"]), "TORCH_HOME": str(views["torch"])}):
+        c = LoopbackCluster(num_nodes=1, cpus_per_node=1, object_store_mb=80).start()
+        with patched_environ({"CGN_DIST_CACHE": str(views["cache2"]), "TORCH_HOME": str(views["torch2"])}):
+            c.add_node()
+    try:
+        c.connect()
+        yield c, views, root
+    finally:
+        shutdown_ray()
+        c.shutdown()
+
+
+def _view(link: Path, target: Path | None) -> None:
+    """The second node's folder: a symlink to the head's (the same storage) or a folder of its own."""
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():
+        for p in link.iterdir():
+            p.unlink()
+        link.rmdir()
+    if target is None:
+        link.mkdir()
+    else:
+        link.symlink_to(target)
+
+
+def _doctor(capsys, monkeypatch, views, *overrides) -> tuple[int, list[str]]:
+    monkeypatch.setenv("CGN_DIST_CACHE", str(views["cache"]))
+    monkeypatch.setenv("TORCH_HOME", str(views["torch"]))
+    capsys.readouterr()
+    rc = cli.main(["doctor", *overrides])
+    return rc, capsys.readouterr().out.splitlines()
+
+
+def _line(lines: list[str], check: str) -> str:
+    found = [ln for ln in lines if ln.split(":", 1)[0].split(None, 1)[-1] == check]
+    assert len(found) == 1, (check, lines)
+    return found[0]
+
+
+def _weights_file(views) -> bytes:
+    data = os.urandom(4096)
+    (views["cache"] / "u2net.pth").write_bytes(data)
+    return data
+
+
+def test_healthy_cluster_every_check_ok_on_both_nodes(cluster, capsys, monkeypatch):
+    c, views, root = cluster
+    _view(views["cache2"], views["cache"])
+    _view(views["torch2"], views["torch"])
+    _weights_file(views)
+    rc, lines = _doctor(capsys, monkeypatch, views, "task=imagenet", "imagenet.biggan=tiny", "imagenet.u2net=u2net",
+                        f"out_dir={root / 'runs'}", f"ray.address={c.address}")
+    print("\n".join(lines))
+    assert rc == 0, lines
+    assert lines[0].endswith("(2 nodes)") and lines[-1].endswith(" 0 failed")
+    assert all(ln.startswith("ok   ") for ln in lines[1:-1])
+    assert sum(ln.startswith("ok   torch [node ") for ln in lines) == 2  # one probe per node
+    assert "marker seen and writable from 2 node(s)" in _line(lines, "path out_dir")
+    assert "from 2 node(s)" in _line(lines, "path weights cache (CGN_DIST_CACHE)")
+    assert "4,096 bytes" in _line(lines, "weights u2net") and "on 2 node(s)" in _line(lines, "weights u2net")
+    assert not list(root.glob("**/.cgn_dist_doctor*")), "the markers are removed"
+
+
+def test_node_that_does_not_see_the_markers_folder_fails_with_the_path_and_the_fix(cluster, capsys, monkeypatch):
+    c, views, root = cluster
+    _view(views["cache2"], None)  # node 2's CGN_DIST_CACHE: a folder of its own
+    _view(views["torch2"], views["torch"])
+    _weights_file(views)
+    rc, lines = _doctor(capsys, monkeypatch, views, "task=imagenet", "imagenet.biggan=tiny", "imagenet.u2net=u2net",
+                        f"out_dir={root / 'runs'}", f"ray.address={c.address}")
+    print("\n".join(lines))
+    assert rc == 1
+    bad = _line(lines, "path weights cache (CGN_DIST_CACHE)")
+    assert bad.startswith("FAIL ") and f"looks in {views['cache2']} and does not see the marker the driver wrote in " \
+        f"{views['cache']}" in bad
+    assert "fix: point CGN_DIST_CACHE at one shared folder" in bad
+    assert bad.count("does not see") == 1, "only the second node is named"
+    assert _line(lines, "path out_dir").startswith("ok   ")  # a shared path stays ok
+
+
+def test_weights_file_missing_on_one_node(cluster, capsys, monkeypatch):
+    c, views, root = cluster
+    _view(views["cache2"], views["cache"])
+    _view(views["torch2"], None)  # node 2's torch hub: empty
+    ckpt = views["torch"] / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "resnet50-0676ba61.pth").write_bytes(b"x" * 100)
+    rc, lines = _doctor(capsys, monkeypatch, views, "task=classifier", "invariant.weights=resnet50",
+                        f"out_dir={root / 'runs'}", f"ray.address={c.address}")
+    print("\n".join(lines))
+    assert rc == 1
+    bad = _line(lines, "weights resnet50")
+    assert bad.startswith("FAIL ") and str(views["torch2"] / "hub" / "checkpoints" / "resnet50-0676ba61.pth") in bad
+    assert bad.count("not at ") == 1 and "fix: `cgn-dist weights fetch resnet50`" in bad
+    assert [ln for ln in lines if ln.startswith("FAIL")] == [bad]
+
+
+def test_resources_that_do_not_fit_fail_the_doctor_and_stop_train_before_it_starts(cluster, capsys, monkeypatch,
+                                                                                    tmp_path):
+    c, views, _ = cluster
+    _view(views["cache2"], views["cache"])
+    args = ["task=mnist", f"out_dir={tmp_path / 'runs'}", f"ray.address={c.address}", "distributed.num_workers=2",
+            "distributed.cpus_per_worker=1.5"]
+    rc, lines = _doctor(capsys, monkeypatch, views, *args)
+    bad = _line(lines, "resources")
+    assert rc == 1 and bad.startswith("FAIL resources: 2 Ray Train workers of {CPU 1.5} each: only 0 fit")
+    assert "fix: lower distributed.num_workers" in bad
+    assert cli.main(["train", "configs/debug/mnist_tiny.yaml", *args, "name=nofit"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: preflight: FAIL resources: 2 Ray Train workers") and err.count("\n") == 1
+    assert not (tmp_path / "runs" / "nofit").exists()
+    rc, lines = _doctor(capsys, monkeypatch, views, *args[:-1], "distributed.cpus_per_worker=1")
+    assert rc == 0 and "2 Ray Train workers of {CPU 1} each fit on 2 node(s)" in _line(lines, "resources")
+
+
+def test_single_machine_without_ray(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CGN_DIST_CACHE": str(tmp_path / "cache")}
+    run = [sys.executable, "-m", "cgn_dist.cli", "doctor", "configs/debug/imagenet_tiny.yaml",
+           f"out_dir={tmp_path / 'runs'}"]
+    ok = subprocess.run(run, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.splitlines()[0].endswith("on this machine")
+    assert f"ok   path out_dir: {tmp_path / 'runs'}: marker seen and writable from 1 node(s)" in ok.stdout
+    assert "ok   matrix units: " in ok.stdout and "ok   nccl: " in ok.stdout
+    bad = subprocess.run(run + ["task=classifier", f"invariant.cf_shards={tmp_path / 'nothing'}",
+                                "invariant.weights=resnet50"],
+                         cwd=REPO, env={**env, "TORCH_HOME": str(tmp_path / "torch")},
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1
+    assert f"FAIL path invariant.cf_shards: {tmp_path / 'nothing'} does not exist on the driver" in bad.stdout
+    assert "FAIL weights resnet50: node local" in bad.stdout
+
+
+def test_matrix_units_follow_the_cpu_flags_and_the_onednn_cap():
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    assert cpu_flags() == flags
+    free = cpu_matrix_units(cap="")
+    assert free["avx512_bf16"] == ("avx512_bf16" in flags) and free["avx2"] == ("avx2" in flags)
+    capped = cpu_matrix_units(cap="AVX512_CORE_BF16")
+    assert capped["amx"] is False and capped["avx512_bf16"] == free["avx512_bf16"]
+    assert cpu_matrix_units(cap="AVX2") == {**free, "amx": False, "avx512_bf16": False, "isa_cap": "AVX2"}
+    assert isa_allows("amx", "AVX512_CORE_AMX") and not isa_allows("avx2", "AVX")
