@@ -141,6 +141,13 @@ def test_resources_that_do_not_fit_fail_the_doctor_and_stop_train_before_it_star
     assert not (tmp_path / "runs" / "nofit").exists()
     rc, lines = _doctor(capsys, monkeypatch, views, *args[:-1], "distributed.cpus_per_worker=1")
     assert rc == 0 and "2 Ray Train workers of {CPU 1} each fit on 2 node(s)" in _line(lines, "resources")
+    # generation actors on GPUs, on a cluster without any: refused before the first actor waits for one
+    assert cli.main(["generate", "configs/generate/mnist_colored.yaml", f"out_dir={tmp_path / 'gen'}",
+                     f"ray.address={c.address}", "generate.backend=ray", "generate.device=cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: preflight: FAIL resources: 1 generation actors (device=cuda: one GPU each) of "
+                          "{GPU 1} each: only 0 fit"), err
+    assert not (tmp_path / "gen").exists()
 
 
 def test_single_machine_without_ray(tmp_path):
