@@ -101,6 +101,7 @@ def _write_markers(request: dict[str, Any]) -> list[Path]:
     if request["cache_marker"]:
         places["weights cache"] = nearest_existing(weights.cache_dir())
     request["driver_anchor"] = {k: str(v) for k, v in places.items()}
+    request["driver_paths"] = {**request["outputs"], "weights cache": str(weights.cache_dir())}
     written = []
     for anchor in dict.fromkeys(places.values()):
         try:

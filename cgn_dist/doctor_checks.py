@@ -84,7 +84,7 @@ def output_lines(request: dict[str, Any], reports: list[dict], uri_lines: list[L
                            + (f" ({o['read_error']})" if o.get("read_error") else ""))
             elif not o["writable"]:
                 bad.append(f"node {r['node_id']} ({r['host']}) cannot write in {o['anchor']} ({o['write_error']})")
-        path = reports[0]["outputs"][key]["path"] if reports else request["outputs"].get(key, "?")
+        path = request["driver_paths"][key]  # as the driver names it
         name = f"path {key}" if key != "weights cache" else "path weights cache (CGN_DIST_CACHE)"
         if bad:
             fix = SHARED_FIX if key != "weights cache" else (
@@ -96,6 +96,19 @@ def output_lines(request: dict[str, Any], reports: list[dict], uri_lines: list[L
     return out
 
 
+def _seen(fp: str | None) -> str:
+    """A probe's fingerprint in words."""
+    if fp is None:
+        return "nothing"
+    kind, _, rest = fp.partition(":")
+    if kind == "file":
+        return f"a file of {int(rest):,} bytes"
+    if kind == "dir":
+        n, _, digest = rest.partition(":")
+        return f"a folder of {n} entries (names digest {digest})"
+    return fp
+
+
 def input_lines(cfg: Config, driver: dict[str, str | None], reports: list[dict]) -> list[Line]:
     out = []
     for key, want in driver.items():
@@ -105,10 +118,10 @@ def input_lines(cfg: Config, driver: dict[str, str | None], reports: list[dict])
                 out.append(Line(f"path {key}", False, f"{path} does not exist on the driver",
                                 f"check {key}: a path on shared storage, or a URI"))
             continue
-        bad = [f"node {r['node_id']} ({r['host']}) sees {r['inputs'][key]['fingerprint'] or 'nothing'} at {path}"
+        bad = [f"node {r['node_id']} ({r['host']}) sees {_seen(r['inputs'][key]['fingerprint'])} at {path}"
                for r in reports if r["inputs"][key]["fingerprint"] != want]
         if bad:
-            out.append(Line(f"path {key}", False, f"the driver sees {want}; " + "; ".join(bad), SHARED_FIX))
+            out.append(Line(f"path {key}", False, f"the driver sees {_seen(want)}; " + "; ".join(bad), SHARED_FIX))
         else:
             out.append(Line(f"path {key}", True, f"{path}: the same on {len(reports)} node(s)"))
     return out
@@ -122,9 +135,10 @@ def weights_lines(names: list[str], reports: list[dict]) -> list[Line]:
         entries = [(r, r["weights"][name]) for r in reports]
         missing = [f"node {r['node_id']} ({r['host']}): not at {e['path']}" for r, e in entries if not e["present"]]
         if missing:
+            where = "TORCH_HOME" if weights.get(name).cache == "torch" else "CGN_DIST_CACHE"
             out.append(Line(f"weights {name}", False, "; ".join(missing),
-                            f"`cgn-dist weights fetch {name}` with CGN_DIST_CACHE on storage every node mounts "
-                            "(offline: `cgn-dist weights` says which file to copy where)"))
+                            f"`cgn-dist weights fetch {name}` with {where} on storage every node mounts, the "
+                            f"same value on every node (offline: `cgn-dist weights` says which file to copy where)"))
             continue
         shas = {e.get("sha256") for _, e in entries}
         w, known = weights.get(name), weights.recorded_sha(name)
@@ -136,8 +150,8 @@ def weights_lines(names: list[str], reports: list[dict]) -> list[Line]:
                             "sha256 values)", f"`cgn-dist weights fetch {name} --force` into the shared cache"))
         else:
             e = entries[0][1]
-            out.append(Line(f"weights {name}", True, f"{e['path']}: {e['size']:,} bytes, sha256 {e['sha256'][:16]}... "
-                            f"on {len(reports)} node(s)"))
+            out.append(Line(f"weights {name}", True, f"{weights.path_of(name)}: {e['size']:,} bytes, sha256 "
+                            f"{e['sha256'][:16]}... on {len(reports)} node(s)"))
     return out
 
 

@@ -16,6 +16,9 @@ from cgn_dist import cli
 from cgn_dist.distributed.ray_utils import LoopbackCluster, patched_environ, shutdown_ray
 from cgn_dist.hardware import cpu_flags, cpu_matrix_units, isa_allows
 
+sys.path.insert(0, str(Path(__file__).parent))
+from ray_helpers import node_with_own_mounts  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -58,7 +61,10 @@ def _doctor(capsys, monkeypatch, views, *overrides) -> tuple[int, list[str]]:
     monkeypatch.setenv("TORCH_HOME", str(views["torch"]))
     capsys.readouterr()
     rc = cli.main(["doctor", *overrides])
-    return rc, capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.splitlines()
+    with capsys.disabled():  # the report, for whoever runs the tests with -s
+        print("\n".join(lines))
+    return rc, lines
 
 
 def _line(lines: list[str], check: str) -> str:
@@ -80,7 +86,6 @@ def test_healthy_cluster_every_check_ok_on_both_nodes(cluster, capsys, monkeypat
     _weights_file(views)
     rc, lines = _doctor(capsys, monkeypatch, views, "task=imagenet", "imagenet.biggan=tiny", "imagenet.u2net=u2net",
                         f"out_dir={root / 'runs'}", f"ray.address={c.address}")
-    print("\n".join(lines))
     assert rc == 0, lines
     assert lines[0].endswith("(2 nodes)") and lines[-1].endswith(" 0 failed")
     assert all(ln.startswith("ok   ") for ln in lines[1:-1])
@@ -98,7 +103,6 @@ def test_node_that_does_not_see_the_markers_folder_fails_with_the_path_and_the_f
     _weights_file(views)
     rc, lines = _doctor(capsys, monkeypatch, views, "task=imagenet", "imagenet.biggan=tiny", "imagenet.u2net=u2net",
                         f"out_dir={root / 'runs'}", f"ray.address={c.address}")
-    print("\n".join(lines))
     assert rc == 1
     bad = _line(lines, "path weights cache (CGN_DIST_CACHE)")
     assert bad.startswith("FAIL ") and f"looks in {views['cache2']} and does not see the marker the driver wrote in " \
@@ -117,11 +121,10 @@ def test_weights_file_missing_on_one_node(cluster, capsys, monkeypatch):
     (ckpt / "resnet50-0676ba61.pth").write_bytes(b"x" * 100)
     rc, lines = _doctor(capsys, monkeypatch, views, "task=classifier", "invariant.weights=resnet50",
                         f"out_dir={root / 'runs'}", f"ray.address={c.address}")
-    print("\n".join(lines))
     assert rc == 1
     bad = _line(lines, "weights resnet50")
     assert bad.startswith("FAIL ") and str(views["torch2"] / "hub" / "checkpoints" / "resnet50-0676ba61.pth") in bad
-    assert bad.count("not at ") == 1 and "fix: `cgn-dist weights fetch resnet50`" in bad
+    assert bad.count("not at ") == 1 and "fix: `cgn-dist weights fetch resnet50` with TORCH_HOME" in bad
     assert [ln for ln in lines if ln.startswith("FAIL")] == [bad]
 
 
@@ -181,3 +184,53 @@ def test_matrix_units_follow_the_cpu_flags_and_the_onednn_cap():
     assert capped["amx"] is False and capped["avx512_bf16"] == free["avx512_bf16"]
     assert cpu_matrix_units(cap="AVX2") == {**free, "amx": False, "avx512_bf16": False, "isa_cap": "AVX2"}
     assert isa_allows("amx", "AVX512_CORE_AMX") and not isa_allows("avx2", "AVX")
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs `unshare -m` (root or CAP_SYS_ADMIN) to give one node its own "
+                                                 "mounts")
+@pytest.mark.timeout(300)
+def test_node_whose_mount_hides_the_shared_folder(tmp_path, capsys):
+    """A worker node started in its own mount namespace with an empty tmpfs over the run's folder: what a
+    node sees when /shared is a local mkdir there instead of the shared mount."""
+    shared = tmp_path / "shared"
+    (shared / "cf").mkdir(parents=True)
+    (shared / "cf" / "index.json").write_text("{}")
+    shutdown_ray()
+    c = LoopbackCluster(num_nodes=1, cpus_per_node=1, object_store_mb=80).start()
+    try:
+        c.connect()
+        with node_with_own_mounts(c, shared, tmp_path / "node.log"):
+            _hidden_folder_checks(c, shared, capsys)
+    finally:
+        shutdown_ray()
+        c.shutdown()
+
+
+def _hidden_folder_checks(c, shared, capsys):
+    args = ["task=classifier", "invariant.weights=random", f"invariant.cf_shards={shared / 'cf'}",
+            f"out_dir={shared / 'runs'}", f"ray.address={c.address}"]
+    capsys.readouterr()
+    rc = cli.main(["doctor", *args])
+    lines = capsys.readouterr().out.splitlines()
+    with capsys.disabled():  # the report, for whoever runs the tests with -s
+        print("\n".join(lines))
+    assert rc == 1 and lines[0].endswith("(2 nodes)")
+    out = _line(lines, "path out_dir")
+    assert out.startswith(f"FAIL path out_dir: node ") and \
+        f"looks in {shared} and does not see the marker the driver wrote in {shared}" in out
+    assert "fix: mount shared storage at the same path on every node" in out and "s3://" in out
+    cf = _line(lines, "path invariant.cf_shards")
+    assert cf.startswith("FAIL ") and f"sees nothing at {shared / 'cf'}" in cf
+    # the cheap part stops a Ray Train run before it starts
+    assert cli.main(["train", "configs/debug/classifier_tiny.yaml", *args, "distributed.num_workers=1",
+                     "distributed.cpus_per_worker=0.5", "name=hidden"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: preflight: FAIL path out_dir: node ") and "cgn-dist doctor shows" in err
+    assert not (shared / "runs" / "hidden").exists()
