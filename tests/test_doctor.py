@@ -234,3 +234,33 @@ def _hidden_folder_checks(c, shared, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: preflight: FAIL path out_dir: node ") and "cgn-dist doctor shows" in err
     assert not (shared / "runs" / "hidden").exists()
+
+
+def _software(smi, torch_gpus, cvd=None):
+    return {"node_id": "n1", "host": "gpu-1", "software": {
+        "torch": "2.14.1+cu130", "torch_cuda": "13.0", "cuda_available": bool(torch_gpus), "torch_gpus": torch_gpus,
+        "nvidia_smi": smi, "cuda_visible_devices": cvd, "nccl": True, "nccl_version": "2.27.3" if torch_gpus else None,
+        "python": "3.11.7", "caps": {"amx": False, "avx512_bf16": True, "avx2": True, "isa_cap": None,
+                                     "torch_isa": "AVX512", "cuda_bf16": bool(torch_gpus), "cuda_devices": 0}}}
+
+
+def test_gpus_nvidia_smi_lists_but_torch_does_not_see_fail_with_the_torch_build_fix():
+    # The CPU half of the GPU check: a node's answers as a CUDA-13 torch on a 570 driver gives them.
+    from cgn_dist.config import load_config
+    from cgn_dist.doctor_checks import software_lines
+
+    cfg = load_config(None, [])
+    smi = ["NVIDIA H200, 570.86.15", "NVIDIA H200, 570.86.15"]
+    lines = [str(ln) for ln in software_lines(cfg, [_software(smi, [])], many=False)]
+    assert lines[0] == "ok   torch: torch 2.14.1+cu130 (CUDA build 13.0), python 3.11.7, driver 570.86.15"
+    assert lines[1].startswith("FAIL gpus: nvidia-smi lists 2 GPU(s) (NVIDIA H200), torch sees 0; fix: install the "
+                               "torch build for this driver")
+    # CUDA_VISIBLE_DEVICES hides GPUs on purpose: not a fault; all seen: ok, and the precision follows the GPU
+    hidden = [str(ln) for ln in software_lines(cfg, [_software(smi, [], cvd="")], many=False)]
+    assert hidden[1] == "ok   gpus: torch sees 0 GPU(s) (CPU run)"
+    seen = [str(ln) for ln in software_lines(cfg, [_software(smi, ["NVIDIA H200"] * 2)], many=False)]
+    assert seen[1] == "ok   gpus: torch sees 2 GPU(s): NVIDIA H200, NVIDIA H200" and seen[2] == "ok   nccl: NCCL 2.27.3"
+    assert seen[3].endswith("cuda precision: bf16")
+    cuda_cfg = load_config(None, ["distributed.use_gpu=true"])
+    none = [str(ln) for ln in software_lines(cuda_cfg, [_software(None, [])], many=False)]
+    assert none[1].startswith("FAIL gpus: the config asks for CUDA") and "(no nvidia-smi here)" in none[1]
