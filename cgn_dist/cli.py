@@ -59,9 +59,10 @@ def cmd_doctor(args) -> int:
 def cmd_train(args) -> int:
     from cgn_dist.train.run_dir import discard_unstarted
 
-    cfg = _preflight(_cfg(args), "train")
+    cfg = _cfg(args)
     if is_remote(cfg.out_dir):
         return _train_in_bucket(cfg)
+    _preflight(cfg, "train")
     existed = cfg.run_dir.exists()
     ray_dir = None if is_remote(cfg.ray.storage_path) else Path(cfg.ray.storage_path or Path(cfg.out_dir) / "ray") / cfg.name
     ray_existed = ray_dir is not None and ray_dir.exists()
