@@ -5,7 +5,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cgn_dist.config import Config
-from cgn_dist.hardware import preferred_precision
 
 SHARED_FIX = ("mount shared storage at the same path on every node (launch/ray_cluster.yaml mounts /shared) "
               "or write to a bucket (out_dir=s3://...; README \"Outputs in a bucket\", cgn_dist/storage.py)")
@@ -63,10 +62,9 @@ def software_lines(cfg: Config, reports: list[dict], many: bool) -> list[Line]:
                             ("NCCL built in (no GPU to use it)" if s["nccl"] else "not needed (CPU: gloo)")))
         c = s["caps"]
         units = [u for u in ("amx", "avx512_bf16", "avx2") if c[u]] or ["none"]
-        device = "cuda" if s["cuda_available"] else "cpu"
+        picked = "; ".join(f"{dev} precision=auto: {p} ({why})" for dev, (p, why) in s["picked"].items())
         out.append(Line(f"matrix units{at}", True, f"{', '.join(units)} (torch ISA {c['torch_isa']}"
-                        + (f", ONEDNN_MAX_CPU_ISA={c['isa_cap']}" if c["isa_cap"] else "") + "); "
-                        f"{device} precision: {preferred_precision(c, device)}"))
+                        + (f", ONEDNN_MAX_CPU_ISA={c['isa_cap']}" if c["isa_cap"] else "") + f"); {picked}"))
     return out
 
 

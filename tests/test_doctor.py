@@ -14,7 +14,6 @@ import pytest
 
 from cgn_dist import cli
 from cgn_dist.distributed.ray_utils import LoopbackCluster, patched_environ, shutdown_ray
-from cgn_dist.hardware import cpu_flags, cpu_matrix_units, isa_allows
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ray_helpers import node_with_own_mounts  # noqa: E402
@@ -171,19 +170,26 @@ def test_single_machine_without_ray(tmp_path):
     assert "FAIL weights resnet50: node local" in bad.stdout
 
 
-def test_matrix_units_follow_the_cpu_flags_and_the_onednn_cap():
+def test_matrix_units_line_follows_the_cpu_flags_and_the_onednn_cap(tmp_path):
     flags = set()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
             break
-    assert cpu_flags() == flags
-    free = cpu_matrix_units(cap="")
-    assert free["avx512_bf16"] == ("avx512_bf16" in flags) and free["avx2"] == ("avx2" in flags)
-    capped = cpu_matrix_units(cap="AVX512_CORE_BF16")
-    assert capped["amx"] is False and capped["avx512_bf16"] == free["avx512_bf16"]
-    assert cpu_matrix_units(cap="AVX2") == {**free, "amx": False, "avx512_bf16": False, "isa_cap": "AVX2"}
-    assert isa_allows("amx", "AVX512_CORE_AMX") and not isa_allows("avx2", "AVX")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    run = [sys.executable, "-m", "cgn_dist.cli", "doctor", f"out_dir={tmp_path}"]
+
+    def line(**extra):
+        out = subprocess.run(run, cwd=REPO, env={**env, **extra}, capture_output=True, text=True, timeout=300).stdout
+        return next(ln for ln in out.splitlines() if ln.startswith("ok   matrix units: "))
+
+    free = line()
+    assert ("avx512_bf16" in free) == ("avx512_bf16" in flags) and ("avx2" in free) == ("avx2" in flags)
+    assert ("cpu precision=auto: bf16" in free) == ("amx," in free)
+    capped = line(ONEDNN_MAX_CPU_ISA="AVX2")
+    assert "amx" not in capped and "avx512_bf16" not in capped and "ONEDNN_MAX_CPU_ISA=AVX2" in capped
+    assert "cpu precision=auto: fp32 (CPU without AMX (oneDNN capped at AVX2" in capped
 
 
 def _unshare_works() -> bool:
@@ -237,11 +243,16 @@ def _hidden_folder_checks(c, shared, capsys):
 
 
 def _software(smi, torch_gpus, cvd=None):
-    return {"node_id": "n1", "host": "gpu-1", "software": {
+    from cgn_dist.precision import decide_precision
+
+    caps = {"type": "cpu", "amx": False, "avx512_bf16": True, "avx2": True, "isa_cap": None, "torch_isa": "AVX512"}
+    picked = {"cpu": decide_precision("auto", caps)}
+    if torch_gpus:
+        picked["cuda"] = decide_precision("auto", {"type": "cuda", "cuda_bf16": True})
+    return {"node_id": "n1", "host": "gpu-1", "software": {"picked": picked,
         "torch": "2.14.1+cu130", "torch_cuda": "13.0", "cuda_available": bool(torch_gpus), "torch_gpus": torch_gpus,
         "nvidia_smi": smi, "cuda_visible_devices": cvd, "nccl": True, "nccl_version": "2.27.3" if torch_gpus else None,
-        "python": "3.11.7", "caps": {"amx": False, "avx512_bf16": True, "avx2": True, "isa_cap": None,
-                                     "torch_isa": "AVX512", "cuda_bf16": bool(torch_gpus), "cuda_devices": 0}}}
+        "python": "3.11.7", "caps": caps}}
 
 
 def test_gpus_nvidia_smi_lists_but_torch_does_not_see_fail_with_the_torch_build_fix():
@@ -260,7 +271,8 @@ def test_gpus_nvidia_smi_lists_but_torch_does_not_see_fail_with_the_torch_build_
     assert hidden[1] == "ok   gpus: torch sees 0 GPU(s) (CPU run)"
     seen = [str(ln) for ln in software_lines(cfg, [_software(smi, ["NVIDIA H200"] * 2)], many=False)]
     assert seen[1] == "ok   gpus: torch sees 2 GPU(s): NVIDIA H200, NVIDIA H200" and seen[2] == "ok   nccl: NCCL 2.27.3"
-    assert seen[3].endswith("cuda precision: bf16")
+    assert seen[3].startswith("ok   matrix units: avx512_bf16, avx2 (torch ISA AVX512); cpu precision=auto: fp32")
+    assert seen[3].endswith("; cuda precision=auto: bf16 (CUDA device with bf16 support)")
     cuda_cfg = load_config(None, ["distributed.use_gpu=true"])
     none = [str(ln) for ln in software_lines(cuda_cfg, [_software(None, [])], many=False)]
     assert none[1].startswith("FAIL gpus: the config asks for CUDA") and "(no nvidia-smi here)" in none[1]

@@ -60,15 +60,20 @@ def _software() -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from cgn_dist.hardware import device_capabilities
+    from cgn_dist.precision import decide_precision, device_capabilities
 
     cuda = torch.cuda.is_available()
-    return {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda_available": cuda,
+    caps = {**device_capabilities("cpu"), "torch_isa": torch.backends.cpu.get_cpu_capability()}
+    # what precision=auto picks here (cgn_dist/precision.py): on the GPU when there is one, else the CPU
+    picked = {"cpu": decide_precision("auto", caps)}
+    if cuda:
+        picked["cuda"] = decide_precision("auto", device_capabilities("cuda"))
+    return {"picked": picked, "torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda_available": cuda,
             "torch_gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
             "nvidia_smi": nvidia_smi_gpus(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "nccl": bool(dist.is_available() and dist.is_nccl_available()),
             "nccl_version": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
-            "caps": device_capabilities(), "python": platform.python_version()}
+            "caps": caps, "python": platform.python_version()}
 
 
 def _output(path: str, marker: str, token: str, node: str) -> dict[str, Any]:
