@@ -40,12 +40,32 @@ def _train_in_bucket(cfg) -> int:
     return 0
 
 
+def _preflight(cfg, command: str):
+    """On Ray, the doctor's cheap checks (paths seen from every node, resources fit) before any work."""
+    from cgn_dist.doctor import preflight
+
+    preflight(cfg, command)
+    return cfg
+
+
+def cmd_doctor(args) -> int:
+    """Preflight: versions, GPUs, NCCL, matrix units, paths and weights on every node, resources."""
+    from cgn_dist.doctor import run_doctor
+
+    if args.config and "=" in args.config and not os.path.isfile(args.config):  # overrides only, no file
+        args.overrides, args.config = [args.config, *args.overrides], None
+    text, code = run_doctor(_cfg(args))
+    print(text)
+    return code
+
+
 def cmd_train(args) -> int:
     from cgn_dist.train.run_dir import discard_unstarted
 
     cfg = _cfg(args)
     if is_remote(cfg.out_dir):
         return _train_in_bucket(cfg)
+    _preflight(cfg, "train")
     existed = cfg.run_dir.exists()
     ray_dir = None if is_remote(cfg.ray.storage_path) else Path(cfg.ray.storage_path or Path(cfg.out_dir) / "ray") / cfg.name
     ray_existed = ray_dir is not None and ray_dir.exists()
@@ -123,7 +143,7 @@ def cmd_generate(args) -> int:
     """Counterfactual data set (shards + manifest), a dry run, or an ImageNet interpolation sheet."""
     from cgn_dist.generate.command import run_generate
 
-    print(json.dumps(run_generate(_cfg(args)), indent=1, default=str))
+    print(json.dumps(run_generate(_preflight(_cfg(args), "generate")), indent=1, default=str))
     return 0
 
 
@@ -168,7 +188,7 @@ def cmd_make_shards(args) -> int:
     """An image tree (ILSVRC-2012 train/val, any ImageFolder tree) into WebDataset shards + manifest."""
     from cgn_dist.data.make_shards import run_make_shards
 
-    print(json.dumps(run_make_shards(_cfg(args)), indent=1, default=str))
+    print(json.dumps(run_make_shards(_preflight(_cfg(args), "make-shards")), indent=1, default=str))
     return 0
 
 
@@ -266,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     sp.set_defaults(fn=cmd_eval)
     with_config("make-shards", cmd_make_shards,
                 "shard an image tree (ImageNet train/val, ImageFolder) into WebDataset tars (shards.dry_run=true: estimate)")
+    with_config("doctor", cmd_doctor, "preflight on this machine or every Ray node (ray.address): versions, GPUs, "
+                "NCCL, matrix units, paths, weights, disk, resources; one ok/FAIL line each", config_required=False)
     sp = add("regenerate", "recompute sample KEY of a generation run and check it against the stored bytes "
              "(exit 1 when they differ)", epilog=None)
     sp.add_argument("run_dir", help="the generation run's folder (with manifest.json)")

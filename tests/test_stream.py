@@ -253,3 +253,13 @@ def test_two_gloo_processes_x_two_workers_rank_from_torch_distributed(tmp_path, 
         seen = ranks[0][epoch] + ranks[1][epoch]
         assert sorted(seen) == list(range(30))  # 30 samples, 5 steps x 3 x 2 ranks: every one once
     assert ranks[0]["0"] != ranks[0]["1"]
+
+
+def test_batches_are_pinned_when_cuda_is_used(shards):
+    # Without page-locked batches a .to(cuda, non_blocking=True) copy is synchronous.
+    assert make_loader(shards, 2, train=False, rank=0, world_size=1).pin_memory == torch.cuda.is_available()
+    assert make_loader(shards, 2, train=False, rank=0, world_size=1, pin_memory=False).pin_memory is False
+    if not torch.cuda.is_available():
+        pytest.skip("pinned host memory needs CUDA; the default above follows it")
+    batch = next(iter(make_loader(shards, 2, train=False, rank=0, world_size=1, num_workers=1)))
+    assert batch["image"].is_pinned()

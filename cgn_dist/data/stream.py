@@ -353,16 +353,19 @@ def dist_rank_world() -> tuple[int, int]:
 
 def make_loader(shards: Any, batch_size: int, *, train: bool = True, rank: int | None = None,
                 world_size: int | None = None, num_workers: int = 0, seed: int = 0, epoch: int = 0,
-                **stream_kw: Any) -> StreamLoader:
+                pin_memory: bool | None = None, **stream_kw: Any) -> StreamLoader:
     """The reader in one call: a StreamLoader over ``shards`` for this rank (default: torch.distributed's).
 
-    ``stream_kw`` go to ShardStream (labels, decoder, image_size, resize, shuffle_buffer, normalize,
-    samples_per_epoch, resampled, drop_last).
+    ``pin_memory`` (None = when CUDA is visible): batches in page-locked memory, without which a
+    ``.to(cuda, non_blocking=True)`` copy is synchronous. ``stream_kw`` go to ShardStream (labels, decoder,
+    image_size, resize, shuffle_buffer, normalize, samples_per_epoch, resampled, drop_last).
     """
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
     if rank is None or world_size is None:
         r, w = dist_rank_world()
         rank = r if rank is None else rank
         world_size = w if world_size is None else world_size
     stream = ShardStream(shards, batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
                          train=train, num_workers=num_workers, **stream_kw)
-    return StreamLoader(stream, num_workers=num_workers)
+    return StreamLoader(stream, num_workers=num_workers, pin_memory=pin_memory)

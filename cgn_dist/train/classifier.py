@@ -34,7 +34,7 @@ from cgn_dist.errors import InputError, InputNotFound
 from cgn_dist.models.invariant import HEADS, build_invariant_classifier
 from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
 from cgn_dist.train.common import NullReporter, Reporter
-from cgn_dist.train.metrics import Throughput, build_logger, setup_logging
+from cgn_dist.train.metrics import DeviceSums, Throughput, build_logger, setup_logging
 
 log = logging.getLogger(__name__)
 CF_KEYS = {"shape": "shape_cls", "texture": "texture_cls", "bg": "bg_cls"}
@@ -63,7 +63,7 @@ def build_streams(cfg: Config, env: DistEnv):
     return make_mixed_loader(ic.real_shards, ic.cf_shards or None, t.micro_batch_size, ic.cf_ratio,
                              rank=env.rank, world_size=env.world_size, num_workers=ic.num_workers, seed=cfg.seed,
                              train=True, image_size=ic.image_size, resize=round(ic.image_size * 256 / 224),
-                             decoder=ic.decoder, normalize=False)
+                             decoder=ic.decoder, normalize=False, pin_memory=env.device.type == "cuda")
 
 
 class _CastInput(torch.nn.Module):
@@ -85,12 +85,13 @@ def classifier_losses(out: dict[str, torch.Tensor], y_real: torch.Tensor, cf: di
     terms, top1 = {}, {}
     real_avg = out["avg"][:n_real]
     terms["real"] = F.cross_entropy(real_avg.float(), y_real)
-    top1["real/avg"] = (real_avg.argmax(1) == y_real).float().mean().item()
+    # top-1 stays a device tensor: the loop reads every scalar back in one sync when it logs
+    top1["real/avg"] = (real_avg.argmax(1) == y_real).float().mean()
     if cf is not None:
         for h in HEADS:
             logits, y = out[h][n_real:].float(), cf[CF_KEYS[h]]
             terms[f"cf_{h}"] = F.cross_entropy(logits, y)
-            top1[f"cf/{h}"] = (logits.argmax(1) == y).float().mean().item()
+            top1[f"cf/{h}"] = (logits.argmax(1) == y).float().mean()
     terms["total"] = sum(terms.values())
     return terms, top1
 
@@ -150,7 +151,7 @@ def train_classifier(cfg: Config, env: DistEnv | None = None, reporter: Reporter
         # resumed mid-epoch: both streams continue after the micro batches already trained on
         streams.set_epoch(epoch, start_step=(step - epoch * updates_per_epoch) * t.grad_accum)
         last = min(total, (epoch + 1) * updates_per_epoch)
-        sums: dict[str, float] = {}
+        sums = DeviceSums(t.grad_accum)
         n_real = n_cf = 0
         for real, cf in streams:
             if step >= last:
@@ -170,16 +171,20 @@ def train_classifier(cfg: Config, env: DistEnv | None = None, reporter: Reporter
             n_real += len(y)
             n_cf += 0 if cf is None else len(cf["image"])
             for name, v in list(terms.items()) + list(top1.items()):
-                sums[name] = sums.get(name, 0.0) + (v.item() if torch.is_tensor(v) else v) / t.grad_accum
+                sums.add(name, v)
             if not boundary:
                 continue
             step += 1
             bar.update(1)
-            logs = {f"loss/{k2}": v for k2, v in sums.items() if k2 in terms}
-            logs |= {f"train_top1/{k2}": 100 * v for k2, v in sums.items() if k2 not in terms}
-            logs |= {"mix/cf_per_real": n_cf / max(1, n_real), "mix/cf_fraction": n_cf / max(1, n_real + n_cf),
-                     "perf/images_per_s": meter.update(), "lr": lr, "epoch": epoch}
-            sums = {}
+            rate = meter.update()
+            # One sync, only where a log line, a checkpoint (the last of an epoch included) uses the scalars.
+            if step % t.log_every == 0 or step % t.checkpoint_every == 0 or step in (last, total):
+                values = sums.read()
+                logs = {f"loss/{k2}": v for k2, v in values.items() if k2 in terms}
+                logs |= {f"train_top1/{k2}": 100 * v for k2, v in values.items() if k2 not in terms}
+                logs |= {"mix/cf_per_real": n_cf / max(1, n_real), "mix/cf_fraction": n_cf / max(1, n_real + n_cf),
+                         "perf/images_per_s": rate, "lr": lr, "epoch": epoch}
+            sums = DeviceSums(t.grad_accum)
             if step % t.log_every == 0 or step == total:
                 logger.scalars(logs, step)
                 bar.set_postfix(loss=f"{logs['loss/total']:.3f}", img_s=f"{logs['perf/images_per_s']:.1f}")

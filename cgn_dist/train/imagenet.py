@@ -25,7 +25,7 @@ from cgn_dist.train.common import NullReporter, Reporter, step_seed
 from cgn_dist.train.imagenet_step import ImagenetLossWeights, build_optimizer, imagenet_losses, sample_inputs
 from cgn_dist.train.run_dir import (build_summary, checkpoint_step, complete_line, progress_line, read_summary,
                                     start_line, write_summary)
-from cgn_dist.train.metrics import Throughput, build_logger, engine_scalars, make_sheet, setup_logging
+from cgn_dist.train.metrics import DeviceSums, Throughput, build_logger, engine_scalars, make_sheet, setup_logging
 
 
 def build_cgn(cfg: Config) -> CGNImageNet:
@@ -103,7 +103,7 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter |
             # BigGAN has no dropout and never uses batch statistics: eval mode only stops the
             # per-forward power iteration, whose buffers would otherwise drift apart per worker.
             cgn.mechanisms.eval()
-        sums = {}
+        sums = DeviceSums(t.grad_accum)  # on the device: no host sync per micro-step
         for micro in range(t.grad_accum):
             g = torch.Generator().manual_seed(step_seed(cfg.seed, 0, step, micro * env.world_size + env.rank))
             u, y, _ = sample_inputs(t.micro_batch_size, cgn.n_classes, cgn.z_dim, ic.truncation, g)
@@ -113,16 +113,19 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter |
             engine.backward(losses["total"])
             engine.step()
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.item() / t.grad_accum
-            sums["mask_mean"] = sums.get("mask_mean", 0.0) + out["mask"].mean().item() / t.grad_accum
+                sums.add(k, v)
+            sums.add("mask_mean", out["mask"].detach().mean())
         done = step + 1
-        logs = {f"loss/{k}": v for k, v in sums.items() if k != "mask_mean"} | {"mask/mean": sums["mask_mean"],
-                                                                                 "perf/samples_per_s": meter.update()}
-        logs |= engine_scalars(engines)
+        rate = meter.update()
+        # The scalars are read back (one sync) only where a log line, a checkpoint or the summary uses them.
+        if done % t.log_every == 0 or done % t.checkpoint_every == 0 or done == t.max_steps:
+            values = sums.read()
+            logs = {f"loss/{k}": v for k, v in values.items() if k != "mask_mean"}
+            logs |= {"mask/mean": values["mask_mean"], "perf/samples_per_s": rate} | engine_scalars(engines)
         if done % t.log_every == 0 or done == t.max_steps:
             logger.scalars(logs, done)
             logger.info(progress_line(done, t.max_steps, logs))
-            bar.set_postfix(loss=f"{sums['total']:.2f}", samples_s=f"{logs['perf/samples_per_s']:.2f}")
+            bar.set_postfix(loss=f"{logs['loss/total']:.2f}", samples_s=f"{logs['perf/samples_per_s']:.2f}")
         if done % t.sample_every == 0 or done == t.max_steps:
             cgn.eval()
             logger.image("sheet/classes", class_sheet(cgn, ic.sheet_classes, ic.truncation, env.device, cfg.seed,

@@ -155,6 +155,29 @@ def build_logger(run_dir: Path, is_main: bool) -> Logger | NullLogger:
     return Logger(run_dir) if is_main else NullLogger()
 
 
+class DeviceSums:
+    """Means over an update's micro-steps of scalar loss tensors, kept on the device and read back in one host
+    sync when a log line, a checkpoint or the summary needs them: a ``.item()`` per term and micro-step stalls
+    a launch-bound GPU loop (batch 1) every few kernels. Summed in float64, as float(.item()) sums were, so
+    the values are the same to the bit."""
+
+    def __init__(self, micro_steps: int):
+        self.micro_steps = micro_steps
+        self.sums: dict[str, torch.Tensor | float] = {}
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        v = value.detach().double() if torch.is_tensor(value) else float(value)
+        self.sums[name] = self.sums.get(name, 0.0) + v / self.micro_steps
+
+    def read(self) -> dict[str, float]:
+        """Plain floats of every sum (one device-to-host copy for all tensors)."""
+        names = [k for k, v in self.sums.items() if torch.is_tensor(v)]
+        values = torch.stack([self.sums[k].reshape(()) for k in names]).tolist() if names else []
+        out = {k: float(v) for k, v in self.sums.items() if not torch.is_tensor(v)}
+        out.update(zip(names, values))
+        return {k: out[k] for k in self.sums}
+
+
 class Throughput:
     """Samples/s over all workers, counted from the end of the first update (start-up excluded)."""
 
