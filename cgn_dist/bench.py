@@ -17,9 +17,9 @@ from cgn_dist.config import Config
 
 
 def _run_local(cfg: Config) -> float:
-    from cgn_dist.distributed.ray_train import train_fn
+    from cgn_dist.train.tasks import training_loop
 
-    return float(train_fn(cfg)(cfg)["perf/samples_per_s"])
+    return float(training_loop(cfg.task)(cfg)["perf/samples_per_s"])
 
 
 def _run_ray(cfg: Config) -> float:

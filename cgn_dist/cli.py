@@ -30,13 +30,9 @@ def _train_in_bucket(cfg) -> int:
     if cfg.distributed.num_workers > 0:
         raise ConfigError(f"out_dir={cfg.out_dir} (a bucket) trains with distributed.num_workers=0; for Ray Train "
                           "give out_dir a shared mount and ray.storage_path the bucket")
-    if cfg.task == "mnist":
-        from cgn_dist.train.mnist import train_mnist as train_fn
-    elif cfg.task == "classifier":
-        from cgn_dist.train.classifier import train_classifier as train_fn
-    else:
-        from cgn_dist.train.imagenet import train_imagenet as train_fn
-    print(json.dumps(train_in_bucket(cfg, train_fn), indent=1, default=str))
+    from cgn_dist.train.tasks import training_loop
+
+    print(json.dumps(train_in_bucket(cfg, training_loop(cfg.task)), indent=1, default=str))
     return 0
 
 
@@ -74,25 +70,17 @@ def cmd_train(args) -> int:
             from cgn_dist.distributed.ray_train import train_with_ray
 
             result = train_with_ray(cfg)
-        elif cfg.task == "mnist":
-            from cgn_dist.train.mnist import train_mnist
-
-            result = train_mnist(cfg)
-        elif cfg.task == "classifier":
-            from cgn_dist.train.classifier import train_classifier
-
-            result = train_classifier(cfg)
         else:
-            from cgn_dist.train.imagenet import train_imagenet
+            from cgn_dist.train.tasks import training_loop
 
-            result = train_imagenet(cfg)
+            result = training_loop(cfg.task)(cfg)
     except BaseException:
-        if int(os.environ.get("RANK", "0")) == 0:  # failed before its first checkpoint: leave no run behind
+        if _is_main():  # failed before its first checkpoint: leave no run behind
             discard_unstarted(cfg.run_dir, existed)
             if not cfg.run_dir.exists() and ray_dir is not None:
                 discard_unstarted(ray_dir, ray_existed)
         raise
-    if int(os.environ.get("RANK", "0")) == 0:  # one summary, whichever launcher (torchrun starts one per rank)
+    if _is_main():  # one summary, whichever launcher (torchrun starts one per rank)
         print(json.dumps(result, indent=1, default=str))
     return 0
 
@@ -199,6 +187,12 @@ def cmd_bench_train(args) -> int:
     return 0
 
 
+def _is_main() -> bool:
+    from cgn_dist.distributed.env import is_main_process  # torch: imported once a command runs, not for --help
+
+    return is_main_process()
+
+
 def _drop_local_rank(argv: list[str]) -> list[str]:
     """The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same."""
     out, skip_next = [], False
@@ -223,7 +217,7 @@ def _console_logging() -> None:
     import logging
 
     root = logging.getLogger("cgn_dist")
-    root.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+    root.setLevel(logging.INFO if _is_main() else logging.WARNING)
     if not root.handlers:
         h = logging.StreamHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))

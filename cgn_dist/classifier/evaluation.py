@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cgn_dist.errors import InputError
 from cgn_dist.models.invariant import as_outputs
+from cgn_dist.distributed.env import rank_world
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,12 +32,6 @@ def imagenet_eval_transform(size: int = 224):
 
 
 # --------------------------------------------------------------------------- ranks
-
-
-def rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def rank_part(items: Sequence, rank: int | None = None, world: int | None = None) -> list:

@@ -39,6 +39,7 @@ from cgn_dist.data.shards import damaged_shard, tar_error_text
 from cgn_dist.errors import InputError
 from cgn_dist.storage import is_remote, register_stream_schemes
 from cgn_dist.data.transforms import ImageTransform, image_bytes, normalize_images
+from cgn_dist.distributed.env import rank_world
 
 REAL_LABELS = ("label",)
 CF_LABELS = ("shape_cls", "texture_cls", "bg_cls")
@@ -344,11 +345,6 @@ class StreamLoader:
         return iter(loader)
 
 
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world size) of the torch.distributed group, else from RANK / WORLD_SIZE, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def make_loader(shards: Any, batch_size: int, *, train: bool = True, rank: int | None = None,
@@ -363,7 +359,7 @@ def make_loader(shards: Any, batch_size: int, *, train: bool = True, rank: int |
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     if rank is None or world_size is None:
-        r, w = dist_rank_world()
+        r, w = rank_world()
         rank = r if rank is None else rank
         world_size = w if world_size is None else world_size
     stream = ShardStream(shards, batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch,

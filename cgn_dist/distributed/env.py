@@ -39,15 +39,23 @@ def pick_device(choice: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def read_env(device: str = "auto") -> DistEnv:
-    """Rank and world from the launcher's variables, or a single process."""
+def rank_world() -> tuple[int, int]:
+    """(rank, world size): the torch.distributed group's when one is up, else the launcher's RANK /
+    WORLD_SIZE, else a single process (0, 1). The one place cgn_dist reads them."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", rank))
-    else:
-        rank = int(os.environ.get("RANK", 0))
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    return rank_world()[0] == 0
+
+
+def read_env(device: str = "auto") -> DistEnv:
+    """Rank, world, local rank and device of this process (rank_world's rank and world)."""
+    rank, world = rank_world()
+    grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+    local = int(os.environ.get("LOCAL_RANK", rank if grouped else 0))
     return DistEnv(rank, world, local, pick_device(device, local))
 
 

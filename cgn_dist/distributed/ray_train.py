@@ -90,21 +90,9 @@ def _worker_loop(config: dict) -> None:
                   device if device is not None else torch.device("cpu"))
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
     torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
-    train_fn(cfg)(cfg, env, reporter=RayReporter(cfg.train.keep_last))
+    from cgn_dist.train.tasks import training_loop  # the launcher sits above the loops it runs
 
-
-def train_fn(cfg: Config):
-    if cfg.task == "mnist":
-        from cgn_dist.train.mnist import train_mnist
-
-        return train_mnist
-    if cfg.task == "classifier":
-        from cgn_dist.train.classifier import train_classifier
-
-        return train_classifier
-    from cgn_dist.train.imagenet import train_imagenet
-
-    return train_imagenet
+    training_loop(cfg.task)(cfg, env, reporter=RayReporter(cfg.train.keep_last))
 
 
 def _worker_error(err: BaseException) -> BaseException:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from cgn_dist.config import Config, ConfigError, config_to_dict, save_config
+from cgn_dist.distributed.env import rank_world
 from cgn_dist.errors import InputError, InputNotFound
 from cgn_dist.train.run_dir import CKPT_DIR, check_config_change, resolve_run_precisions
 
@@ -180,8 +181,7 @@ def load_checkpoint(path: Path, engines: dict[str, Any], rank: int = 0, restore_
 
 
 def _world_size() -> int:
-    d = torch.distributed
-    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+    return rank_world()[1]
 
 
 def check_world_size(meta: dict, world_size: int, path: Path) -> None:
