@@ -9,6 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from cgn_dist import interrupts
 
 
 def step_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
@@ -28,3 +31,17 @@ class Reporter:
 
 
 NullReporter = Reporter
+
+
+def stop_requested(device) -> int | None:
+    """The signal asking this run to stop (interrupts.requested), agreed on by every rank: a signal reaches
+    the processes of a job at slightly different updates, and the checkpoint it leads to is written by all of
+    them together, at the same update."""
+    signum = interrupts.requested() or 0
+    d = torch.distributed
+    if d.is_available() and d.is_initialized() and d.get_world_size() > 1:
+        flag = torch.tensor([signum], dtype=torch.int64,
+                            device=device if d.get_backend() == "nccl" else "cpu")
+        d.all_reduce(flag, op=d.ReduceOp.MAX)
+        signum = int(flag.item())
+    return signum or None

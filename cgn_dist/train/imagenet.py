@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from cgn_dist import interrupts
 from cgn_dist.config import Config
 from cgn_dist.distributed.engine import build_engine
 from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
@@ -20,7 +21,7 @@ from cgn_dist.models.biggan import truncated_noise
 from cgn_dist.models.cgn_imagenet import CGNImageNet, build_cgn_imagenet
 from cgn_dist.train.checkpoint import (find_resume_checkpoint, latest_checkpoint, load_checkpoint, prepare_run_dir,
                                       save_checkpoint)
-from cgn_dist.train.common import NullReporter, Reporter, step_seed
+from cgn_dist.train.common import NullReporter, Reporter, step_seed, stop_requested
 from cgn_dist.train.imagenet_step import ImagenetLossWeights, build_optimizer, imagenet_losses, sample_inputs
 from cgn_dist.train.run_dir import (build_summary, checkpoint_step, complete_line, progress_line, read_summary,
                                     start_line, write_summary)
@@ -60,6 +61,7 @@ def class_sheet(cgn: CGNImageNet, classes: list[int], truncation: float, device,
                       row_labels=[f"{c} {class_name(c)}" for c in classes])
 
 
+@interrupts.deferred()  # Ctrl-C / SIGTERM: the update in progress finishes and is saved
 def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter | None = None) -> dict:
     env = env or read_env(cfg.train.device)
     reporter = reporter or NullReporter()
@@ -126,9 +128,16 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter |
             cgn.eval()
             logger.image("sheet/classes", class_sheet(cgn, ic.sheet_classes, ic.truncation, env.device, cfg.seed,
                                                          engine.forward_module), done)
-        if done % t.checkpoint_every == 0 or done == t.max_steps:
+        stop = stop_requested(env.device) if done < t.max_steps else None
+        if done % t.checkpoint_every == 0 or done == t.max_steps or stop:
             path = save_checkpoint(run_dir, done, engines, cfg=cfg, keep_last=t.keep_last, rank=env.rank)
             reporter.report(done, logs, path, env.is_main)
+        if stop:
+            bar.close()
+            logger.close()
+            if owns_group:
+                destroy_process_group()
+            raise interrupts.Interrupted(stop, "train", done, t.max_steps, path)
     summary = build_summary(run_dir, t.max_steps, t.max_steps, latest_checkpoint(run_dir), logs)
     if env.is_main:
         write_summary(run_dir, summary)

@@ -1,0 +1,145 @@
+"""Ctrl-C and SIGTERM with real signals: `cgn-dist train` saves the update it finishes and resumes to the
+uninterrupted weights; `cgn-dist generate` keeps its committed shards, leaves no temporaries and a rerun gives
+the uninterrupted bytes; a second signal stops at once. Every run is the CLI in a subprocess, as a user runs it."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cgn_dist import interrupts
+from cgn_dist.config import load_config
+from cgn_dist.train.checkpoint import list_checkpoints
+from cgn_dist.train.mnist import train_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST = "configs/debug/mnist_tiny.yaml"
+GENERATE = "configs/debug/generate_tiny.yaml"
+# Long enough to be interrupted, short enough for a test: no sheets, no periodic checkpoints.
+TRAIN_ARGS = ["train.max_steps=30", "train.checkpoint_every=1000", "train.sample_every=1000", "train.log_every=1"]
+GEN_ARGS = ["generate.n_samples=600", "generate.shard_size=10", "generate.batch_size=2", "generate.grid_every=0"]
+TRAIN_LINE = re.compile(r"^interrupted at update (\d+) of 30; checkpoint saved in (\S+); "
+                        r"rerun the same command to resume$")
+GEN_LINE = re.compile(r"^interrupted: (\d+) of 60 shards committed in (\S+); rerun the same command to finish$")
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as f:  # a file, as a log is: the child writes, the test reads it as it grows
+        return subprocess.Popen([sys.executable, "-m", "cgn_dist.cli", *args], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=f)
+
+
+def _wait_for(proc: subprocess.Popen, done, what: str, log: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert proc.poll() is None, f"exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.02)
+
+
+def _last_line(log: Path) -> str:
+    return log.read_text().strip().splitlines()[-1]
+
+
+def _weights(run_dir: Path, step: int, name: str) -> dict:
+    return torch.load(run_dir / "checkpoints" / f"step_{step:07d}" / f"{name}.pt", weights_only=True)
+
+
+def test_a_second_signal_raises_at_once_and_handlers_come_back():
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs between bytecodes of this thread
+            assert interrupts.requested() == signal.SIGTERM
+            with pytest.raises(interrupts.Interrupted) as e:
+                interrupts.check()
+            assert e.value.exit_code == 143
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # never reached: the second signal raises here
+    assert signal.getsignal(signal.SIGINT) is before and interrupts.requested() is None
+
+
+def test_train_interrupted_saves_then_resumes_to_the_uninterrupted_weights(tmp_path):
+    log = tmp_path / "stderr.txt"
+    args = ["train", MNIST, f"out_dir={tmp_path}", "name=cut", *TRAIN_ARGS]
+    proc = _start(args, log)
+    _wait_for(proc, lambda: "update 2/30" in log.read_text(), "update 2", log)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "Traceback" not in text
+    m = TRAIN_LINE.match(_last_line(log))
+    assert m, _last_line(log)
+    step, where = int(m.group(1)), Path(m.group(2))
+    assert 2 <= step < 30
+    run = tmp_path / "cut"
+    assert [(s, p) for s, p in list_checkpoints(run)] == [(step, where)]
+    assert not list((run / "checkpoints").glob("*.tmp"))
+
+    again = subprocess.run([sys.executable, "-m", "cgn_dist.cli", *args], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming at update {step}" in again.stderr
+    full = Path(train_mnist(load_config(REPO / MNIST, [f"out_dir={tmp_path}", "name=full", *TRAIN_ARGS]))["run_dir"])
+    for name in ("generator", "discriminator"):
+        a, b = _weights(full, 30, name), _weights(run, 30, name)
+        assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"]), name
+        sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+        assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa), name
+
+
+def test_train_two_signals_stop_at_once_without_a_traceback(tmp_path):
+    log = tmp_path / "stderr.txt"
+    proc = _start(["train", MNIST, f"out_dir={tmp_path}", "name=twice", *TRAIN_ARGS], log)
+    _wait_for(proc, lambda: "update 2/30" in log.read_text(), "update 2", log)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    assert "Traceback" not in log.read_text()
+    assert _last_line(log).startswith("interrupted")
+    for _, ckpt in list_checkpoints(tmp_path / "twice"):  # whatever was saved is complete
+        assert (ckpt / "generator.pt").is_file() and (ckpt / "discriminator.pt").is_file()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gen_ref")
+    proc = subprocess.run([sys.executable, "-m", "cgn_dist.cli", "generate", GENERATE, f"out_dir={out}", "name=g",
+                           *GEN_ARGS], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "g"
+
+
+@pytest.mark.parametrize("sig, workers", [(signal.SIGINT, 1), (signal.SIGTERM, 2)], ids=["sigint-inprocess",
+                                                                                        "sigterm-pool"])
+def test_generate_interrupted_keeps_committed_shards_and_rerun_finishes_identical(tmp_path, uninterrupted, sig,
+                                                                                  workers):
+    log = tmp_path / "stderr.txt"
+    args = ["generate", GENERATE, f"out_dir={tmp_path}", "name=g", *GEN_ARGS, f"generate.num_workers={workers}"]
+    run = tmp_path / "g"
+    proc = _start(args, log)
+    _wait_for(proc, lambda: (run / "shard-000001_stats.json").exists(), "shard 1 committed", log)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == 128 + sig, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()
+    m = GEN_LINE.match(_last_line(log))
+    assert m, _last_line(log)
+    committed = int(m.group(1))
+    assert 2 <= committed < 60 and Path(m.group(2)) == run
+    assert len(list(run.glob("shard-*_stats.json"))) == committed
+    assert len(list(run.glob("shard-*.tar"))) == committed  # no tar without its commit marker
+    assert not list(run.glob(".tmp*")) and not (run / "manifest.json").exists()
+
+    again = subprocess.run([sys.executable, "-m", "cgn_dist.cli", *args], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"wrote {60 - committed} of 60 shards" in again.stderr
+    tars = sorted(p.name for p in uninterrupted.glob("shard-*.tar"))
+    assert sorted(p.name for p in run.glob("shard-*.tar")) == tars and len(tars) == 60
+    for name in tars + ["index.json"]:
+        assert (run / name).read_bytes() == (uninterrupted / name).read_bytes(), name
