@@ -13,6 +13,7 @@ again with the same run name resumes as well.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -82,6 +83,9 @@ def _worker_loop(config: dict) -> None:
     from cgn_dist.distributed.env import DistEnv
 
     cfg = config_from_dict(config)
+    # Ray Train sends the root logger to the console too: cgn_dist's lines go through its own handler only
+    # (train.metrics.setup_logging), or the driver would print each of them twice.
+    logging.getLogger("cgn_dist").propagate = False
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if cfg.distributed.use_gpu else None
     import torch
@@ -137,6 +141,8 @@ def train_with_ray(cfg: Config) -> dict:
     # Workers run in a Ray session folder: every path is made absolute here, in the driver's cwd.
     cfg = absolute_config(cfg)
     init_ray(cfg.ray.address or None, num_cpus=cfg.ray.num_cpus or None, loopback_only=not cfg.ray.address)
+    if not cfg.ray.address:  # one machine: no preemption to watch (its actor only adds a C++ warning)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     storage = cfg.ray.storage_path or str(Path(cfg.out_dir) / "ray")  # a URI (s3://...) as given
     d = cfg.distributed
     resources = {"CPU": d.cpus_per_worker}
@@ -152,6 +158,9 @@ def train_with_ray(cfg: Config) -> dict:
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=cfg.name, storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
+                                       # Ray Train's INFO lines (resources, worker group, every report's
+                                       # TrainingReport(...)) stay in its log files under the Ray session
+                                       logging_config=ray.train.LoggingConfig(log_level="WARNING"),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last)),
     )
     try:

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from cgn_dist import interrupts
 from cgn_dist.config import Config
@@ -32,6 +31,7 @@ from cgn_dist.data.transforms import normalize_images
 from cgn_dist.distributed.engine import build_engine
 from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
 from cgn_dist.models.invariant import HEADS, build_invariant_classifier
+from cgn_dist.progress import progress_bar
 from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
 from cgn_dist.train.common import NullReporter, Reporter, stop_requested
 from cgn_dist.train.metrics import Throughput, build_logger, setup_logging
@@ -139,8 +139,8 @@ def train_classifier(cfg: Config, env: DistEnv | None = None, reporter: Reporter
         evaluate("epoch000", 0)
     global_images = (t.micro_batch_size + int(ic.cf_ratio * t.micro_batch_size)) * t.grad_accum * env.world_size
     meter = Throughput(global_images)
-    bar = tqdm(total=total, initial=start, unit="update", disable=not (t.progress and env.is_main),
-               desc="invariant classifier")
+    bar = progress_bar(total=total, initial=start, unit="update", enabled=t.progress and env.is_main,
+                       desc="invariant classifier")
     logs: dict[str, float] = {}
     step = start
     first_epoch = start // updates_per_epoch

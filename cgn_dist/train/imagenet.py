@@ -10,7 +10,6 @@ with accumulation 1 see exactly the same samples.
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
 
 from cgn_dist import interrupts
 from cgn_dist.config import Config
@@ -18,6 +17,7 @@ from cgn_dist.distributed.engine import build_engine
 from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
 from cgn_dist.losses import VGG16Features
 from cgn_dist.models.biggan import truncated_noise
+from cgn_dist.progress import progress_bar
 from cgn_dist.models.cgn_imagenet import CGNImageNet, build_cgn_imagenet
 from cgn_dist.train.checkpoint import (find_resume_checkpoint, latest_checkpoint, load_checkpoint, prepare_run_dir,
                                       save_checkpoint)
@@ -94,8 +94,8 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter |
     logger.info(start_line(cfg, env.world_size, t.max_steps, start, env.device))
 
     global_batch = t.micro_batch_size * t.grad_accum * env.world_size
-    bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, unit="update",
-               disable=not (t.progress and env.is_main), desc="cgn-imagenet")
+    bar = progress_bar(range(start, t.max_steps), initial=start, total=t.max_steps, unit="update",
+                       enabled=t.progress and env.is_main, desc="cgn-imagenet", lines=False)  # logs progress_line
     logs: dict[str, float] = {}
     meter = Throughput(global_batch)
     for step in bar:

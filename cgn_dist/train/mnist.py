@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm import tqdm
 
 from cgn_dist import interrupts
 from cgn_dist.config import Config
@@ -17,6 +16,7 @@ from cgn_dist.data.mnist import build_mnist_dataset
 from cgn_dist.distributed.engine import build_engine
 from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
 from cgn_dist.losses import VGG16Features
+from cgn_dist.progress import progress_bar
 from cgn_dist.models.cgn_mnist import CGNMnist, init_cgn_weights
 from cgn_dist.models.discriminator import DiscConv, DiscLin
 from cgn_dist.train.checkpoint import (find_resume_checkpoint, latest_checkpoint, load_checkpoint, prepare_run_dir,
@@ -156,8 +156,8 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
     sampler_gen = ema.module if ema is not None else gen  # what sheets show and counterfactuals are drawn from
     logger.info(start_line(cfg, env.world_size, total, start, env.device))
 
-    bar = tqdm(range(start, total), initial=start, total=total, disable=not (t.progress and env.is_main),
-               desc=f"cgn-mnist {cfg.data.dataset}", unit="it")
+    bar = progress_bar(range(start, total), initial=start, total=total, enabled=t.progress and env.is_main,
+                       desc=f"cgn-mnist {cfg.data.dataset}", unit="it", lines=False)  # logs progress_line
     logs: dict[str, float] = {}
     meter = Throughput(t.micro_batch_size * t.grad_accum * env.world_size)
     for step in bar:
