@@ -116,12 +116,18 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out / "g"
 
 
-@pytest.mark.parametrize("sig, workers", [(signal.SIGINT, 1), (signal.SIGTERM, 2)], ids=["sigint-inprocess",
-                                                                                        "sigterm-pool"])
+RAY_BACKEND = ["generate.backend=ray", "generate.num_workers=2", "ray.num_cpus=2"]
+
+
+@pytest.mark.parametrize("sig, backend", [
+    (signal.SIGINT, ["generate.num_workers=1"]),
+    (signal.SIGTERM, ["generate.num_workers=2"]),
+    pytest.param(signal.SIGINT, RAY_BACKEND, marks=[pytest.mark.slow, pytest.mark.timeout(420)]),
+], ids=["sigint-inprocess", "sigterm-pool", "sigint-ray"])
 def test_generate_interrupted_keeps_committed_shards_and_rerun_finishes_identical(tmp_path, uninterrupted, sig,
-                                                                                  workers):
+                                                                                  backend):
     log = tmp_path / "stderr.txt"
-    args = ["generate", GENERATE, f"out_dir={tmp_path}", "name=g", *GEN_ARGS, f"generate.num_workers={workers}"]
+    args = ["generate", GENERATE, f"out_dir={tmp_path}", "name=g", *GEN_ARGS, *backend]
     run = tmp_path / "g"
     proc = _start(args, log)
     _wait_for(proc, lambda: (run / "shard-000001_stats.json").exists(), "shard 1 committed", log)
