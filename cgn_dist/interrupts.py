@@ -26,9 +26,10 @@ class Interrupted(KeyboardInterrupt):
     A KeyboardInterrupt, so no ``except Exception`` (a retry loop) swallows it."""
 
     def __init__(self, signum: int, kind: str = "", done: int | None = None, total: int | None = None,
-                 where: str | None = None):
+                 where: object = None):
         super().__init__(signum)
-        self.signum, self.kind, self.done, self.total, self.where = signum, kind, done, total, where
+        self.signum, self.kind, self.done, self.total = signum, kind, done, total
+        self.where = None if where is None else str(where)
 
     @property
     def exit_code(self) -> int:
@@ -36,7 +37,7 @@ class Interrupted(KeyboardInterrupt):
 
     def kept(self, kind: str, done: int, total: int, where: object) -> "Interrupted":
         """The same interrupt, with what the loop kept."""
-        return Interrupted(self.signum, kind, done, total, str(where))
+        return Interrupted(self.signum, kind, done, total, where)
 
 
 def _handler(signum: int, frame) -> None:

@@ -149,3 +149,41 @@ def test_generate_interrupted_keeps_committed_shards_and_rerun_finishes_identica
     assert sorted(p.name for p in run.glob("shard-*.tar")) == tars and len(tars) == 60
     for name in tars + ["index.json"]:
         assert (run / name).read_bytes() == (uninterrupted / name).read_bytes(), name
+
+
+RAY_TRAIN = ["train.engine=deepspeed", "distributed.num_workers=2", "distributed.cpus_per_worker=0.5",
+             "ray.num_cpus=2", "train.max_steps=30", "train.checkpoint_every=1000", "train.sample_every=1000"]
+
+
+def _ds_generator(run_dir: Path, step: int) -> dict:
+    f = run_dir / "checkpoints" / f"step_{step:07d}" / "generator" / "mp_rank_00_model_states.pt"
+    return torch.load(f, weights_only=False)["module"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_train_interrupted_at_the_driver_saves_and_resumes_to_the_uninterrupted_weights(tmp_path):
+    """Ctrl-C reaches the driver only (Ray Train would abort the run): the workers finish their update, save it
+    together, and the rerun resumes from it to the weights of a run never interrupted."""
+    log = tmp_path / "stderr.txt"
+    args = ["train", MNIST, f"out_dir={tmp_path}", "name=cut", *RAY_TRAIN]
+    proc = _start(args, log)
+    _wait_for(proc, lambda: "update 2/30" in log.read_text(), "update 2", log, timeout=300)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=200) == 130, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()
+    m = TRAIN_LINE.match(_last_line(log))
+    assert m, _last_line(log)
+    step = int(m.group(1))
+    run = tmp_path / "cut"
+    assert 2 <= step < 30 and [s for s, _ in list_checkpoints(run)] == [step]
+    assert not list(run.glob(".stop*"))
+
+    again = subprocess.run([sys.executable, "-m", "cgn_dist.cli", *args], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming at update {step}" in again.stderr
+    full = subprocess.run([sys.executable, "-m", "cgn_dist.cli", "train", MNIST, f"out_dir={tmp_path}", "name=full",
+                           *RAY_TRAIN], cwd=REPO, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-3000:]
+    a, b = _ds_generator(tmp_path / "full", 30), _ds_generator(run, 30)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -184,7 +184,7 @@ def train_classifier(cfg: Config, env: DistEnv | None = None, reporter: Reporter
             if step % t.log_every == 0 or step == total:
                 logger.scalars(logs, step)
                 bar.set_postfix(loss=f"{logs['loss/total']:.3f}", img_s=f"{logs['perf/images_per_s']:.1f}")
-            stop = stop_requested(env.device) if step < total else None
+            stop = stop_requested(env.device, reporter) if step < total else None
             if step % t.checkpoint_every == 0 or step == last or stop:
                 path = save_checkpoint(run_dir, step, engines, cfg=cfg, keep_last=t.keep_last, rank=env.rank,
                                        extra_meta={"epoch": epoch, "updates_per_epoch": updates_per_epoch})

@@ -128,7 +128,7 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter |
             cgn.eval()
             logger.image("sheet/classes", class_sheet(cgn, ic.sheet_classes, ic.truncation, env.device, cfg.seed,
                                                          engine.forward_module), done)
-        stop = stop_requested(env.device) if done < t.max_steps else None
+        stop = stop_requested(env.device, reporter) if done < t.max_steps else None
         if done % t.checkpoint_every == 0 or done == t.max_steps or stop:
             path = save_checkpoint(run_dir, done, engines, cfg=cfg, keep_last=t.keep_last, rank=env.rank)
             reporter.report(done, logs, path, env.is_main)

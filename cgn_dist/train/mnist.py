@@ -188,7 +188,7 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
         if done % t.sample_every == 0 or done == total:
             logger.image("sheet/classes", class_sheet(sampler_gen, m.n_classes, env.device), done)
             logger.image("sheet/counterfactuals", counterfactual_sheet(sampler_gen, m.n_classes, env.device), done)
-        stop = stop_requested(env.device) if done < total else None
+        stop = stop_requested(env.device, reporter) if done < total else None
         if done % t.checkpoint_every == 0 or done == total or stop:
             path = save_checkpoint(run_dir, done, saved, cfg=cfg, keep_last=t.keep_last, rank=env.rank)
             reporter.report(done, logs, path, env.is_main)
