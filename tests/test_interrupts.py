@@ -30,8 +30,17 @@ GEN_LINE = re.compile(r"^interrupted: (\d+) of 60 shards committed in (\S+); rer
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as f:  # a file, as a log is: the child writes, the test reads it as it grows
+        # its own process group, as a shell gives a command: a "terminal" Ctrl-C is os.killpg on it
         return subprocess.Popen([sys.executable, "-m", "cgn_dist.cli", *args], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=f)
+                                stdout=subprocess.DEVNULL, stderr=f, start_new_session=True)
+
+
+def _signal(proc: subprocess.Popen, sig: int, group: bool = False) -> None:
+    """``group``: to every process of the command (its workers too), as Ctrl-C at a terminal does."""
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
 
 
 def _wait_for(proc: subprocess.Popen, done, what: str, log: Path, timeout: float = 120.0) -> None:
@@ -70,7 +79,7 @@ def test_train_interrupted_saves_then_resumes_to_the_uninterrupted_weights(tmp_p
     args = ["train", MNIST, f"out_dir={tmp_path}", "name=cut", *TRAIN_ARGS]
     proc = _start(args, log)
     _wait_for(proc, lambda: "update 2/30" in log.read_text(), "update 2", log)
-    proc.send_signal(signal.SIGINT)
+    _signal(proc, signal.SIGINT, group=True)
     assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
     text = log.read_text()
     assert "Traceback" not in text
@@ -119,19 +128,20 @@ def uninterrupted(tmp_path_factory) -> Path:
 RAY_BACKEND = ["generate.backend=ray", "generate.num_workers=2", "ray.num_cpus=2"]
 
 
-@pytest.mark.parametrize("sig, backend", [
-    (signal.SIGINT, ["generate.num_workers=1"]),
-    (signal.SIGTERM, ["generate.num_workers=2"]),
-    pytest.param(signal.SIGINT, RAY_BACKEND, marks=[pytest.mark.slow, pytest.mark.timeout(420)]),
-], ids=["sigint-inprocess", "sigterm-pool", "sigint-ray"])
+@pytest.mark.parametrize("sig, backend, group", [
+    (signal.SIGINT, ["generate.num_workers=1"], False),
+    (signal.SIGTERM, ["generate.num_workers=2"], False),
+    (signal.SIGINT, ["generate.num_workers=2"], True),
+    pytest.param(signal.SIGINT, RAY_BACKEND, False, marks=[pytest.mark.slow, pytest.mark.timeout(420)]),
+], ids=["sigint-inprocess", "sigterm-pool", "ctrl-c-pool", "sigint-ray"])
 def test_generate_interrupted_keeps_committed_shards_and_rerun_finishes_identical(tmp_path, uninterrupted, sig,
-                                                                                  backend):
+                                                                                  backend, group):
     log = tmp_path / "stderr.txt"
     args = ["generate", GENERATE, f"out_dir={tmp_path}", "name=g", *GEN_ARGS, *backend]
     run = tmp_path / "g"
     proc = _start(args, log)
     _wait_for(proc, lambda: (run / "shard-000001_stats.json").exists(), "shard 1 committed", log)
-    proc.send_signal(sig)
+    _signal(proc, sig, group)
     assert proc.wait(timeout=120) == 128 + sig, log.read_text()[-3000:]
     assert "Traceback" not in log.read_text()
     m = GEN_LINE.match(_last_line(log))
@@ -169,7 +179,7 @@ def test_ray_train_interrupted_at_the_driver_saves_and_resumes_to_the_uninterrup
     args = ["train", MNIST, f"out_dir={tmp_path}", "name=cut", *RAY_TRAIN]
     proc = _start(args, log)
     _wait_for(proc, lambda: "update 2/30" in log.read_text(), "update 2", log, timeout=300)
-    proc.send_signal(signal.SIGINT)
+    _signal(proc, signal.SIGINT, group=True)  # Ray's daemons and workers block it: the driver decides
     assert proc.wait(timeout=200) == 130, log.read_text()[-3000:]
     assert "Traceback" not in log.read_text()
     m = TRAIN_LINE.match(_last_line(log))
@@ -187,3 +197,42 @@ def test_ray_train_interrupted_at_the_driver_saves_and_resumes_to_the_uninterrup
     assert full.returncode == 0, full.stderr[-3000:]
     a, b = _ds_generator(tmp_path / "full", 30), _ds_generator(run, 30)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def classifier_shards(tmp_path_factory):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train_classifier import shards  # the photo-fixture shards of the classifier's own tests
+
+    return shards.__wrapped__(tmp_path_factory)
+
+
+def test_classifier_with_loader_workers_survives_a_terminal_ctrl_c_and_resumes_exactly(tmp_path,
+                                                                                        classifier_shards):
+    """Ctrl-C at a terminal reaches the data loader's worker processes too: they must not quit before the
+    loop has read the batch of the update it finishes."""
+    data = [f"invariant.real_shards={classifier_shards['real']}", f"invariant.cf_shards={classifier_shards['cf']}",
+            "invariant.num_workers=2", "invariant.eval_every_epochs=0", "train.max_steps=40",
+            "train.checkpoint_every=1000"]
+    cfg_file = "configs/debug/classifier_tiny.yaml"
+    log = tmp_path / "stderr.txt"
+    args = ["train", cfg_file, f"out_dir={tmp_path}", "name=cut", *data, "train.checkpoint_every=3"]
+    proc = _start(args, log)
+    run = tmp_path / "cut"
+    _wait_for(proc, lambda: bool(list_checkpoints(run)), "a first checkpoint", log)
+    _signal(proc, signal.SIGINT, group=True)
+    assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()
+    m = re.match(r"^interrupted at update (\d+) of 40; checkpoint saved in (\S+); rerun", _last_line(log))
+    assert m, _last_line(log)
+    step = int(m.group(1))
+    assert list_checkpoints(run)[-1] == (step, Path(m.group(2)))
+
+    again = subprocess.run([sys.executable, "-m", "cgn_dist.cli", *args], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    from cgn_dist.train.classifier import train_classifier
+
+    full = train_classifier(load_config(REPO / cfg_file, [f"out_dir={tmp_path}", "name=full", *data]))
+    a = torch.load(Path(full["run_dir"]) / "checkpoints" / "step_0000040" / "classifier.pt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "step_0000040" / "classifier.pt", weights_only=True)
+    assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])

@@ -48,6 +48,15 @@ def quiet_ray_worker() -> None:
     import importlib.util
     import logging
 
+    # Ray's State API in a worker looks for "the" local Ray instance; with two on the machine (another user's,
+    # another job's) it finds both and the placement-group cleaner dies with a traceback. It is this one.
+    try:
+        import ray
+
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    except Exception:  # noqa: BLE001 - a quieter log is not worth failing a worker for
+        pass
+
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
         try:  # some Ray modules name their logger by file path (logging.getLogger(__file__))
