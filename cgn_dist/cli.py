@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a loop that can stop cleanly
         if debug:
             raise
-        print("interrupted; finished shards and checkpoints are kept, nothing half-written counts as done",
+        print("interrupted: stopped at once (what was complete on disk is kept; nothing half-written counts)",
               file=sys.stderr)
         return 130
 

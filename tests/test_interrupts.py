@@ -102,6 +102,30 @@ def test_train_interrupted_saves_then_resumes_to_the_uninterrupted_weights(tmp_p
         assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa), name
 
 
+def test_imagenet_cgn_sigterm_saves_then_resumes_to_the_uninterrupted_weights(tmp_path):
+    from cgn_dist.train.imagenet import train_imagenet
+
+    cfg_file = "configs/debug/imagenet_tiny.yaml"
+    log = tmp_path / "stderr.txt"
+    args = ["train", cfg_file, f"out_dir={tmp_path}", "name=cut", *TRAIN_ARGS]
+    proc = _start(args, log)
+    _wait_for(proc, lambda: "update 2/30" in log.read_text(), "update 2", log)
+    _signal(proc, signal.SIGTERM)  # as a batch scheduler stops a job
+    assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()
+    m = TRAIN_LINE.match(_last_line(log))
+    assert m, _last_line(log)
+    step, run = int(m.group(1)), tmp_path / "cut"
+    assert [s for s, _ in list_checkpoints(run)] == [step]
+
+    again = subprocess.run([sys.executable, "-m", "cgn_dist.cli", *args], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    full = train_imagenet(load_config(REPO / cfg_file, [f"out_dir={tmp_path}", "name=full", *TRAIN_ARGS]))
+    a = torch.load(Path(full["run_dir"]) / "checkpoints" / "step_0000030" / "mechanisms.pt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "step_0000030" / "mechanisms.pt", weights_only=True)
+    assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])
+
+
 def test_train_two_signals_stop_at_once_without_a_traceback(tmp_path):
     log = tmp_path / "stderr.txt"
     proc = _start(["train", MNIST, f"out_dir={tmp_path}", "name=twice", *TRAIN_ARGS], log)
