@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cgn_dist.config import ConfigError, load_config
 from cgn_dist.errors import UserError, is_machine_error
+from cgn_dist.interrupts import Interrupted
 from cgn_dist.storage import is_remote
 
 
@@ -326,6 +327,26 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # stopped at a safe point: say what was kept and how to go on
+        if debug:
+            raise
+        print(interrupted_line(e), file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a loop that can stop cleanly
+        if debug:
+            raise
+        print("interrupted: stopped at once (what was complete on disk is kept; nothing half-written counts)",
+              file=sys.stderr)
+        return 130
+
+
+def interrupted_line(e: Interrupted) -> str:
+    if e.kind == "train":
+        return (f"interrupted at update {e.done} of {e.total}; checkpoint saved in {e.where}; "
+                "rerun the same command to resume")
+    if e.kind == "generate":
+        return f"interrupted: {e.done} of {e.total} shards committed in {e.where}; rerun the same command to finish"
+    return "interrupted"
 
 
 def _one_line(e: BaseException) -> str:

@@ -89,7 +89,7 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept
     resume: bool = True  # resume from the latest checkpoint when the run directory exists
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when visible
-    progress: bool = True  # tqdm progress bars
+    progress: bool = True  # progress bars on a terminal (a plain line per interval in files and pipes)
     allow_config_change: bool = False  # resume a run whose training settings changed (earlier config kept beside)
 
 

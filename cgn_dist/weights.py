@@ -252,7 +252,7 @@ def load_user_file(path: str | os.PathLike, what: str):
 
 def _download(url: str, dest: Path, progress: bool, label: str) -> None:
     """url -> dest (whole file or an exception), with a tqdm bar in bytes."""
-    from tqdm import tqdm
+    from cgn_dist.progress import progress_bar
 
     req = urllib.request.Request(url, headers={"User-Agent": "cgn_dist"})
     with urllib.request.urlopen(req, timeout=DOWNLOAD_TIMEOUT_S) as r:
@@ -261,8 +261,8 @@ def _download(url: str, dest: Path, progress: bool, label: str) -> None:
                                f"quota); download it in a browser and copy it into place (`cgn-dist weights` "
                                f"says where)")
         total = int(r.headers.get("Content-Length") or 0) or None
-        with open(dest, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                         desc=label, disable=not progress) as bar:
+        with open(dest, "wb") as f, progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                                                 desc=label, enabled=progress) as bar:
             while block := r.read(1 << 20):
                 f.write(block)
                 bar.update(len(block))

@@ -26,11 +26,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from cgn_dist.data.pixels import decode_uint8
 from cgn_dist.errors import InputError, InputNotFound
 from cgn_dist.models.classifier import build_classifier
+from cgn_dist.progress import progress_bar
 
 TRAIN_SETS = ("original", "counterfactual", "combined")
 
@@ -185,8 +185,8 @@ def _train(train, test, settings, seed, device, progress, desc, eval_every_epoch
     n, bs = len(data), s.batch_size
     steps_per_epoch = -(-n // bs)
     history = []
-    bar = tqdm(total=s.epochs * steps_per_epoch, desc=desc, unit="it", disable=not progress, dynamic_ncols=True,
-               position=position)
+    bar = progress_bar(total=s.epochs * steps_per_epoch, desc=desc, unit="it", enabled=progress,
+                       dynamic_ncols=True, position=position)
     model.train()
     for epoch in range(s.epochs):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch)))

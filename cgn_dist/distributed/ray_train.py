@@ -13,10 +13,13 @@ again with the same run name resumes as well.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
+from cgn_dist import interrupts
 from cgn_dist.config import Config, config_from_dict, config_to_dict
 from cgn_dist.distributed.env import process_group_backend
 from cgn_dist.storage import is_remote
@@ -24,6 +27,10 @@ from cgn_dist.train.common import Reporter
 
 POINTER_FILE = "checkpoint.json"  # what Ray Train stores per checkpoint: {"path": ..., "step": ...}
 POINTER_DIR = "ray_pointers"  # in the run directory: the pointer folders handed to Ray Train
+# Ctrl-C reaches the driver only: it asks the workers to stop through the (shared) run directory, and rank 0
+# answers with what it saved. Both files live only while a run is being stopped.
+STOP_FILE = ".stop-requested"
+STOPPED_FILE = ".stopped.json"
 
 
 def checkpoint_from_pointer(directory: str | os.PathLike) -> Path:
@@ -51,8 +58,17 @@ class RayReporter(Reporter):
     """Hands a loop's checkpoints to Ray Train (as pointers) and, after a restart, the checkpoint Ray
     Train's latest pointer names back to the loop."""
 
-    def __init__(self, keep_last: int = 3):
+    def __init__(self, keep_last: int = 3, run_dir: Path | None = None):
         self.keep_last = keep_last
+        self.stop_file = Path(run_dir) / STOP_FILE if run_dir is not None else None
+
+    def stop_requested(self) -> int | None:
+        if self.stop_file is None or not self.stop_file.is_file():
+            return None
+        try:
+            return int(self.stop_file.read_text() or 0) or None
+        except (OSError, ValueError):  # being written: the next update reads it
+            return None
 
     def resume_checkpoint(self) -> Path | None:
         import ray.train
@@ -82,6 +98,9 @@ def _worker_loop(config: dict) -> None:
     from cgn_dist.distributed.env import DistEnv
 
     cfg = config_from_dict(config)
+    # Ray Train sends the root logger to the console too: cgn_dist's lines go through its own handler only
+    # (train.metrics.setup_logging), or the driver would print each of them twice.
+    logging.getLogger("cgn_dist").propagate = False
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device() if cfg.distributed.use_gpu else None
     import torch
@@ -92,7 +111,12 @@ def _worker_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
     from cgn_dist.train.tasks import training_loop  # the launcher sits above the loops it runs
 
-    training_loop(cfg.task)(cfg, env, reporter=RayReporter(cfg.train.keep_last))
+    try:
+        training_loop(cfg.task)(cfg, env, reporter=RayReporter(cfg.train.keep_last, cfg.run_dir))
+    except interrupts.Interrupted as e:  # the driver asked: saved and reported; a clean end, not a failure
+        if env.rank == 0:
+            (cfg.run_dir / STOPPED_FILE).write_text(json.dumps({"signum": e.signum, "done": e.done,
+                                                                "total": e.total, "where": e.where}))
 
 
 def _worker_error(err: BaseException) -> BaseException:
@@ -112,6 +136,34 @@ def _worker_error(err: BaseException) -> BaseException:
     return err
 
 
+def _fit_stoppable(trainer, stop_file: Path):
+    """``trainer.fit()`` in a thread of its own. In the main thread Ray Train takes SIGINT for itself and aborts
+    the run, losing the update in progress; here the main thread keeps cgn_dist's handlers
+    (interrupts.deferred) and turns the first signal into ``stop_file``, which every worker's loop reads after
+    each update (RayReporter.stop_requested). A second signal raises at once, as everywhere."""
+    box: dict = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, name="cgn-dist-ray-train", daemon=True)
+    with interrupts.deferred():
+        thread.start()
+        asked = False
+        while thread.is_alive():
+            thread.join(0.2)
+            if not asked and (signum := interrupts.requested()) is not None:
+                stop_file.parent.mkdir(parents=True, exist_ok=True)
+                stop_file.write_text(str(signum))
+                asked = True
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def train_with_ray(cfg: Config) -> dict:
     """Launch ``cfg`` on ``distributed.num_workers`` Ray Train workers; returns the final metrics."""
     import ray.train
@@ -125,6 +177,8 @@ def train_with_ray(cfg: Config) -> dict:
     # Workers run in a Ray session folder: every path is made absolute here, in the driver's cwd.
     cfg = absolute_config(cfg)
     init_ray(cfg.ray.address or None, num_cpus=cfg.ray.num_cpus or None, loopback_only=not cfg.ray.address)
+    if not cfg.ray.address:  # one machine: no preemption to watch (its actor only adds a C++ warning)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     storage = cfg.ray.storage_path or str(Path(cfg.out_dir) / "ray")  # a URI (s3://...) as given
     d = cfg.distributed
     resources = {"CPU": d.cpus_per_worker}
@@ -140,12 +194,24 @@ def train_with_ray(cfg: Config) -> dict:
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=cfg.name, storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
+                                       # Ray Train's INFO lines (resources, worker group, every report's
+                                       # TrainingReport(...)) stay in its log files under the Ray session
+                                       logging_config=ray.train.LoggingConfig(log_level="WARNING"),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last)),
     )
+    stop_file, stopped_file = cfg.run_dir / STOP_FILE, cfg.run_dir / STOPPED_FILE
+    for f in (stop_file, stopped_file):  # left by a driver killed while stopping
+        f.unlink(missing_ok=True)
     try:
-        result = trainer.fit()
+        result = _fit_stoppable(trainer, stop_file)
     except Exception as e:  # Ray raises (or returns) the workers' errors wrapped in its own
         raise _worker_error(e) from e
+    finally:
+        stop_file.unlink(missing_ok=True)
+    if stopped_file.is_file():
+        note = json.loads(stopped_file.read_text())
+        stopped_file.unlink()
+        raise interrupts.Interrupted(note["signum"], "train", note["done"], note["total"], note["where"])
     if result.error:
         raise _worker_error(result.error) from result.error
     out = dict(result.metrics or {})

@@ -37,6 +37,50 @@ LOOPBACK_PROXY_ENV = {
 }
 
 
+# Ray's own lines that say nothing to a cgn_dist user, per Ray worker process: the Ray Train placement-group
+# cleaner warns once a second that the State API (served by the dashboard, which cgn_dist leaves off) is not
+# there, and every worker prints each report as a TrainingReport(...) dump. Set by every worker of our jobs
+# (runtime_env's worker_process_setup_hook); Ray keeps them in its session's log files.
+QUIET_LOGGERS = {"ray.train.v2._internal.execution.controller.placement_group_cleaner": "ERROR",
+                 "ray.train.v2._internal.execution.context": "WARNING"}
+SETUP_HOOK = "cgn_dist.distributed.ray_utils.quiet_ray_worker"
+
+
+def quiet_ray_worker() -> None:
+    import importlib.util
+    import logging
+
+    # Ray's State API in a worker looks for "the" local Ray instance; with two on the machine (another user's,
+    # another job's) it finds both and the placement-group cleaner dies with a traceback. It is this one.
+    try:
+        import ray
+
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    except Exception:  # noqa: BLE001 - a quieter log is not worth failing a worker for
+        pass
+
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+        try:  # some Ray modules name their logger by file path (logging.getLogger(__file__))
+            origin = importlib.util.find_spec(name).origin
+        except (ImportError, AttributeError, ValueError):
+            continue
+        if origin:
+            logging.getLogger(origin).setLevel(level)
+
+
+def quiet_driver_output() -> None:
+    """What the driver prints of its workers: no ANSI colour codes in a file or a pipe, and Ray's
+    deduplication of repeated lines on (both only where the user has not said otherwise)."""
+    import sys
+
+    from cgn_dist.progress import on_terminal
+
+    if not on_terminal(sys.stderr):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
 def package_root() -> Path:
     """The folder that holds the cgn_dist package (what PYTHONPATH needs for workers to import it)."""
     return Path(__file__).resolve().parents[2]  # <root>/cgn_dist/distributed/ray_utils.py
@@ -91,6 +135,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     if ray.is_initialized():
         return {}
     runtime_env = dict(runtime_env or {})
+    quiet_driver_output()
+    runtime_env.setdefault("worker_process_setup_hook", SETUP_HOOK)
+    # Ray's own INFO lines of the driver ("Started a local Ray instance") add nothing to cgn_dist's
+    init_kwargs.setdefault("logging_level", "WARNING")
     if address is None:
         if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
             _force_single_machine_mode()

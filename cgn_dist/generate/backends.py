@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from cgn_dist import interrupts
 from cgn_dist.data.shards import remove_temp_files
 from cgn_dist.generate.plan import ShardSpec
 from cgn_dist.generate.progress import make_progress
@@ -96,6 +97,7 @@ def _exclusive(out_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@interrupts.deferred()  # Ctrl-C / SIGTERM: stop the workers, keep what is committed, remove temporaries
 def _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_size, ray_address, max_retries,
                 progress, on_shard_done, verify, shard_timeout_s, worker_resources) -> list[dict[str, Any]]:
     remote = is_remote(out_dir)  # an object store holds no temporaries: uploads are whole or absent
@@ -142,11 +144,15 @@ def _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_si
                         bar.update_shard(stats["count"])
                         if on_shard_done is not None:
                             on_shard_done(dict(stats, path=join(out_dir, tar_name(stats["shard_id"]))))
+                        interrupts.check()
                 except StopGeneration as e:
                     raise StopGeneration(
                         f"stopped: {e}. {len(done)} of {len(shards)} shards are committed in {out_dir} and kept "
                         f"(nothing half-written remains); free space there (or fix the folder's permissions) and "
                         f"rerun the same command: it writes only the missing shards") from None
+    except interrupts.Interrupted as e:  # the workers are stopped: count what they committed, reported or not
+        committed = sum(verify_shard(out_dir, s, check_hash=False).ok for s in shards)
+        raise e.kept("generate", committed, len(shards), out_dir) from None
     finally:
         bar.close()
         # Temporary files of attempts killed during this run (their shards were redone by the retry).
@@ -263,6 +269,7 @@ def _run_ray(factory, todo, out_dir, batch_size, num_workers, max_retries, ray_a
                 ref = actor.write.remote(spec, str(out_dir), batch_size, attempts[spec.shard_id])
                 inflight[ref] = (actor, spec, time.monotonic())
             ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=1.0)
+            interrupts.check()  # the finally below stops every actor
             now = time.monotonic()
             for ref in ready:
                 if ref in starting:

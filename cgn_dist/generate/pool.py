@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 from typing import Any, Callable, Iterator
 
+from cgn_dist import interrupts
 from cgn_dist.generate.plan import ShardSpec
 from cgn_dist.generate.sampler import close_sampler, sampler_info
 from cgn_dist.generate.workers import (check_same_provenance, format_assignment, local_device_plan,
@@ -39,6 +40,10 @@ def _process_main(factory: Callable[[], Any], conn: Any, visible: str | None = N
             os.environ[key] = storage[key]
         else:
             os.environ.pop(key, None)
+    import signal
+
+    # A terminal's Ctrl-C reaches every process of its group: the driver alone decides (it stops this one).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         pin_visible_device(visible)
         sampler = factory()
@@ -127,7 +132,8 @@ def run_process_pool(factory, todo, out_dir, batch_size, num_workers, max_retrie
                     attempts[w.spec.shard_id] += 1
                     w.conn.send((w.spec, str(out_dir), batch_size, attempts[w.spec.shard_id]))
             busy = [w for w in workers if w.spec is not None]
-            wait_ready([w.conn for w in busy] + [w.process.sentinel for w in busy])
+            wait_ready([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=0.5)
+            interrupts.check()  # the finally below stops the workers; their half-written tars are removed
             for i, w in enumerate(workers):
                 if w.spec is None:
                     continue
@@ -154,5 +160,7 @@ def run_process_pool(factory, todo, out_dir, batch_size, num_workers, max_retrie
                     workers[i] = _WorkerProcess(ctx, factory, w.slot, w.visible, w.expected)
                     retry(spec, f"worker process died ({reason})")
     finally:
+        # After an interrupt a busy worker is not waited for: its shard is abandoned, not committed.
+        hurry = interrupts.requested() is not None
         for w in workers:
-            w.stop()
+            w.stop(timeout=0.0 if hurry and w.spec is not None else 10.0)

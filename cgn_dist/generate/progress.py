@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -18,11 +17,11 @@ class _NullProgress:
 
 class _ShardProgress:
     def __init__(self, total: int, initial: int, n_shards: int, shards_done: int):
-        from tqdm.auto import tqdm
+        from cgn_dist.progress import progress_bar
         self.n_shards, self.shards_done = n_shards, shards_done
         # smoothing=0: the rate is the run's average images/s, not the last shard's burst.
-        self.bar = tqdm(total=total, initial=initial, unit="img", unit_scale=total >= 10_000, smoothing=0,
-                        desc="generate", dynamic_ncols=True, file=sys.stderr)
+        self.bar = progress_bar(total=total, initial=initial, unit="img", unit_scale=total >= 10_000, smoothing=0,
+                                desc="generate", dynamic_ncols=True)
         self._postfix()
 
     def _postfix(self) -> None:

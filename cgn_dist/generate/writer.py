@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cgn_dist import interrupts
 from cgn_dist.data.shards import AtomicTarWriter, json_text, write_json_atomic
 from cgn_dist.errors import MACHINE_ERRNOS, UserError
 from cgn_dist.generate.plan import ShardSpec, batch_bounds, sample_refs, shard_name
@@ -116,6 +117,7 @@ def _write_tar(sampler: Any, spec: ShardSpec, out_dir: Path, batch_size: int, co
     notes: list[dict[str, str]] = []
     with AtomicTarWriter(tar_path(out_dir, spec.shard_id)) as writer:
         for start, stop in batch_bounds(spec.n, batch_size):
+            interrupts.check()  # in this process only (workers take no signals): the tar is dropped
             refs = sample_refs(spec, start, stop)
             ts = time.perf_counter()
             samples = sampler.sample(refs)

@@ -20,7 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from cgn_dist.storage import Store, staging_root
+from cgn_dist import interrupts
+from cgn_dist.storage import Store, join, staging_root
 from cgn_dist.train.run_dir import CKPT_DIR
 from cgn_dist.train.common import NullReporter, Reporter
 
@@ -95,6 +96,9 @@ class BucketReporter(Reporter):
     def resume_checkpoint(self) -> Path | None:
         return self.inner.resume_checkpoint()
 
+    def stop_requested(self) -> int | None:
+        return self.inner.stop_requested()
+
     def report(self, step: int, metrics: dict[str, float], checkpoint_dir: Path | None, is_main: bool) -> None:
         if is_main and checkpoint_dir is not None:
             push_checkpoint(self.store, Path(checkpoint_dir), self.keep_last)
@@ -120,6 +124,8 @@ def train_in_bucket(cfg: Any, train_fn: Callable[..., dict], **kwargs: Any) -> d
     reporter = BucketReporter(store, local, cfg.train.keep_last, kwargs.pop("reporter", None))
     try:
         result = train_fn(local_cfg, reporter=reporter, **kwargs)
+    except interrupts.Interrupted as e:  # its checkpoint was pushed (report): name it in the bucket
+        raise e.kept(e.kind, e.done, e.total, join(url, CKPT_DIR, Path(e.where).name) if e.where else url) from None
     finally:
         push_run_files(store, local)
     return dict(result, run_dir=url)

@@ -24,16 +24,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from cgn_dist import interrupts
 from cgn_dist.config import Config
 from cgn_dist.data.transforms import normalize_images
 from cgn_dist.distributed.engine import build_engine
 from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
 from cgn_dist.errors import InputError, InputNotFound
 from cgn_dist.models.invariant import HEADS, build_invariant_classifier
+from cgn_dist.progress import progress_bar
 from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
-from cgn_dist.train.common import NullReporter, Reporter
+from cgn_dist.train.common import NullReporter, Reporter, stop_requested
 from cgn_dist.train.metrics import DeviceSums, Throughput, build_logger, setup_logging
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def classifier_losses(out: dict[str, torch.Tensor], y_real: torch.Tensor, cf: di
     return terms, top1
 
 
+@interrupts.deferred()  # Ctrl-C / SIGTERM: the update in progress finishes and is saved
 def train_classifier(cfg: Config, env: DistEnv | None = None, reporter: Reporter | None = None) -> dict:
     env = env or read_env(cfg.train.device)
     reporter = reporter or NullReporter()
@@ -139,8 +141,8 @@ def train_classifier(cfg: Config, env: DistEnv | None = None, reporter: Reporter
         evaluate("epoch000", 0)
     global_images = (t.micro_batch_size + int(ic.cf_ratio * t.micro_batch_size)) * t.grad_accum * env.world_size
     meter = Throughput(global_images)
-    bar = tqdm(total=total, initial=start, unit="update", disable=not (t.progress and env.is_main),
-               desc="invariant classifier")
+    bar = progress_bar(total=total, initial=start, unit="update", enabled=t.progress and env.is_main,
+                       desc="invariant classifier")
     logs: dict[str, float] = {}
     step = start
     first_epoch = start // updates_per_epoch
@@ -188,10 +190,17 @@ def train_classifier(cfg: Config, env: DistEnv | None = None, reporter: Reporter
             if step % t.log_every == 0 or step == total:
                 logger.scalars(logs, step)
                 bar.set_postfix(loss=f"{logs['loss/total']:.3f}", img_s=f"{logs['perf/images_per_s']:.1f}")
-            if step % t.checkpoint_every == 0 or step == last:
+            stop = stop_requested(env.device, reporter) if step < total else None
+            if step % t.checkpoint_every == 0 or step == last or stop:
                 path = save_checkpoint(run_dir, step, engines, cfg=cfg, keep_last=t.keep_last, rank=env.rank,
                                        extra_meta={"epoch": epoch, "updates_per_epoch": updates_per_epoch})
                 reporter.report(step, logs, path, env.is_main)
+            if stop:
+                bar.close()
+                logger.close()
+                if owns_group:
+                    destroy_process_group()
+                raise interrupts.Interrupted(stop, "train", step, total, path)
         if step % updates_per_epoch == 0 and (epoch + 1) % max(1, ic.eval_every_epochs) == 0:
             evaluate(f"epoch{epoch + 1:03d}", step)
     bar.close()

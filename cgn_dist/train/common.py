@@ -9,6 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from cgn_dist import interrupts
 
 
 def step_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
@@ -26,5 +29,24 @@ class Reporter:
     def report(self, step: int, metrics: dict[str, float], checkpoint_dir: Path | None, is_main: bool) -> None:
         """Called by every rank right after the checkpoint of ``step`` is complete on disk."""
 
+    def stop_requested(self) -> int | None:
+        """A signal number when the launcher asks the loop to stop at its next safe point (the user pressed
+        Ctrl-C at a driver in another process), else None."""
+        return None
+
 
 NullReporter = Reporter
+
+
+def stop_requested(device, reporter: Reporter | None = None) -> int | None:
+    """The signal asking this run to stop (interrupts.requested, or the launcher's), agreed on by every rank:
+    a signal reaches the processes of a job at slightly different updates, and the checkpoint it leads to is
+    written by all of them together, at the same update."""
+    signum = interrupts.requested() or (reporter.stop_requested() if reporter is not None else None) or 0
+    d = torch.distributed
+    if d.is_available() and d.is_initialized() and d.get_world_size() > 1:
+        flag = torch.tensor([signum], dtype=torch.int64,
+                            device=device if d.get_backend() == "nccl" else "cpu")
+        d.all_reduce(flag, op=d.ReduceOp.MAX)
+        signum = int(flag.item())
+    return signum or None

@@ -10,18 +10,19 @@ with accumulation 1 see exactly the same samples.
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
 
+from cgn_dist import interrupts
 from cgn_dist.config import Config
 from cgn_dist.distributed.engine import build_engine
 from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
 from cgn_dist.errors import InputError
 from cgn_dist.losses import VGG16Features
 from cgn_dist.models.biggan import truncated_noise
+from cgn_dist.progress import progress_bar
 from cgn_dist.models.cgn_imagenet import CGNImageNet, build_cgn_imagenet
 from cgn_dist.train.checkpoint import (find_resume_checkpoint, latest_checkpoint, load_checkpoint, prepare_run_dir,
                                       save_checkpoint)
-from cgn_dist.train.common import NullReporter, Reporter, step_seed
+from cgn_dist.train.common import NullReporter, Reporter, step_seed, stop_requested
 from cgn_dist.train.imagenet_step import ImagenetLossWeights, build_optimizer, imagenet_losses, sample_inputs
 from cgn_dist.train.run_dir import (build_summary, checkpoint_step, complete_line, progress_line, read_summary,
                                     start_line, write_summary)
@@ -61,6 +62,7 @@ def class_sheet(cgn: CGNImageNet, classes: list[int], truncation: float, device,
                       row_labels=[f"{c} {class_name(c)}" for c in classes])
 
 
+@interrupts.deferred()  # Ctrl-C / SIGTERM: the update in progress finishes and is saved
 def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter | None = None) -> dict:
     env = env or read_env(cfg.train.device)
     reporter = reporter or NullReporter()
@@ -93,8 +95,8 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter |
     logger.info(start_line(cfg, env.world_size, t.max_steps, start, env.device))
 
     global_batch = t.micro_batch_size * t.grad_accum * env.world_size
-    bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, unit="update",
-               disable=not (t.progress and env.is_main), desc="cgn-imagenet")
+    bar = progress_bar(range(start, t.max_steps), initial=start, total=t.max_steps, unit="update",
+                       enabled=t.progress and env.is_main, desc="cgn-imagenet", lines=False)  # logs progress_line
     logs: dict[str, float] = {}
     meter = Throughput(global_batch)
     for step in bar:
@@ -130,9 +132,16 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter |
             cgn.eval()
             logger.image("sheet/classes", class_sheet(cgn, ic.sheet_classes, ic.truncation, env.device, cfg.seed,
                                                          engine.forward_module), done)
-        if done % t.checkpoint_every == 0 or done == t.max_steps:
+        stop = stop_requested(env.device, reporter) if done < t.max_steps else None
+        if done % t.checkpoint_every == 0 or done == t.max_steps or stop:
             path = save_checkpoint(run_dir, done, engines, cfg=cfg, keep_last=t.keep_last, rank=env.rank)
             reporter.report(done, logs, path, env.is_main)
+        if stop:
+            bar.close()
+            logger.close()
+            if owns_group:
+                destroy_process_group()
+            raise interrupts.Interrupted(stop, "train", done, t.max_steps, path)
     summary = build_summary(run_dir, t.max_steps, t.max_steps, latest_checkpoint(run_dir), logs)
     if env.is_main:
         write_summary(run_dir, summary)

@@ -9,19 +9,20 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm import tqdm
 
+from cgn_dist import interrupts
 from cgn_dist.config import Config
 from cgn_dist.data.mnist import build_mnist_dataset
 from cgn_dist.distributed.engine import build_engine
 from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
 from cgn_dist.losses import VGG16Features
+from cgn_dist.progress import progress_bar
 from cgn_dist.models.cgn_mnist import CGNMnist, init_cgn_weights
 from cgn_dist.models.discriminator import DiscConv, DiscLin
 from cgn_dist.train.checkpoint import (find_resume_checkpoint, latest_checkpoint, load_checkpoint, prepare_run_dir,
                                       save_checkpoint)
 from cgn_dist.train.ema import EMA_NAME, EmaWeights
-from cgn_dist.train.common import NullReporter, Reporter, step_seed
+from cgn_dist.train.common import NullReporter, Reporter, step_seed, stop_requested
 from cgn_dist.train.run_dir import (build_summary, checkpoint_step, complete_line, progress_line, read_summary,
                                     start_line, write_summary)
 from cgn_dist.train.mnist_sheets import counterfactual_sheet
@@ -104,6 +105,7 @@ def class_sheet(gen: CGNMnist, n_classes: int, device, seed: int = 1234) -> torc
 # --------------------------------------------------------------------------- loop
 
 
+@interrupts.deferred()  # Ctrl-C / SIGTERM: the update in progress finishes and is saved
 def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | None = None) -> dict:
     env = env or read_env(cfg.train.device)
     reporter = reporter or NullReporter()
@@ -155,8 +157,8 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
     sampler_gen = ema.module if ema is not None else gen  # what sheets show and counterfactuals are drawn from
     logger.info(start_line(cfg, env.world_size, total, start, env.device))
 
-    bar = tqdm(range(start, total), initial=start, total=total, disable=not (t.progress and env.is_main),
-               desc=f"cgn-mnist {cfg.data.dataset}", unit="it")
+    bar = progress_bar(range(start, total), initial=start, total=total, enabled=t.progress and env.is_main,
+                       desc=f"cgn-mnist {cfg.data.dataset}", unit="it", lines=False)  # logs progress_line
     logs: dict[str, float] = {}
     meter = Throughput(t.micro_batch_size * t.grad_accum * env.world_size)
     for step in bar:
@@ -187,9 +189,16 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
         if done % t.sample_every == 0 or done == total:
             logger.image("sheet/classes", class_sheet(sampler_gen, m.n_classes, env.device), done)
             logger.image("sheet/counterfactuals", counterfactual_sheet(sampler_gen, m.n_classes, env.device), done)
-        if done % t.checkpoint_every == 0 or done == total:
+        stop = stop_requested(env.device, reporter) if done < total else None
+        if done % t.checkpoint_every == 0 or done == total or stop:
             path = save_checkpoint(run_dir, done, saved, cfg=cfg, keep_last=t.keep_last, rank=env.rank)
             reporter.report(done, logs, path, env.is_main)
+        if stop:
+            bar.close()
+            logger.close()
+            if owns_group:
+                destroy_process_group()
+            raise interrupts.Interrupted(stop, "train", done, total, path)
     summary = build_summary(run_dir, total, total, latest_checkpoint(run_dir), logs)
     if env.is_main:
         write_summary(run_dir, summary)
