@@ -70,14 +70,14 @@ def run_settings(cfg: Config, released: bool, datasets: list[str]) -> dict[str, 
 
 
 def run_mnist_pipeline(cfg: Config) -> dict:
-    from cgn_dist.classifier.experiment import run_mnist_experiment
+    from cgn_dist.classifier.experiment import ExperimentSettings, run_mnist_experiment
     from cgn_dist.classifier.table import save_mnist_table
 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     setup_logging(run_dir)
-    p, g = cfg.pipeline, cfg.generate
+    p = cfg.pipeline
     released = bool(p.released_dir)
     datasets = (p.datasets or list(ALL_DATASETS)) if released else [cfg.data.dataset]
     if released:  # fail before any work when a file is missing
@@ -92,13 +92,7 @@ def run_mnist_pipeline(cfg: Config) -> dict:
             log.info("training CGN-MNIST on %s (%d updates)", ds, cfg.train.max_steps)
             ckpt = train_cgn_for(cfg, ds, run_dir)
         walls[f"{ds}/cgn"] = time.perf_counter() - t0
-        results[ds] = run_mnist_experiment(
-            ds, ckpt, run_dir / ds, seed=cfg.seed, n_counterfactuals=g.n_samples, no_cfs=g.no_cfs,
-            source=cfg.data.source, root=cfg.data.root, textures=cfg.data.textures or None,
-            classifier=cfg.classifier, download=cfg.data.download, backend=g.backend,
-            num_workers=g.num_workers, original_limit=p.original_limit or None,
-            classifier_workers=p.classifier_workers,
-            progress=cfg.train.progress, ray_address=cfg.ray.address or None)
+        results[ds] = run_mnist_experiment(ds, ckpt, run_dir / ds, ExperimentSettings.from_config(cfg))
         walls[f"{ds}/experiment"] = time.perf_counter() - t0 - walls[f"{ds}/cgn"]
     paths = save_mnist_table(results, run_dir, settings=run_settings(cfg, released, datasets))
     summary = {"run_dir": str(run_dir), "datasets": datasets, "released": released, "wall_s": walls,

