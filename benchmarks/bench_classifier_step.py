@@ -14,7 +14,7 @@ import time
 import torch
 
 from cgn_dist.models.invariant import InvariantClassifier
-from cgn_dist.train.classifier import classifier_losses
+from cgn_dist.classifier.imagenet.train import classifier_losses
 
 
 def one_step(model, opt, x, y, cf, precision: str, device: torch.device) -> float:

@@ -11,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from cgn_dist.generate import generate_dataset
-from cgn_dist.generate.toy import ToySamplerFactory
+from cgn_dist.sharding.run import generate_dataset
+from cgn_dist.sharding.toy import ToySamplerFactory
 
 
 def bench(backend: str, n: int, shard_size: int, image_size: int, image_format: str, batch_size: int) -> dict:

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from cgn_dist.generate.imagenet import ImagenetCounterfactualFactory, draw_classes
-from cgn_dist.generate.plan import sample_seed
-from cgn_dist.generate.run import generate_dataset
+from cgn_dist.generate.imagenet.factory import ImagenetCounterfactualFactory
+from cgn_dist.generate.imagenet.labels import draw_classes
+from cgn_dist.sharding.plan import sample_seed
+from cgn_dist.sharding.run import generate_dataset
 
 
 def bench_authors_path(factory: ImagenetCounterfactualFactory, n: int, out: Path) -> dict:

@@ -28,10 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cgn_dist.generate.imagenet import ImagenetCounterfactualFactory, draw_classes  # noqa: E402
-from cgn_dist.generate.plan import ShardSpec, sample_seed  # noqa: E402
-from cgn_dist.generate.precision import count_flops, peak_bf16_tflops  # noqa: E402
-from cgn_dist.generate.writer import write_shard  # noqa: E402
+from cgn_dist.generate.imagenet.factory import ImagenetCounterfactualFactory
+from cgn_dist.generate.imagenet.labels import draw_classes
+from cgn_dist.sharding.plan import ShardSpec, sample_seed  # noqa: E402
+from cgn_dist.generate.speed import count_flops, peak_bf16_tflops  # noqa: E402
+from cgn_dist.sharding.writer import write_shard  # noqa: E402
 from cgn_dist.models.biggan import class_vector, truncated_noise  # noqa: E402
 
 VARIANTS = {"fp32": dict(precision="fp32"), "bf16": dict(precision="bf16"),
@@ -126,7 +127,7 @@ def run_interleaved(args, base: dict, variants: list[str], tmp: Path, results: d
     within each round, and the medians over rounds are reported."""
     import statistics
 
-    from cgn_dist.generate.imagenet import build_generation_model
+    from cgn_dist.generate.imagenet.weights import build_generation_model
 
     b = args.batch
     samplers = {}

@@ -27,9 +27,9 @@ def main() -> None:
     import ray
 
     from cgn_dist.distributed.ray_utils import init_ray
-    from cgn_dist.generate.backends import ShardWorker
-    from cgn_dist.generate.imagenet import ImagenetCounterfactualFactory
-    from cgn_dist.generate.plan import ShardSpec
+    from cgn_dist.sharding.backends import ShardWorker
+    from cgn_dist.generate.imagenet.factory import ImagenetCounterfactualFactory
+    from cgn_dist.sharding.plan import ShardSpec
 
     biggan, u2net = ("tiny", "tiny") if args.tiny else ("random-256", "random")
     # One thread per actor and nothing beside it: no overlap thread, no encoding threads.

@@ -68,7 +68,7 @@ def make_jpegs(root: Path, n: int, seed: int = 0) -> dict:
 
 def bench_writer(tree: Path, out: Path, workers: int) -> dict:
     from cgn_dist.config import load_config
-    from cgn_dist.data.make_shards import run_make_shards
+    from cgn_dist.ingest.make_shards import run_make_shards
 
     cfg = load_config(None, [f"shards.root={tree}", f"shards.out={out}", "shards.labels=imagenet",
                              "shards.shard_size=250", f"shards.num_workers={workers}", "train.progress=false"])

@@ -51,8 +51,8 @@ def main():
     with s3_server() as endpoint:
         os.environ.update(s3_env(endpoint))
         from cgn_dist.data.stream import make_loader
-        from cgn_dist.generate import generate_dataset
-        from cgn_dist.generate.toy import ToySamplerFactory
+        from cgn_dist.sharding.run import generate_dataset
+        from cgn_dist.sharding.toy import ToySamplerFactory
 
         bucket = make_bucket(endpoint)
         url = f"s3://{bucket}/bench"

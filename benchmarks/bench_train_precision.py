@@ -87,7 +87,7 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from cgn_dist.distributed.ray_train import train_fn
+    from cgn_dist.launchers.ray_train import train_fn
 
     size = ["imagenet.biggan=tiny", "imagenet.u2net=tiny"] if args.tiny else \
         ["imagenet.biggan=random-256", "imagenet.u2net=random"]

@@ -95,8 +95,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def row_generate(s: dict, tmp: Path, min_psnr: float, compile_forward: bool) -> dict:
-    from cgn_dist.generate.imagenet import ImagenetCounterfactualFactory
-    from cgn_dist.generate.run import generate_dataset
+    from cgn_dist.generate.imagenet.factory import ImagenetCounterfactualFactory
+    from cgn_dist.sharding.run import generate_dataset
 
     base = dict(biggan=s["biggan"], u2net=s["u2net"], image_format="jpg", truncation=0.5, precision="bf16",
                 channels_last=True, compile=compile_forward, forward_batch=s["forward_batch"], device=s["device"],
@@ -127,7 +127,7 @@ def _classifier_data(s: dict, tmp: Path) -> dict[str, Path]:
     """Real shards (make-shards on a random-pixel image tree, two classes) and counterfactual shards."""
     from PIL import Image
 
-    from cgn_dist.data.make_shards import run_make_shards
+    from cgn_dist.ingest.make_shards import run_make_shards
     from cgn_dist.data.shard_index import build_wids_index
     from cgn_dist.data.shards import encode_jpeg, write_json_atomic, write_tar
 
@@ -154,7 +154,7 @@ def _classifier_data(s: dict, tmp: Path) -> dict[str, Path]:
 
 def row_classifier(s: dict, tmp: Path) -> dict:
     from cgn_dist.distributed.env import free_port, process_group_backend
-    from cgn_dist.train.classifier import train_classifier
+    from cgn_dist.classifier.imagenet.train import train_invariant
 
     data = _classifier_data(s, tmp)
     cfg = load_config(REPO / s["classifier_cfg"], [
@@ -173,7 +173,7 @@ def row_classifier(s: dict, tmp: Path) -> dict:
         probe = torch.ones(4, device=s["device"])  # a CUDA tensor goes through NCCL, a CPU one through gloo
         torch.distributed.all_reduce(probe)
         reduce_ok = bool(torch.equal(probe.cpu(), torch.ones(4)))
-        out = train_classifier(cfg)
+        out = train_invariant(cfg)
     finally:
         _leave_process_group()
     evals = sorted(p.name for p in (Path(out["run_dir"]) / "eval").glob("accuracy*.json"))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from cgn_dist.classifier.mnist import ClassifierSettings, ImageSet, train_classifier
+from cgn_dist.classifier.mnist.train import ClassifierSettings, ImageSet, train_classifier
 from cgn_dist.data.mnist import build_mnist_dataset
 from cgn_dist.data.pixels import encode_uint8
 from cgn_dist.generate.mnist import MnistCounterfactualFactory

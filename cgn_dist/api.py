@@ -118,7 +118,8 @@ class ImagenetCGN:
         model's precision."""
         from cgn_dist import weights
         from cgn_dist.generate.command import _abs
-        from cgn_dist.generate.imagenet import RANDOM_SOURCES, ImagenetCounterfactualFactory, resolve_cgn_checkpoint
+        from cgn_dist.generate.imagenet.factory import RANDOM_SOURCES, ImagenetCounterfactualFactory
+        from cgn_dist.generate.imagenet.weights import resolve_cgn_checkpoint
 
         if source in RANDOM_SOURCES:
             checkpoint, biggan, u2net = "", source, ("tiny" if source == "tiny" else "random")
@@ -146,7 +147,7 @@ class ImagenetCGN:
         shared by the three mechanisms as in the paper, from ``seed + i`` (or ``seed[i]``), at the truncation
         given to ``from_pretrained``."""
         from cgn_dist.data.pixels import mask_to_uint8, to_uint8
-        from cgn_dist.generate.imagenet import check_classes, class_name
+        from cgn_dist.generate.imagenet.labels import check_classes, class_name
         from cgn_dist.models.biggan import class_vector, truncated_noise
 
         _check_output_type(output_type)

@@ -17,13 +17,13 @@ from cgn_dist.config import Config
 
 
 def _run_local(cfg: Config) -> float:
-    from cgn_dist.train.tasks import training_loop
+    from cgn_dist.launchers.tasks import training_loop
 
     return float(training_loop(cfg.task)(cfg)["perf/samples_per_s"])
 
 
 def _run_ray(cfg: Config) -> float:
-    from cgn_dist.distributed.ray_train import train_with_ray
+    from cgn_dist.launchers.ray_train import train_with_ray
 
     return float(train_with_ray(cfg)["perf_samples_per_s"])
 

@@ -31,7 +31,7 @@ def _train_in_bucket(cfg) -> int:
     if cfg.distributed.num_workers > 0:
         raise ConfigError(f"out_dir={cfg.out_dir} (a bucket) trains with distributed.num_workers=0; for Ray Train "
                           "give out_dir a shared mount and ray.storage_path the bucket")
-    from cgn_dist.train.tasks import training_loop
+    from cgn_dist.launchers.tasks import training_loop
 
     print(json.dumps(train_in_bucket(cfg, training_loop(cfg.task)), indent=1, default=str))
     return 0
@@ -68,11 +68,11 @@ def cmd_train(args) -> int:
     ray_existed = ray_dir is not None and ray_dir.exists()
     try:
         if cfg.distributed.num_workers > 0:
-            from cgn_dist.distributed.ray_train import train_with_ray
+            from cgn_dist.launchers.ray_train import train_with_ray
 
             result = train_with_ray(cfg)
         else:
-            from cgn_dist.train.tasks import training_loop
+            from cgn_dist.launchers.tasks import training_loop
 
             result = training_loop(cfg.task)(cfg)
     except BaseException:
@@ -121,7 +121,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_mnist_pipeline(args) -> int:
-    from cgn_dist.pipeline import run_mnist_pipeline
+    from cgn_dist.pipelines.mnist import run_mnist_pipeline
 
     summary = run_mnist_pipeline(_cfg(args))
     print(f"table: {summary['table']['txt']} (+ .json .csv .png)")
@@ -147,7 +147,7 @@ def cmd_regenerate(args) -> int:
 
 def cmd_verify(args) -> int:
     """Check a shard folder against its manifest; exit 1 (and how to rebuild) when anything is wrong."""
-    from cgn_dist.generate.verify import format_report, verify_folder
+    from cgn_dist.sharding.verify import format_report, verify_folder
 
     result = verify_folder(args.dir)
     print(format_report(result))
@@ -156,7 +156,7 @@ def cmd_verify(args) -> int:
 
 def cmd_eval(args) -> int:
     """ImageNet evaluations of a classifier: shape bias, IN-9, top-1/5, Inception Score; tables beside the paper."""
-    from cgn_dist.classifier.eval_command import run_eval
+    from cgn_dist.classifier.imagenet.eval_command import run_eval
 
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config and not os.path.isfile(config):  # no config file, only overrides
@@ -166,7 +166,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_imagenet_pipeline(args) -> int:
-    from cgn_dist.classifier.imagenet_pipeline import run_imagenet_pipeline
+    from cgn_dist.pipelines.imagenet import run_imagenet_pipeline
 
     summary = run_imagenet_pipeline(_cfg(args))
     print(f"table: {summary['table']['txt']} (+ .json .csv .png)")
@@ -175,7 +175,7 @@ def cmd_imagenet_pipeline(args) -> int:
 
 def cmd_make_shards(args) -> int:
     """An image tree (ILSVRC-2012 train/val, any ImageFolder tree) into WebDataset shards + manifest."""
-    from cgn_dist.data.make_shards import run_make_shards
+    from cgn_dist.ingest.make_shards import run_make_shards
 
     print(json.dumps(run_make_shards(_preflight(_cfg(args), "make-shards")), indent=1, default=str))
     return 0

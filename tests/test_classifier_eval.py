@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from cgn_dist.classifier.eval_accuracy import evaluate_topk, topk_correct
-from cgn_dist.classifier.eval_in9 import evaluate_in9
-from cgn_dist.classifier.eval_shape_bias import evaluate_shape_bias, shape_bias_from_decisions_csv
-from cgn_dist.classifier.inception_score import evaluate_samples, inception_score
+from cgn_dist.classifier.imagenet.eval_accuracy import evaluate_topk, topk_correct
+from cgn_dist.classifier.imagenet.eval_in9 import evaluate_in9
+from cgn_dist.classifier.imagenet.eval_shape_bias import evaluate_shape_bias, shape_bias_from_decisions_csv
+from cgn_dist.classifier.imagenet.inception_score import evaluate_samples, inception_score
 from cgn_dist.data.shards import encode_jpeg, encode_png, write_tar
 
 

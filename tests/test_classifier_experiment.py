@@ -2,11 +2,11 @@
 three classifiers -> the table."""
 import json
 
-from cgn_dist.classifier.experiment import RESULTS_NAME, run_mnist_experiment
-from cgn_dist.classifier.mnist import ClassifierSettings, load_image_set
-from cgn_dist.classifier.table import save_mnist_table
+from cgn_dist.classifier.mnist.experiment import RESULTS_NAME, run_mnist_experiment
+from cgn_dist.classifier.mnist.train import ClassifierSettings, load_image_set
+from cgn_dist.classifier.mnist.table import save_mnist_table
 from cgn_dist.data.shards import sha256_file
-from cgn_dist.generate.manifest import load_manifest
+from cgn_dist.sharding.manifest import load_manifest
 
 
 def test_tiny_mnist_experiment_end_to_end(tmp_path, shared_ref):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cgn_dist.classifier.mnist import ClassifierSettings, ImageSet, load_image_set, train_classifier
-from cgn_dist.classifier.originals import dump_original_sets
-from cgn_dist.classifier.table import MISSING, build_mnist_table, save_mnist_table
+from cgn_dist.classifier.mnist.train import ClassifierSettings, ImageSet, load_image_set, train_classifier
+from cgn_dist.classifier.mnist.originals import dump_original_sets
+from cgn_dist.classifier.mnist.table import MISSING, build_mnist_table, save_mnist_table
 from cgn_dist.data.mnist import build_mnist_dataset
 from cgn_dist.data.shards import read_tar_samples, sha256_file
 from cgn_dist.models.classifier import MnistClassifier, build_classifier

@@ -57,7 +57,7 @@ def test_every_node_installs_the_pinned_torch():
 
 
 def test_gpu_peaks_match_the_most_specific_card_name():
-    from cgn_dist.generate.precision import peak_bf16_tflops
+    from cgn_dist.generate.speed import peak_bf16_tflops
 
     # Data-sheet dense bf16 peaks: H200 NVL 835, H200 SXM 989, H100 PCIe 756, H100 NVL 835, H100 SXM 989.
     assert peak_bf16_tflops("NVIDIA H200 NVL") == 835.0

@@ -138,7 +138,7 @@ def test_published_figure_only_beside_its_own_model(tmp_path, shared_ref, monkey
 
 
 def test_the_default_folder_is_named_after_what_is_evaluated(tmp_path):
-    from cgn_dist.classifier.eval_out import choose_out
+    from cgn_dist.classifier.imagenet.eval_out import choose_out
     from cgn_dist.config import load_config
 
     ckpt = tmp_path / "runs" / "inv" / "checkpoints" / "step_000100"

@@ -10,7 +10,7 @@ from PIL import Image
 
 from cgn_dist.data.pixels import image_u8 as _image_u8
 from cgn_dist.data.pixels import minmax_uint8, to_uint8
-from cgn_dist.generate.precision import jpeg_encoder_used, nvjpeg_encode
+from cgn_dist.generate.speed import jpeg_encoder_used, nvjpeg_encode
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -88,8 +88,8 @@ def test_nvjpeg_encodes_finished_images():
 @pytest.mark.gpu
 @needs_cuda
 def test_sampler_provenance_says_nvjpeg_with_minmax_on_cuda(tmp_path):
-    from cgn_dist.generate.imagenet import ImagenetCounterfactualFactory
-    from cgn_dist.generate.run import generate_dataset
+    from cgn_dist.generate.imagenet.factory import ImagenetCounterfactualFactory
+    from cgn_dist.sharding.run import generate_dataset
 
     factory = ImagenetCounterfactualFactory(biggan="tiny", u2net="tiny", model_seed=0, forward_batch=4,
                                             truncation=0.5, device="cuda", image_format="jpg",

@@ -10,13 +10,15 @@ from PIL import Image
 
 from cgn_dist.data.shards import read_tar_samples, sha256_file
 from cgn_dist.generate.class_lists import BEST_BACKGROUND_CLASSES, BEST_SHAPE_CLASSES, BEST_TEXTURE_CLASSES
-from cgn_dist.generate.imagenet import (CGNCheckpointError, ImagenetCounterfactualFactory, build_generation_model,
-                                        class_name, draw_classes, imagenet_classes, resolve_cgn_checkpoint,
-                                        to_uint8, write_interpolation)
-from cgn_dist.generate.imagenet_interp import interpolation_sheet
-from cgn_dist.generate.plan import make_plan, sample_refs
-from cgn_dist.generate.run import generate_dataset
-from cgn_dist.generate.sampler import build_factory, describe_factory
+from cgn_dist.generate.imagenet.weights import CGNCheckpointError, build_generation_model, resolve_cgn_checkpoint
+from cgn_dist.generate.imagenet.factory import ImagenetCounterfactualFactory
+from cgn_dist.generate.imagenet.labels import class_name, draw_classes, imagenet_classes
+from cgn_dist.data.pixels import to_uint8
+from cgn_dist.generate.imagenet.interp import write_interpolation
+from cgn_dist.generate.imagenet.interp import interpolation_sheet
+from cgn_dist.sharding.plan import make_plan, sample_refs
+from cgn_dist.sharding.run import generate_dataset
+from cgn_dist.sharding.sampler import build_factory, describe_factory
 
 TINY = dict(biggan="tiny", u2net="tiny", model_seed=0, forward_batch=4, truncation=0.5)
 

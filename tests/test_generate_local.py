@@ -13,9 +13,12 @@ import pytest
 
 from cgn_dist.data.shards import read_sample
 from cgn_dist.data.shard_index import shard_urls
-from cgn_dist.generate import (GenerationError, describe_plan, format_plan, generate_dataset, load_manifest,
-                               make_plan, regenerate_sample, verify_output)
-from cgn_dist.generate.toy import ToySamplerFactory
+from cgn_dist.sharding.writer import GenerationError
+from cgn_dist.sharding.run import describe_plan, format_plan, generate_dataset
+from cgn_dist.sharding.manifest import load_manifest, verify_output
+from cgn_dist.sharding.plan import make_plan
+from cgn_dist.sharding.regenerate import regenerate_sample
+from cgn_dist.sharding.toy import ToySamplerFactory
 
 REPO = Path(__file__).resolve().parents[1]
 N, SHARD, SEED = 22, 5, 1234  # 5 shards, the last one of 2 samples
@@ -158,8 +161,8 @@ def test_process_pool_matches_and_survives_a_dead_worker(reference, tmp_path):
 
 _KILLED_RUN = """
 import sys
-from cgn_dist.generate import generate_dataset
-from cgn_dist.generate.toy import ToySamplerFactory
+from cgn_dist.sharding.run import generate_dataset
+from cgn_dist.sharding.toy import ToySamplerFactory
 generate_dataset(ToySamplerFactory(image_size=8, sleep_s=float(sys.argv[2])), sys.argv[1], {n}, {shard}, {seed},
                  batch_size=2, progress=False)
 """.format(n=N, shard=SHARD, seed=SEED)
@@ -203,7 +206,7 @@ def test_grid_callback_logs_images(reference, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
-    from cgn_dist.generate import grid_callback
+    from cgn_dist.sharding.progress import grid_callback
     writer = SummaryWriter(str(tmp_path / "tb"))
     hook = grid_callback(writer, every=2, max_images=4)
     for sid in range(4):
@@ -219,7 +222,7 @@ def test_grid_callback_logs_images(reference, tmp_path):
 def test_a_second_run_into_a_busy_folder_stops(tmp_path):
     import fcntl
 
-    from cgn_dist.generate.backends import LOCK_NAME
+    from cgn_dist.sharding.backends import LOCK_NAME
     with open(tmp_path / LOCK_NAME, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # as a first run holds it
         with pytest.raises(GenerationError, match="another generation run"):

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from cgn_dist.generate.plan import (SEED_DERIVATION, ShardSpec, batch_bounds, make_plan, parse_key, sample_key,
+from cgn_dist.sharding.plan import (SEED_DERIVATION, ShardSpec, batch_bounds, make_plan, parse_key, sample_key,
                                     sample_refs, sample_seed)
-from cgn_dist.generate.sampler import build_factory, describe_factory
-from cgn_dist.generate.toy import ToySamplerFactory
+from cgn_dist.sharding.sampler import build_factory, describe_factory
+from cgn_dist.sharding.toy import ToySamplerFactory
 
 
 def test_plan_sizes_and_last_shard():
@@ -55,7 +55,7 @@ def test_refs_and_batches():
 def test_dataclass_factory_round_trips_through_its_description():
     f = ToySamplerFactory(image_size=8, image_format="jpg")
     desc = describe_factory(f)
-    assert desc == {"target": "cgn_dist.generate.toy:ToySamplerFactory", "kwargs": {
+    assert desc == {"target": "cgn_dist.sharding.toy:ToySamplerFactory", "kwargs": {
         "image_size": 8, "num_classes": 10, "image_format": "jpg", "with_mask": True, "sleep_s": 0.0,
         "crash_on_key": "", "crash_marker": "", "odd_info_marker": ""}}
     assert build_factory(desc) == f

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from cgn_dist.data.shard_index import shard_urls
-from cgn_dist.generate import generate_dataset, make_plan, verify_output
-from cgn_dist.generate.toy import ToySamplerFactory
+from cgn_dist.sharding.run import generate_dataset
+from cgn_dist.sharding.plan import make_plan
+from cgn_dist.sharding.manifest import verify_output
+from cgn_dist.sharding.toy import ToySamplerFactory
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -49,8 +51,8 @@ import json, os, sys
 os.environ["HTTPS_PROXY"] = "http://127.0.0.1:8"  # the caller's own (dead, loopback) proxy setting
 import ray
 from cgn_dist.distributed.ray_utils import init_ray
-from cgn_dist.generate import generate_dataset
-from cgn_dist.generate.toy import ToySamplerFactory
+from cgn_dist.sharding.run import generate_dataset
+from cgn_dist.sharding.toy import ToySamplerFactory
 
 init_ray(num_cpus=2)
 nodes = [n["NodeManagerAddress"] for n in ray.nodes()]
@@ -159,7 +161,8 @@ class _BrokenFactory:
 
 
 def test_ray_workers_that_cannot_start_fail_the_run_clearly(two_nodes, tmp_path):
-    from cgn_dist.generate import GenerationError, run_shards
+    from cgn_dist.sharding.writer import GenerationError
+    from cgn_dist.sharding.backends import run_shards
     with pytest.raises(GenerationError, match="checkpoint not found"):
         run_shards(_BrokenFactory(), make_plan(4, 2, 0), tmp_path, backend="ray", num_workers=2, max_retries=1,
                    progress=False, shard_timeout_s=60)
@@ -179,7 +182,7 @@ class _OddBarrierFactory:
 
 
 def test_a_ray_worker_with_another_sampler_stops_the_run_at_start(two_nodes, tmp_path):
-    from cgn_dist.generate import GenerationError
+    from cgn_dist.sharding.writer import GenerationError
     (tmp_path / "barrier").mkdir()
     factory = _OddBarrierFactory(str(tmp_path / "barrier"), str(tmp_path / "odd"))
     t0 = time.monotonic()

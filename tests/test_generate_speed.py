@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from cgn_dist.generate.imagenet import ImagenetCounterfactualFactory
-from cgn_dist.generate.precision import count_flops, fold_spectral_norm, peak_bf16_tflops
-from cgn_dist.generate.run import generate_dataset
+from cgn_dist.generate.imagenet.factory import ImagenetCounterfactualFactory
+from cgn_dist.generate.speed import count_flops, fold_spectral_norm, peak_bf16_tflops
+from cgn_dist.sharding.run import generate_dataset
 from cgn_dist.models.biggan import class_vector, truncated_noise
 from cgn_dist.models.cgn_imagenet import build_cgn_imagenet
 
@@ -74,7 +74,7 @@ def test_overlap_and_encode_threads_give_the_sequential_bytes(tmp_path):
 
 def test_overlap_prefetches_within_the_shard_only():
     s = ImagenetCounterfactualFactory(**TINY, overlap=True)()
-    from cgn_dist.generate.plan import ShardSpec, sample_refs
+    from cgn_dist.sharding.plan import ShardSpec, sample_refs
 
     spec = ShardSpec(shard_id=0, n=8, seed=5)
     s.begin_shard(spec)
@@ -90,7 +90,7 @@ def test_compile_failure_falls_back_to_eager_with_a_clear_warning(monkeypatch, c
         raise RuntimeError("no C++ compiler here")
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    with caplog.at_level(logging.WARNING, logger="cgn_dist.generate.precision"):
+    with caplog.at_level(logging.WARNING, logger="cgn_dist.generate.speed"):
         s = ImagenetCounterfactualFactory(**TINY, compile=True)()
     assert s.forward_kind == "eager (compile failed: RuntimeError)"
     assert "torch.compile failed" in caplog.text and "generate.compile=false" in caplog.text
@@ -114,8 +114,8 @@ def test_flop_count_matches_a_hand_count():
 
 def test_bf16_run_regenerates_bit_exactly_and_refuses_mixing(tmp_path):
     from cgn_dist.data.shards import read_tar_samples
-    from cgn_dist.generate.regenerate import regenerate_sample
-    from cgn_dist.generate.writer import GenerationError
+    from cgn_dist.sharding.regenerate import regenerate_sample
+    from cgn_dist.sharding.writer import GenerationError
 
     _, m = _shards(tmp_path, "b16", precision="bf16")
     assert m["sampler_info"]["precision"] == "bf16"

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from cgn_dist.generate import GenerationError
-from cgn_dist.generate.plan import make_plan
-from cgn_dist.generate.pool import run_process_pool
-from cgn_dist.generate.run import generate_dataset
-from cgn_dist.generate.toy import ToySamplerFactory
-from cgn_dist.generate.workers import assign_devices, auto_worker_count, check_same_provenance, resolve_device
+from cgn_dist.sharding.writer import GenerationError
+from cgn_dist.sharding.plan import make_plan
+from cgn_dist.sharding.pool import run_process_pool
+from cgn_dist.sharding.run import generate_dataset
+from cgn_dist.sharding.toy import ToySamplerFactory
+from cgn_dist.sharding.workers import assign_devices, auto_worker_count, check_same_provenance, resolve_device
 
 
 def test_assign_devices_round_robin_over_the_visible_gpus():

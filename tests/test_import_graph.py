@@ -100,3 +100,41 @@ def test_no_module_imports_its_own_package_init():
     bad = [f"{m} -> {t}" for m, deps in _graph().items() for t in deps
            if t != "cgn_dist" and mods[t].name == "__init__.py" and m.startswith(t + ".")]
     assert bad == []
+
+
+# The declared order, lowest first: a module imports only from its own layer or a lower one (the same
+# layer is allowed; a circle inside it is caught above). The most specific prefix names a module's layer.
+LAYERS = [
+    # 0: leaves every layer may use
+    ("cgn_dist", "cgn_dist.errors", "cgn_dist.interrupts", "cgn_dist.progress", "cgn_dist.precision",
+     "cgn_dist.storage", "cgn_dist.config_schema", "cgn_dist.config", "cgn_dist.distributed.env"),
+    ("cgn_dist.data", "cgn_dist.weights"),  # 1: data sets, shard files, the weights registry
+    ("cgn_dist.models", "cgn_dist.losses"),  # 2: networks and losses
+    ("cgn_dist.distributed", "cgn_dist.sharding"),  # 3: engines, process groups, Ray; the shard engine
+    ("cgn_dist.train", "cgn_dist.ingest"),  # 4: CGN training loops; image trees into shards
+    ("cgn_dist.generate",),  # 5: counterfactual samplers and the generate command
+    ("cgn_dist.classifier",),  # 6: the MNIST and ImageNet classifier experiments
+    ("cgn_dist.pipelines", "cgn_dist.launchers"),  # 7: end-to-end recipes; what starts a loop
+    ("cgn_dist.api", "cgn_dist.bench", "cgn_dist.doctor", "cgn_dist.doctor_checks", "cgn_dist.cli"),  # 8
+]
+
+
+def _layer(module: str) -> int:
+    best, depth = None, -1
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and p.count(".") > depth:
+                best, depth = i, p.count(".")
+    assert best is not None, f"{module} has no declared layer: add its package to LAYERS"
+    return best
+
+
+def test_every_import_follows_the_layer_order():
+    bad = [f"{m} (layer {_layer(m)}) imports {t} (layer {_layer(t)})"
+           for m, deps in _graph().items() for t in deps if _layer(t) > _layer(m)]
+    assert bad == []
+
+
+def test_the_layer_check_catches_an_upward_import():
+    assert _layer("cgn_dist.data.stream") < _layer("cgn_dist.train.mnist")  # so data -> train would be flagged
+    assert _layer("cgn_dist.distributed.env") == 0 < _layer("cgn_dist.distributed.engine")

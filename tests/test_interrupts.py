@@ -254,9 +254,9 @@ def test_classifier_with_loader_workers_survives_a_terminal_ctrl_c_and_resumes_e
 
     again = subprocess.run([sys.executable, "-m", "cgn_dist.cli", *args], cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
-    from cgn_dist.train.classifier import train_classifier
+    from cgn_dist.classifier.imagenet.train import train_invariant
 
-    full = train_classifier(load_config(REPO / cfg_file, [f"out_dir={tmp_path}", "name=full", *data]))
+    full = train_invariant(load_config(REPO / cfg_file, [f"out_dir={tmp_path}", "name=full", *data]))
     a = torch.load(Path(full["run_dir"]) / "checkpoints" / "step_0000040" / "classifier.pt", weights_only=True)
     b = torch.load(run / "checkpoints" / "step_0000040" / "classifier.pt", weights_only=True)
     assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])

@@ -57,7 +57,7 @@ def test_trunk_weights_from_a_local_file_and_auto_falls_back_to_random_once(tmp_
 
 
 def test_inception_probabilities():
-    from cgn_dist.classifier.inception_score import InceptionProbs, build_inception
+    from cgn_dist.classifier.imagenet.inception_score import InceptionProbs, build_inception
 
     import torch.nn.functional as F
     import torchvision

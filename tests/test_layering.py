@@ -8,8 +8,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 _CHECK = """
 import sys
-import cgn_dist.train.mnist, cgn_dist.train.imagenet, cgn_dist.train.classifier
-assert "cgn_dist.distributed.ray_train" not in sys.modules, "a training loop imports its launcher"
+import cgn_dist.train.mnist, cgn_dist.train.imagenet, cgn_dist.classifier.imagenet.train
+assert "cgn_dist.launchers.ray_train" not in sys.modules, "a training loop imports its launcher"
 import cgn_dist.distributed.ray_utils as ru
 print(ru.package_root())
 print(sorted(m for m in sys.modules if m.startswith("cgn_dist.generate")))

@@ -16,11 +16,11 @@ from PIL import Image
 
 from cgn_dist.cli import main as cli_main
 from cgn_dist.config import load_config
-from cgn_dist.data.image_shards import read_and_check
-from cgn_dist.data.image_tree import list_tree
-from cgn_dist.data.make_shards import run_make_shards
+from cgn_dist.ingest.image_shards import read_and_check
+from cgn_dist.ingest.image_tree import list_tree
+from cgn_dist.ingest.make_shards import run_make_shards
 from cgn_dist.data.shards import read_tar_samples
-from cgn_dist.generate import verify_output
+from cgn_dist.sharding.manifest import verify_output
 
 sys.path.insert(0, str(Path(__file__).parent))
 from imagenet_fixture import PHOTO_WNIDS, imagenet_label, make_imagenet_tree  # noqa: E402
@@ -103,14 +103,14 @@ def test_killed_run_then_rerun_gives_identical_shards(tree, reference, tmp_path)
     out = tmp_path / "killed"
     script = f"""
 import time
-import cgn_dist.data.image_shards as m
+import cgn_dist.ingest.image_shards as m
 slow = m.read_and_check
 def read_slowly(*a, **k):
     time.sleep(0.15)
     return slow(*a, **k)
 m.read_and_check = read_slowly
 from cgn_dist.config import load_config
-from cgn_dist.data.make_shards import run_make_shards
+from cgn_dist.ingest.make_shards import run_make_shards
 run_make_shards(load_config(None, ["shards.root={tree.train}", "shards.out={out}", "shards.shard_size=5",
                                    "shards.batch_size=2", "shards.num_workers=1", "train.progress=false",
                                    "seed=7"]))  # one process: the slowed reader is this process's

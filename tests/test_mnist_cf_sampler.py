@@ -13,10 +13,10 @@ from cgn_dist.data.pixels import decode_uint8, encode_uint8
 from cgn_dist.data.shards import read_tar_samples, sha256_file
 from cgn_dist.generate.mnist import (GeneratorCheckpointError, MnistCounterfactualFactory, checkpoint_sha256,
                                      load_mnist_generator, resolve_generator_file)
-from cgn_dist.generate.plan import make_plan, sample_refs
-from cgn_dist.generate.regenerate import regenerate_sample
-from cgn_dist.generate.run import generate_dataset
-from cgn_dist.generate.sampler import build_factory, describe_factory
+from cgn_dist.sharding.plan import make_plan, sample_refs
+from cgn_dist.sharding.regenerate import regenerate_sample
+from cgn_dist.sharding.run import generate_dataset
+from cgn_dist.sharding.sampler import build_factory, describe_factory
 from cgn_dist.models.cgn_mnist import CGNMnist
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from cgn_dist.config import load_config
-from cgn_dist.generate import generate_dataset, verify_output
-from cgn_dist.generate.toy import ToySamplerFactory
+from cgn_dist.sharding.run import generate_dataset
+from cgn_dist.sharding.manifest import verify_output
+from cgn_dist.sharding.toy import ToySamplerFactory
 from cgn_dist.train.checkpoint import list_checkpoints
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -89,7 +90,7 @@ def _generator(run_dir: Path, step: int) -> dict:
 
 @pytest.mark.timeout(900)
 def test_training_resumes_on_a_replacement_node(two_nodes, tmp_path, monkeypatch):
-    from cgn_dist.distributed.ray_train import train_with_ray
+    from cgn_dist.launchers.ray_train import train_with_ray
 
     # Starting a worker group (torch imports on a busy 2-core machine) has been seen to take ~60 s, Ray
     # Train's default limit; the controller and workers receive this variable from the driver.

@@ -108,9 +108,9 @@ def test_generation_records_its_choice_and_a_rerun_elsewhere_keeps_it(tmp_path, 
     """generate.precision=auto is resolved in the worker and recorded in the provenance. A rerun where auto
     means something else continues the folder in the recorded precision: the bytes of an uninterrupted run
     (a worker that cannot match the committed shards is refused when it starts: test_generate_workers)."""
-    from cgn_dist.generate.imagenet import ImagenetCounterfactualFactory
-    from cgn_dist.generate.regenerate import regenerate_sample
-    from cgn_dist.generate.run import generate_dataset
+    from cgn_dist.generate.imagenet.factory import ImagenetCounterfactualFactory
+    from cgn_dist.sharding.regenerate import regenerate_sample
+    from cgn_dist.sharding.run import generate_dataset
 
     tiny = dict(biggan="tiny", u2net="tiny", model_seed=0, forward_batch=4, truncation=0.5)
     kw = dict(n_samples=8, shard_size=4, run_seed=3, progress=False)

@@ -12,7 +12,7 @@ from cgn_dist.distributed.env import process_group_backend
 def _rank(rank, init_file, backend, out):
     import torch.distributed as dist
 
-    from cgn_dist.classifier.evaluation import sum_counts
+    from cgn_dist.classifier.imagenet.evaluation import sum_counts
 
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:

@@ -37,7 +37,7 @@ def test_is_uri():
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ray_train_from_another_directory_relative_out_dir_and_file_uri_storage(tmp_path, monkeypatch):
-    from cgn_dist.distributed.ray_train import train_with_ray
+    from cgn_dist.launchers.ray_train import train_with_ray
 
     work = tmp_path / "elsewhere"
     work.mkdir()

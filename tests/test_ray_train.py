@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cgn_dist.config import load_config
-from cgn_dist.distributed.ray_train import checkpoint_from_pointer, train_with_ray
+from cgn_dist.launchers.ray_train import checkpoint_from_pointer, train_with_ray
 from cgn_dist.train.mnist import train_mnist
 from cgn_dist.train.checkpoint import list_checkpoints
 

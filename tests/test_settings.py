@@ -80,7 +80,7 @@ def test_mnist_generation_saves_layers(tmp_path, shared_ref):
 
 
 def test_the_table_prints_the_reference_reproduction_once():
-    from cgn_dist.classifier.table import build_mnist_table, format_mnist_table
+    from cgn_dist.classifier.mnist.table import build_mnist_table, format_mnist_table
 
     acc = {"train_acc": 99.0, "test_acc": 50.0}
     results = {ds: {"results": {row: acc for row in ("original", "counterfactual", "combined")}}

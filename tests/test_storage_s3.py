@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cgn_dist.generate import generate_dataset
-from cgn_dist.generate.plan import make_plan
-from cgn_dist.generate.toy import ToySamplerFactory
-from cgn_dist.generate.writer import verify_shard, write_shard
+from cgn_dist.sharding.run import generate_dataset
+from cgn_dist.sharding.plan import make_plan
+from cgn_dist.sharding.toy import ToySamplerFactory
+from cgn_dist.sharding.writer import verify_shard, write_shard
 from cgn_dist.storage import Store, StorageError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -81,8 +81,8 @@ def test_generation_into_a_bucket_gives_the_local_bytes(s3, local_reference, wor
 
 _KILLED_RUN = """
 import sys
-from cgn_dist.generate import generate_dataset
-from cgn_dist.generate.toy import ToySamplerFactory
+from cgn_dist.sharding.run import generate_dataset
+from cgn_dist.sharding.toy import ToySamplerFactory
 generate_dataset(ToySamplerFactory(image_size=8, sleep_s=0.05), sys.argv[1], {n}, {shard}, {seed},
                  batch_size=2, progress=False)
 """.format(n=N, shard=SHARD, seed=SEED)
@@ -222,7 +222,7 @@ def test_make_shards_into_a_bucket_gives_the_local_shards(s3, tmp_path):
     from imagenet_fixture import make_imagenet_tree
 
     from cgn_dist.config import load_config
-    from cgn_dist.data.make_shards import run_make_shards
+    from cgn_dist.ingest.make_shards import run_make_shards
 
     tree = make_imagenet_tree(tmp_path / "ILSVRC2012")
     bucket = make_bucket(s3)
@@ -284,7 +284,7 @@ def test_mnist_training_in_a_bucket_killed_then_resumed_elsewhere_equals_uninter
 @pytest.mark.timeout(400)
 def test_ray_train_with_its_storage_in_a_bucket(s3, tmp_path):
     from cgn_dist.config import load_config
-    from cgn_dist.distributed.ray_train import train_with_ray
+    from cgn_dist.launchers.ray_train import train_with_ray
     from cgn_dist.distributed.ray_utils import shutdown_ray
 
     bucket = make_bucket(s3)

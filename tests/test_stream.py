@@ -192,8 +192,8 @@ def test_mixed_loader_resumes_both_streams(tmp_path, shards):
 @pytest.mark.parametrize("fmt", ["jpg", "png"])
 def test_counterfactual_shards_of_the_generation_engine_stream_with_their_classes(tmp_path, fmt):
     from cgn_dist.data.shards import read_tar_samples
-    from cgn_dist.generate import generate_dataset
-    from cgn_dist.generate.toy import ToySamplerFactory
+    from cgn_dist.sharding.run import generate_dataset
+    from cgn_dist.sharding.toy import ToySamplerFactory
 
     out = tmp_path / "cf"
     generate_dataset(ToySamplerFactory(image_size=24, image_format=fmt), out, 10, 4, 0, progress=False)

@@ -14,7 +14,7 @@ import torch
 from cgn_dist.config import load_config  # noqa: E402
 from cgn_dist.data.shards import encode_jpeg, write_json_atomic, write_tar  # noqa: E402
 from cgn_dist.data.shard_index import build_wids_index  # noqa: E402
-from cgn_dist.train.classifier import train_classifier  # noqa: E402
+from cgn_dist.classifier.imagenet.train import train_invariant  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from imagenet_fixture import make_imagenet_tree  # noqa: E402
@@ -26,7 +26,7 @@ TINY = REPO / "configs" / "debug" / "classifier_tiny.yaml"
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from cgn_dist.data.make_shards import run_make_shards
+    from cgn_dist.ingest.make_shards import run_make_shards
 
     root = tmp_path_factory.mktemp("data")
     tree = make_imagenet_tree(root / "ILSVRC2012", copies=2, bad=False)
@@ -60,15 +60,15 @@ def _weights(run_dir, step, engine="torch"):
 
 
 def test_trains_with_both_terms_and_resumes_bitwise_mid_epoch(tmp_path, shards):
-    full = train_classifier(_cfg(tmp_path, shards, "full", "train.max_steps=7"))
+    full = train_invariant(_cfg(tmp_path, shards, "full", "train.max_steps=7"))
     per_epoch = full["updates_per_epoch"]
     assert per_epoch == 18 // 4 and full["steps"] == 7  # 9 photos x 2 crops, batch 4: 4 updates per epoch
     for term in ("real", "cf_shape", "cf_texture", "cf_bg", "total"):
         assert math.isfinite(full[f"loss/{term}"])
     assert full["mix/cf_per_real"] == pytest.approx(1.0)
     # resume mid-epoch 0 (update 3) and run across the epoch boundary to update 7
-    train_classifier(_cfg(tmp_path, shards, "part", "train.max_steps=3"))
-    resumed = train_classifier(_cfg(tmp_path, shards, "part", "train.max_steps=7"))
+    train_invariant(_cfg(tmp_path, shards, "part", "train.max_steps=3"))
+    resumed = train_invariant(_cfg(tmp_path, shards, "part", "train.max_steps=7"))
     assert "resumed from" in (Path(resumed["run_dir"]) / "log.txt").read_text()
     a, b = _weights(full["run_dir"], 7), _weights(resumed["run_dir"], 7)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -87,7 +87,7 @@ def test_evaluations_run_before_training_and_after_each_epoch(tmp_path, shards, 
     from cgn_dist.cli import main
 
     cue = shared_ref / "cue_conflict_sample"
-    out = train_classifier(_cfg(tmp_path, shards, "ev", "train.max_steps=4", f"eval.cue_conflict={cue}"))
+    out = train_invariant(_cfg(tmp_path, shards, "ev", "train.max_steps=4", f"eval.cue_conflict={cue}"))
     ev = Path(out["run_dir"]) / "eval"
     for tag in ("epoch000", "epoch001"):
         assert (ev / f"shape_bias_{tag}.json").is_file() and (ev / f"shape_bias_{tag}.png").is_file()
@@ -102,8 +102,8 @@ def test_evaluations_run_before_training_and_after_each_epoch(tmp_path, shards, 
 def test_deepspeed_zero1_fp32_agrees_with_torch_across_an_lr_step(tmp_path, shards):
     # 4 updates per epoch, lr x 0.1 after every epoch: update 5 runs at lr 1e-4 in both engines
     over = ["train.max_steps=5", "invariant.eval_every_epochs=0", "invariant.lr_step_epochs=1", "invariant.lr=0.01"]
-    t = train_classifier(_cfg(tmp_path, shards, "t", *over))
-    d = train_classifier(_cfg(tmp_path, shards, "d", *over, "train.engine=deepspeed", "train.zero_stage=1"))
+    t = train_invariant(_cfg(tmp_path, shards, "t", *over))
+    d = train_invariant(_cfg(tmp_path, shards, "d", *over, "train.engine=deepspeed", "train.zero_stage=1"))
     assert t["lr"] == d["lr"] == pytest.approx(1e-3)
     a, b = _weights(t["run_dir"], 5), _weights(d["run_dir"], 5, "deepspeed")
     for k in a:
@@ -111,7 +111,7 @@ def test_deepspeed_zero1_fp32_agrees_with_torch_across_an_lr_step(tmp_path, shar
 
 
 def test_deepspeed_bf16_zero2_trains_and_evaluates(tmp_path, shards, shared_ref):
-    out = train_classifier(_cfg(tmp_path, shards, "bf", "train.max_steps=4", "train.engine=deepspeed",
+    out = train_invariant(_cfg(tmp_path, shards, "bf", "train.max_steps=4", "train.engine=deepspeed",
                                 "train.precision=bf16", "train.zero_stage=2",
                                 f"eval.cue_conflict={shared_ref / 'cue_conflict_sample'}"))
     assert math.isfinite(out["loss/total"])
@@ -151,7 +151,7 @@ def test_two_process_ddp_and_deepspeed_agree(tmp_path, shards, ddp_reference):
 def test_ray_train_killed_worker_resumes_and_matches_uninterrupted(tmp_path, shards, ddp_reference):
     import threading
 
-    from cgn_dist.distributed.ray_train import train_with_ray
+    from cgn_dist.launchers.ray_train import train_with_ray
 
     def cfg(name, *extra):
         # DDP (torch engine) inside Ray Train: DeepSpeed's agreement with it is checked above
@@ -179,7 +179,7 @@ def test_ray_train_killed_worker_resumes_and_matches_uninterrupted(tmp_path, sha
 
 
 def test_imagenet_pipeline_runs_every_stage_then_skips_them(tmp_path, shared_ref):
-    from cgn_dist.classifier.imagenet_pipeline import run_imagenet_pipeline
+    from cgn_dist.pipelines.imagenet import run_imagenet_pipeline
 
     tree = make_imagenet_tree(tmp_path / "ILSVRC2012", copies=2, bad=False)
     over = [f"out_dir={tmp_path}", "name=pipe", f"imagenet_pipeline.train_root={tree.train}",
@@ -199,7 +199,7 @@ def test_imagenet_pipeline_runs_every_stage_then_skips_them(tmp_path, shared_ref
 
 def test_bad_data_paths_fail_before_a_run_directory_exists(tmp_path):
     with pytest.raises(FileNotFoundError, match="invariant.real_shards"):
-        train_classifier(load_config(TINY, [f"out_dir={tmp_path}", "name=bad",
+        train_invariant(load_config(TINY, [f"out_dir={tmp_path}", "name=bad",
                                             f"invariant.real_shards={tmp_path / 'nowhere'}"]))
     assert not (tmp_path / "bad").exists()
 
@@ -208,7 +208,7 @@ def test_loop_reads_its_scalars_once_per_logged_update(tmp_path, shards, monkeyp
     from test_train_syncs import CountFloatItems
 
     counter = CountFloatItems(monkeypatch)
-    out = train_classifier(_cfg(tmp_path, shards, "syncs", "train.max_steps=4", "invariant.eval_every_epochs=0",
+    out = train_invariant(_cfg(tmp_path, shards, "syncs", "train.max_steps=4", "invariant.eval_every_epochs=0",
                                 "train.log_every=4", "train.checkpoint_every=4"))
     assert out["steps"] == 4 and math.isfinite(out["loss/total"]) and 0 <= out["train_top1/real/avg"] <= 100
     # 9 .item() calls per micro-step (5 loss terms, 4 top-1) were 36 here: now one read at update 4

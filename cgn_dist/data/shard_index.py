@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from cgn_dist.data.shards import ShardFormatError
 from cgn_dist.errors import InputNotFound
@@ -71,3 +71,25 @@ def shard_urls(index_path: str | os.PathLike) -> list[str]:
 def count_samples(index_path: str | os.PathLike) -> int:
     """Total samples listed in an index (no tar is opened)."""
     return sum(int(e["nsamples"]) for e in load_shard_index(index_path))
+
+
+def shard_urls_of(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Tar paths of a generation output folder (its index.json), an index.json, a tar, or a list of tars."""
+    if isinstance(source, (list, tuple)):
+        return [str(s) for s in source]
+    p = Path(source)
+    if p.is_dir():
+        if (p / "index.json").is_file():
+            p = p / "index.json"
+        else:
+            tars = sorted(p.glob("shard-*.tar"))
+            if not tars:
+                raise InputNotFound(f"{p} holds no index.json and no shard-*.tar files")
+            return [str(t) for t in tars]
+    if not p.is_file():
+        raise InputNotFound(f"no shards at {p}")
+    if p.suffix == ".tar":
+        return [str(p)]
+    from cgn_dist.data.shard_index import shard_urls
+
+    return shard_urls(p)

@@ -18,7 +18,7 @@ from typing import Any
 
 from cgn_dist.config import Config, config_to_dict, save_config
 from cgn_dist.errors import InputError
-from cgn_dist.generate.plan import make_plan
+from cgn_dist.sharding.plan import make_plan
 from cgn_dist.storage import Store, is_remote, join, staging_dir
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ def image_format(cfg: Config) -> str:
 
 def imagenet_factory(cfg: Config):
     """The ImageNet counterfactual sampler factory for ``cfg`` (checkpoint resolved now, once)."""
-    from cgn_dist.generate.imagenet import ImagenetCounterfactualFactory, resolve_cgn_checkpoint
+    from cgn_dist.generate.imagenet.factory import ImagenetCounterfactualFactory
+    from cgn_dist.generate.imagenet.weights import resolve_cgn_checkpoint
 
     g, ic = cfg.generate, cfg.imagenet
     if g.mode not in IMAGENET_MODES:
@@ -116,7 +117,7 @@ def build_factory(cfg: Config):
                              f"({n} classes; -1 = random)")
         if g.midpoints < 0:
             raise InputError(f"generate.midpoints must be >= 0, got {g.midpoints}")
-        from cgn_dist.generate.imagenet import check_classes
+        from cgn_dist.generate.imagenet.labels import check_classes
 
         check_classes("fixed_classes", g.classes, n)
     return factory
@@ -198,7 +199,7 @@ def _discard_unstarted(run_dir: Path) -> None:
     import fcntl
     import shutil
 
-    from cgn_dist.generate.backends import LOCK_NAME
+    from cgn_dist.sharding.backends import LOCK_NAME
 
     if not run_dir.is_dir() or list(run_dir.glob("shard-*_stats.json")):  # a commit marker: results to keep
         return
@@ -233,7 +234,7 @@ def _generate(cfg: Config, factory: Any, run_dir: Path, target: str, remote: boo
     if g.grid_every > 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        from cgn_dist.generate.progress import grid_callback
+        from cgn_dist.sharding.progress import grid_callback
 
         writer = SummaryWriter(str(run_dir / "tb"))
         grid = grid_callback(writer, every=g.grid_every)
@@ -246,7 +247,7 @@ def _generate(cfg: Config, factory: Any, run_dir: Path, target: str, remote: boo
     started_ray = _start_ray(cfg)
     t0 = time.perf_counter()
     try:
-        from cgn_dist.generate.run import generate_dataset
+        from cgn_dist.sharding.run import generate_dataset
 
         manifest = generate_dataset(
             factory, target, n_samples=g.n_samples, shard_size=g.shard_size, run_seed=cfg.seed,
@@ -289,8 +290,8 @@ def _start_ray(cfg: Config) -> bool:
 
 
 def _dry_run(cfg: Config, factory: Any) -> dict[str, Any]:
-    from cgn_dist.generate.run import describe_plan, format_plan
-    from cgn_dist.generate.sampler import close_sampler, sampler_info
+    from cgn_dist.sharding.run import describe_plan, format_plan
+    from cgn_dist.sharding.sampler import close_sampler, sampler_info
 
     g = cfg.generate
     shards = make_plan(g.n_samples, g.shard_size, cfg.seed)
@@ -322,7 +323,7 @@ def run_interpolation(cfg: Config, factory: Any = None) -> dict[str, Any]:
     else random from the run seed; noise: generate.interp_noise (used as stored), else drawn from the seed."""
     import numpy as np
 
-    from cgn_dist.generate.imagenet import load_noise, write_interpolation
+    from cgn_dist.generate.imagenet.interp import load_noise, write_interpolation
 
     g = cfg.generate
     factory = factory if factory is not None else build_factory(cfg)
@@ -355,7 +356,7 @@ def _run_dir_of(cfg_or_run_dir: Config | str | Path) -> str | Path:
 
 def regenerate(cfg_or_run_dir: Config | str | Path, key: str) -> dict[str, bytes]:
     """Sample ``key`` of a finished run, computed afresh from its manifest: ``{ext: bytes}`` as stored."""
-    from cgn_dist.generate.regenerate import regenerate_sample
+    from cgn_dist.sharding.regenerate import regenerate_sample
 
     run_dir = _run_dir_of(cfg_or_run_dir)
     try:
@@ -367,8 +368,8 @@ def regenerate(cfg_or_run_dir: Config | str | Path, key: str) -> dict[str, bytes
 def stored_sample(run_dir: str | Path, key: str) -> dict[str, bytes]:
     """The stored bytes of sample ``key`` (``{ext: bytes}``), read from its shard."""
     from cgn_dist.data.shards import read_sample
-    from cgn_dist.generate.plan import parse_key
-    from cgn_dist.generate.writer import tar_name
+    from cgn_dist.sharding.plan import parse_key
+    from cgn_dist.sharding.writer import tar_name
 
     shard_id, _ = parse_key(key)
     sample = read_sample(join(run_dir, tar_name(shard_id)), key)  # a folder or a bucket prefix

@@ -47,8 +47,8 @@ import torch
 from cgn_dist.data.pixels import encode_uint8, mask_to_uint8
 from cgn_dist.data.shards import encode_png
 from cgn_dist.errors import InputError, InputNotFound, UserError
-from cgn_dist.generate.plan import SampleRef, sample_seed
-from cgn_dist.generate.workers import DEVICES, resolve_device
+from cgn_dist.sharding.plan import SampleRef, sample_seed
+from cgn_dist.sharding.workers import DEVICES, resolve_device
 from cgn_dist.models.cgn_mnist import MASK_MAX, MASK_MIN, CGNMnist, shuffle_texture
 from cgn_dist.weights import TORCH_LOAD_ERRORS
 

@@ -1,0 +1,3 @@
+"""The ImageNet counterfactual sampler: settings (factory), model and weights, class labels,
+the sampler itself, class interpolation.
+"""

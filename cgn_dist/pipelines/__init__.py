@@ -1,0 +1,3 @@
+"""End-to-end recipes built from the commands below: MNIST (pipelines.mnist) and ImageNet
+(pipelines.imagenet).
+"""

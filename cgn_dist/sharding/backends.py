@@ -1,0 +1,332 @@
+"""Running shards: one signature, three ways (img2dataset's distributors).
+
+- ``backend="local", num_workers=1``: in this process; a Python error in the sampler is retried.
+- ``backend="local", num_workers>1``: worker processes (forkserver, generate.pool), each on its own GPU
+  where there are GPUs (worker i -> GPU i % n_gpus) and building the sampler once; a process that dies
+  takes only its own shard down: it is replaced and the shard retried.
+- ``backend="ray"``: one actor per worker (one GPU each where the cluster has GPUs), each building the
+  sampler once and pulling the next shard when it finishes one, so fast workers take more shards. An actor
+  lost with its process or node is replaced (Ray places it where resources are) and its shard retried.
+
+Every backend writes through ``write_shard``, so the bytes are the same whatever the backend, the worker
+count or the order; shards already committed are skipped, interrupted or corrupt ones are redone. A worker
+whose sampler provenance differs from the first worker's stops the run as soon as it has started.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from cgn_dist import interrupts
+from cgn_dist.data.shards import remove_temp_files
+from cgn_dist.sharding.plan import ShardSpec
+from cgn_dist.sharding.progress import make_progress
+from cgn_dist.sharding.sampler import close_sampler, sampler_info
+from cgn_dist.sharding.pool import run_process_pool
+from cgn_dist.sharding.workers import auto_worker_count, check_same_provenance
+from cgn_dist.sharding.writer import (GenerationError, StopGeneration, give_up, must_stop, tar_name, verify_shard,
+                                     write_shard)
+from cgn_dist.storage import is_remote, join, storage_env
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("local", "ray")
+LOCK_NAME = ".generate.lock"
+
+
+def run_shards(sampler_factory: Callable[[], Any], shards: Iterable[ShardSpec], out_dir: str | os.PathLike,
+               backend: str = "local", num_workers: int = 1, batch_size: int = 16,
+               ray_address: str | None = None, max_retries: int = 3, progress: bool = True,
+               on_shard_done: Callable[[dict[str, Any]], None] | None = None, *, verify: str = "sha256",
+               shard_timeout_s: float | None = None, worker_resources: dict[str, float] | None = None,
+               ) -> list[dict[str, Any]]:
+    """Make sure every shard in ``shards`` is committed in ``out_dir``; returns their stats by shard id.
+
+    ``sampler_factory``: picklable zero-argument callable building a sampler (see generate.sampler).
+    ``max_retries``: further attempts per shard after a failure (error or lost worker).
+    ``on_shard_done(stats)``: called here, in the driver, after each newly written shard (stats carry
+    ``path``, the shard's file); not called for shards skipped as already committed.
+    ``verify``: "sha256" (re-hash committed shards before skipping them) or "size" (cheaper).
+    ``shard_timeout_s``: a shard running longer is abandoned and retried (ray only).
+    ``worker_resources``: Ray actor resources, e.g. {"num_gpus": 1, "num_cpus": 4}; default
+    ``ray_utils.default_worker_resources``. Only one run may write into ``out_dir`` at a time.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if num_workers < 0 or batch_size < 1 or max_retries < 0:
+        raise ValueError(f"need num_workers >= 0 (0 = auto), batch_size >= 1, max_retries >= 0; got {num_workers}, "
+                         f"{batch_size}, {max_retries}")
+    if verify not in ("sha256", "size"):
+        raise ValueError(f"verify must be 'sha256' or 'size', got {verify!r}")
+    shards = sorted(shards, key=lambda s: s.shard_id)
+    if len({s.shard_id for s in shards}) != len(shards):
+        raise ValueError("shards holds a shard id twice")
+    if is_remote(out_dir):
+        out_dir = str(out_dir)
+        # Object stores have no lock. Two runs on one prefix are still safe: each shard's bytes derive from
+        # the plan, so racing uploads write the same object and the marker is uploaded after its tar.
+        lock = contextlib.nullcontext()
+    else:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = _exclusive(out_dir)
+    with lock:
+        return _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_size, ray_address,
+                           max_retries, progress, on_shard_done, verify, shard_timeout_s, worker_resources)
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: Path) -> Iterator[None]:
+    """An advisory lock on the output folder: a second run started by mistake on the same machine stops at
+    once instead of deleting the first one's temporary files. (Not reliable on every network file system:
+    there, one driver per folder stays the rule.)"""
+    import fcntl
+    with open(out_dir / LOCK_NAME, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GenerationError(f"another generation run is writing into {out_dir}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@interrupts.deferred()  # Ctrl-C / SIGTERM: stop the workers, keep what is committed, remove temporaries
+def _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_size, ray_address, max_retries,
+                progress, on_shard_done, verify, shard_timeout_s, worker_resources) -> list[dict[str, Any]]:
+    remote = is_remote(out_dir)  # an object store holds no temporaries: uploads are whole or absent
+    for p in ([] if remote else remove_temp_files(out_dir)):
+        log.warning("removed %s, left by an interrupted writer", p.name)
+
+    done: dict[int, dict[str, Any]] = {}
+    todo: list[ShardSpec] = []
+    for spec in shards:
+        check = verify_shard(out_dir, spec, check_hash=(verify == "sha256"))
+        if check.ok:
+            done[spec.shard_id] = check.stats
+        else:
+            if check.status != "missing":
+                log.warning("shard %d is %s (%s): redoing it", spec.shard_id, check.status, check.reason)
+            todo.append(spec)
+
+    # the committed shards' sampler is the one every worker must match: a rerun on another machine, where
+    # precision=auto or the device differ, is refused when its first worker starts, not after hours of shards
+    seen: list[tuple[str, dict[str, Any]]] = []
+    if done:
+        first = min(done)
+        seen.append((f"the committed shard {first}", done[first].get("sampler_info", {})))
+    if todo and num_workers == 0 and backend == "local":
+        num_workers, why = auto_worker_count(len(todo), getattr(sampler_factory, "num_threads", 1) or 1,
+                                             getattr(sampler_factory, "worker_gb", 1.0))
+        log.info("generation: %d local worker process(es) (num_workers=0: %s)", num_workers, why)
+    bar = make_progress(total=sum(s.n for s in shards), initial=sum(s["count"] for s in done.values()),
+                        n_shards=len(shards), shards_done=len(done), enabled=progress)
+    try:
+        if todo:
+            if backend == "ray":
+                results = _run_ray(sampler_factory, todo, out_dir, batch_size, num_workers, max_retries,
+                                   ray_address, shard_timeout_s, worker_resources, seen)
+            elif num_workers == 1:
+                results = _run_in_process(sampler_factory, todo, out_dir, batch_size, max_retries, seen)
+            else:
+                results = run_process_pool(sampler_factory, todo, out_dir, batch_size, num_workers, max_retries,
+                                           seen=seen)
+            with contextlib.closing(results):  # stops the workers at once if the caller's callback raises
+                try:
+                    for stats in results:
+                        done[stats["shard_id"]] = stats
+                        bar.update_shard(stats["count"])
+                        if on_shard_done is not None:
+                            on_shard_done(dict(stats, path=join(out_dir, tar_name(stats["shard_id"]))))
+                        interrupts.check()
+                except StopGeneration as e:
+                    raise StopGeneration(
+                        f"stopped: {e}. {len(done)} of {len(shards)} shards are committed in {out_dir} and kept "
+                        f"(nothing half-written remains); free space there (or fix the folder's permissions) and "
+                        f"rerun the same command: it writes only the missing shards") from None
+    except interrupts.Interrupted as e:  # the workers are stopped: count what they committed, reported or not
+        committed = sum(verify_shard(out_dir, s, check_hash=False).ok for s in shards)
+        raise e.kept("generate", committed, len(shards), out_dir) from None
+    finally:
+        bar.close()
+        # Temporary files of attempts killed during this run (their shards were redone by the retry).
+        if not remote:
+            remove_temp_files(out_dir)
+    missing = [s.shard_id for s in shards if s.shard_id not in done]
+    if missing:
+        raise GenerationError(f"shards {missing} were not committed")
+    return [done[s.shard_id] for s in shards]
+
+
+# --- local, in this process ---------------------------------------------------------------------------------
+
+def _run_in_process(factory, todo, out_dir, batch_size, max_retries, seen) -> Iterator[dict[str, Any]]:
+    sampler = factory()
+    info = sampler_info(sampler)
+    try:
+        check_same_provenance(seen, "this process", info)
+        for spec in todo:
+            for attempt in range(1, max_retries + 2):
+                try:
+                    yield write_shard(sampler, spec, out_dir, batch_size, attempt=attempt, info=info)
+                    break
+                except Exception as e:  # a sampler error: retried like a lost worker
+                    if must_stop(e):
+                        raise StopGeneration(f"{e} (shard {spec.shard_id})") from e
+                    if attempt > max_retries:
+                        raise give_up(spec, attempt, repr(e)) from e
+                    log.warning("shard %d attempt %d failed (%r); retrying", spec.shard_id, attempt, e)
+    finally:
+        close_sampler(sampler)
+
+
+# --- Ray ----------------------------------------------------------------------------------------------------
+
+class ShardWorker:
+    """Ray actor body: builds the sampler once, then writes whatever shards it is handed."""
+
+    def __init__(self, factory: Callable[[], Any]):
+        self.sampler = factory()
+        self.info = sampler_info(self.sampler)
+
+    def write(self, spec: ShardSpec, out_dir: str, batch_size: int, attempt: int) -> dict[str, Any]:
+        import ray
+        stats = write_shard(self.sampler, spec, out_dir, batch_size, attempt=attempt, info=self.info)
+        return dict(stats, ray_node_id=ray.get_runtime_context().get_node_id())  # for the driver, not on disk
+
+    def provenance(self) -> tuple[dict[str, Any], str]:
+        """(sampler provenance, node id); answered once built, so it doubles as the "actor is up" signal."""
+        import os
+        import ray
+        return self.info, f"{ray.get_runtime_context().get_node_id()[:12]} (pid {os.getpid()})"
+
+    def close(self) -> None:
+        close_sampler(self.sampler)
+
+
+def _run_ray(factory, todo, out_dir, batch_size, num_workers, max_retries, ray_address, shard_timeout_s,
+             worker_resources, seen) -> Iterator[dict[str, Any]]:
+    import ray
+    from ray.exceptions import RayError, RayTaskError
+
+    from cgn_dist.distributed.ray_utils import default_worker_resources, init_ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        init_ray(address=ray_address)
+    if num_workers == 0:  # auto: one actor per GPU of the cluster, else per CPU (at the factory's threads)
+        from cgn_dist.distributed.ray_utils import cluster_gpus
+
+        gpus = int(cluster_gpus())
+        threads = getattr(factory, "num_threads", 1) or 1
+        num_workers = max(1, min(len(todo), gpus or int(ray.cluster_resources().get("CPU", 1)) // threads))
+        log.info("generation: %d Ray actor(s) (num_workers=0: one per %s of the cluster)", num_workers,
+                 "GPU" if gpus else f"{threads} CPU(s)")
+    resources = dict(worker_resources or default_worker_resources(num_workers))
+    if is_remote(out_dir) and storage_env():  # the bucket's endpoint and credentials, for every node's actors
+        resources["runtime_env"] = {"env_vars": storage_env()}
+    # max_restarts=0: a dead actor is replaced by the loop below, which also owns the retry count.
+    # SPREAD: one worker per node first, so losing a node loses as few workers as possible.
+    actor_cls = ray.remote(ShardWorker).options(max_restarts=0, max_task_retries=0,
+                                                scheduling_strategy="SPREAD", **resources)
+    pending = collections.deque(todo)
+    attempts: collections.Counter = collections.Counter()
+    starting: dict[Any, Any] = {}  # provenance ref -> actor still being placed or loading its model
+    # seen: the provenance of the committed shards and of the actors started so far
+    idle: list[Any] = []
+    inflight: dict[Any, tuple[Any, ShardSpec, float]] = {}
+    start_failures = 0
+    last_progress = time.monotonic()
+
+    def start_actor() -> None:
+        actor = actor_cls.remote(factory)
+        starting[actor.provenance.remote()] = actor
+
+    def retry(spec: ShardSpec, error: str) -> None:
+        if attempts[spec.shard_id] > max_retries:
+            raise give_up(spec, attempts[spec.shard_id], error)
+        log.warning("shard %d attempt %d failed (%s); retrying", spec.shard_id, attempts[spec.shard_id], error)
+        pending.appendleft(spec)
+
+    def replace(actor: Any) -> None:
+        ray.kill(actor, no_restart=True)
+        start_actor()
+
+    for _ in range(min(num_workers, len(todo))):
+        start_actor()
+    try:
+        while pending or inflight:
+            # Shards go only to actors that are up, so a shard's time limit never counts the wait for a node.
+            while idle and pending:
+                actor, spec = idle.pop(), pending.popleft()
+                attempts[spec.shard_id] += 1
+                ref = actor.write.remote(spec, str(out_dir), batch_size, attempts[spec.shard_id])
+                inflight[ref] = (actor, spec, time.monotonic())
+            ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=1.0)
+            interrupts.check()  # the finally below stops every actor
+            now = time.monotonic()
+            for ref in ready:
+                if ref in starting:
+                    actor = starting.pop(ref)
+                    try:
+                        info, where = ray.get(ref, timeout=60)
+                    except RayError as e:  # the factory raised, or the process died while loading
+                        start_failures += 1
+                        if start_failures > max_retries:
+                            raise GenerationError(f"workers fail to start ({start_failures} times); last "
+                                                  f"error: {e}") from e
+                        log.warning("a worker failed to start (%s); starting another", type(e).__name__)
+                        replace(actor)
+                        continue
+                    idle.append(actor)  # stopped with the others in the finally block if it differs
+                    check_same_provenance(seen, f"the Ray worker on node {where}", info)
+                    continue
+                actor, spec, _ = inflight.pop(ref)
+                try:
+                    stats = ray.get(ref, timeout=60)
+                except RayTaskError as e:  # the sampler raised: the actor itself is fine
+                    if must_stop(getattr(e, "cause", None)):
+                        raise StopGeneration(f"{e.cause} (shard {spec.shard_id})") from None
+                    idle.append(actor)
+                    retry(spec, str(e).splitlines()[0] if str(e) else repr(e))
+                    continue
+                except RayError as e:  # actor process or node lost
+                    retry(spec, f"worker lost: {type(e).__name__}")
+                    replace(actor)
+                    continue
+                idle.append(actor)
+                last_progress = now
+                yield stats
+            if shard_timeout_s is not None:
+                for ref, (actor, spec, t0) in list(inflight.items()):
+                    if now - t0 > shard_timeout_s:
+                        inflight.pop(ref)
+                        retry(spec, f"no result after {shard_timeout_s:.0f} s")
+                        replace(actor)
+                if not inflight and not idle and now - last_progress > max(shard_timeout_s, 60.0):
+                    raise GenerationError(
+                        f"no worker could start within {shard_timeout_s:.0f} s: each needs {resources}, the "
+                        f"cluster has {ray.available_resources()} free; lower num_workers or worker_resources")
+            if not inflight and not idle and now - last_progress > 60.0 and int(now - last_progress) % 60 == 0:
+                log.warning("waiting for Ray to place workers needing %s (free: %s)", resources,
+                            ray.available_resources())
+    finally:
+        for actor, _, _ in inflight.values():
+            ray.kill(actor, no_restart=True)
+        for actor in starting.values():
+            ray.kill(actor, no_restart=True)
+        if idle:  # let idle samplers release what they hold, but never wait long for it
+            try:
+                ray.wait([a.close.remote() for a in idle], num_returns=len(idle), timeout=10)
+            except RayError:
+                pass
+        for actor in idle:
+            ray.kill(actor, no_restart=True)
+        if started_here:
+            ray.shutdown()
