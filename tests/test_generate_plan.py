@@ -60,3 +60,20 @@ def test_dataclass_factory_round_trips_through_its_description():
         "crash_on_key": "", "crash_marker": "", "odd_info_marker": ""}}
     assert build_factory(desc) == f
     assert "repr" in describe_factory(lambda: None)
+
+
+def test_a_folder_written_before_the_engine_moved_is_still_the_same_run(tmp_path):
+    """plan.json / manifest.json of older folders name the toy factory under cgn_dist.generate.toy: it still
+    rebuilds, and a rerun with the factory of today is the same run (no 'another run' refusal)."""
+    import json
+
+    from cgn_dist.sharding.manifest import build_plan_doc, check_or_write_plan
+    from cgn_dist.sharding.sampler import build_factory, describe_factory
+    from cgn_dist.sharding.toy import ToySamplerFactory
+
+    today = describe_factory(ToySamplerFactory(image_size=8))
+    assert today["target"] == "cgn_dist.sharding.toy:ToySamplerFactory"
+    old = dict(today, target="cgn_dist.generate.toy:ToySamplerFactory")
+    assert build_factory(old) == ToySamplerFactory(image_size=8)
+    (tmp_path / "plan.json").write_text(json.dumps(build_plan_doc(7, 4, old)))
+    check_or_write_plan(tmp_path, build_plan_doc(7, 4, today))  # raises when it takes them for two runs
