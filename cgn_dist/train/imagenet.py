@@ -14,19 +14,20 @@ import torch
 from cgn_dist import interrupts
 from cgn_dist.config import Config
 from cgn_dist.distributed.engine import build_engine
-from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
+from cgn_dist.distributed.env import DistEnv, read_env
 from cgn_dist.errors import InputError
 from cgn_dist.losses import VGG16Features
 from cgn_dist.models.biggan import truncated_noise
 from cgn_dist.progress import progress_bar
 from cgn_dist.models.cgn_imagenet import CGNImageNet, build_cgn_imagenet
-from cgn_dist.train.checkpoint import (find_resume_checkpoint, latest_checkpoint, load_checkpoint, prepare_run_dir,
+from cgn_dist.train.loop_context import loop_context
+from cgn_dist.train.checkpoint import (find_resume_checkpoint, latest_checkpoint, load_checkpoint,
                                       save_checkpoint)
 from cgn_dist.train.common import NullReporter, Reporter, step_seed, stop_requested
 from cgn_dist.train.imagenet_step import ImagenetLossWeights, build_optimizer, imagenet_losses, sample_inputs
 from cgn_dist.train.run_dir import (build_summary, checkpoint_step, complete_line, progress_line, read_summary,
                                     start_line, write_summary)
-from cgn_dist.train.metrics import DeviceSums, Throughput, build_logger, engine_scalars, make_sheet, setup_logging
+from cgn_dist.train.metrics import DeviceSums, Throughput, engine_scalars, make_sheet
 
 
 def build_cgn(cfg: Config) -> CGNImageNet:
@@ -66,19 +67,17 @@ def class_sheet(cgn: CGNImageNet, classes: list[int], truncation: float, device,
 def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter | None = None) -> dict:
     env = env or read_env(cfg.train.device)
     reporter = reporter or NullReporter()
-    t, ic = cfg.train, cfg.imagenet
-    if t.max_steps <= 0:
+    if cfg.train.max_steps <= 0:
         raise InputError("train.max_steps must be > 0 for ImageNet CGN (the number of optimizer updates)")
-    owns_group = init_process_group(env)  # torchrun / deepspeed launchers; Ray Train made its own
-    run_dir = prepare_run_dir(cfg, env.is_main, env.device)
-    setup_logging(run_dir, env.is_main)
-    logger = build_logger(run_dir, env.is_main)
+    with loop_context(cfg, env) as (run_dir, logger):
+        return _train(cfg, env, reporter, run_dir, logger)
+
+
+def _train(cfg: Config, env: DistEnv, reporter: Reporter, run_dir, logger) -> dict:
+    t, ic = cfg.train, cfg.imagenet
     ckpt = find_resume_checkpoint(run_dir, reporter) if t.resume else None
     if ckpt is not None and checkpoint_step(ckpt) >= t.max_steps:
         logger.info(complete_line(run_dir, checkpoint_step(ckpt)))
-        logger.close()
-        if owns_group:
-            destroy_process_group()
         return read_summary(run_dir) or build_summary(run_dir, t.max_steps, checkpoint_step(ckpt), ckpt, {})
 
     cgn = build_cgn(cfg).to(env.device)
@@ -138,16 +137,10 @@ def train_imagenet(cfg: Config, env: DistEnv | None = None, reporter: Reporter |
             reporter.report(done, logs, path, env.is_main)
         if stop:
             bar.close()
-            logger.close()
-            if owns_group:
-                destroy_process_group()
             raise interrupts.Interrupted(stop, "train", done, t.max_steps, path)
     summary = build_summary(run_dir, t.max_steps, t.max_steps, latest_checkpoint(run_dir), logs)
     if env.is_main:
         write_summary(run_dir, summary)
         logger.info(f"finished {run_dir}: {progress_line(t.max_steps, t.max_steps, logs)}; summary.json written")
     logger.flush()
-    logger.close()
-    if owns_group:
-        destroy_process_group()
     return summary

@@ -14,20 +14,21 @@ from cgn_dist import interrupts
 from cgn_dist.config import Config
 from cgn_dist.data.mnist import build_mnist_dataset
 from cgn_dist.distributed.engine import build_engine
-from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
+from cgn_dist.distributed.env import DistEnv, read_env
 from cgn_dist.losses import VGG16Features
 from cgn_dist.progress import progress_bar
 from cgn_dist.models.cgn_mnist import CGNMnist, init_cgn_weights
 from cgn_dist.models.discriminator import DiscConv, DiscLin
-from cgn_dist.train.checkpoint import (find_resume_checkpoint, latest_checkpoint, load_checkpoint, prepare_run_dir,
+from cgn_dist.train.checkpoint import (find_resume_checkpoint, latest_checkpoint, load_checkpoint,
                                       save_checkpoint)
 from cgn_dist.train.ema import EMA_NAME, EmaWeights
+from cgn_dist.train.loop_context import loop_context
 from cgn_dist.train.common import NullReporter, Reporter, step_seed, stop_requested
 from cgn_dist.train.run_dir import (build_summary, checkpoint_step, complete_line, progress_line, read_summary,
                                     start_line, write_summary)
 from cgn_dist.train.mnist_sheets import counterfactual_sheet
 from cgn_dist.train.mnist_step import MnistUpdate, make_batches, to_channels_last
-from cgn_dist.train.metrics import Throughput, build_logger, engine_scalars, make_sheet, setup_logging
+from cgn_dist.train.metrics import Throughput, engine_scalars, make_sheet
 
 
 # --------------------------------------------------------------------------- models
@@ -109,12 +110,12 @@ def class_sheet(gen: CGNMnist, n_classes: int, device, seed: int = 1234) -> torc
 def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | None = None) -> dict:
     env = env or read_env(cfg.train.device)
     reporter = reporter or NullReporter()
-    t, m = cfg.train, cfg.mnist
-    owns_group = init_process_group(env)  # torchrun / deepspeed launchers; Ray Train made its own
-    run_dir = prepare_run_dir(cfg, env.is_main, env.device)
-    setup_logging(run_dir, env.is_main)
-    logger = build_logger(run_dir, env.is_main)
+    with loop_context(cfg, env) as (run_dir, logger):
+        return _train(cfg, env, reporter, run_dir, logger)
 
+
+def _train(cfg: Config, env: DistEnv, reporter: Reporter, run_dir, logger) -> dict:
+    t, m = cfg.train, cfg.mnist
     dataset = build_mnist_dataset(cfg.data.dataset, "train", source=cfg.data.source, root=cfg.data.root,
                                   seed=cfg.data.seed, textures_dir=cfg.data.textures or None,
                                   download=cfg.data.download)
@@ -123,9 +124,6 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
     ckpt = find_resume_checkpoint(run_dir, reporter) if t.resume else None
     if ckpt is not None and checkpoint_step(ckpt) >= total:
         logger.info(complete_line(run_dir, checkpoint_step(ckpt)))
-        logger.close()
-        if owns_group:
-            destroy_process_group()
         return read_summary(run_dir) or build_summary(run_dir, total, checkpoint_step(ckpt), ckpt, {})
 
     bg_bias = border_bias(dataset) if m.bg_init_from_data and ckpt is None else None  # a resume loads f_bg
@@ -195,16 +193,10 @@ def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | No
             reporter.report(done, logs, path, env.is_main)
         if stop:
             bar.close()
-            logger.close()
-            if owns_group:
-                destroy_process_group()
             raise interrupts.Interrupted(stop, "train", done, total, path)
     summary = build_summary(run_dir, total, total, latest_checkpoint(run_dir), logs)
     if env.is_main:
         write_summary(run_dir, summary)
         logger.info(f"finished {run_dir}: {progress_line(total, total, logs)}; summary.json written")
     logger.flush()
-    logger.close()
-    if owns_group:
-        destroy_process_group()
     return summary

@@ -29,13 +29,15 @@ from cgn_dist import interrupts
 from cgn_dist.config import Config
 from cgn_dist.data.transforms import normalize_images
 from cgn_dist.distributed.engine import build_engine
-from cgn_dist.distributed.env import DistEnv, destroy_process_group, init_process_group, read_env
+from cgn_dist.distributed.env import DistEnv, read_env
 from cgn_dist.errors import InputError, InputNotFound
 from cgn_dist.models.invariant import HEADS, build_invariant_classifier
 from cgn_dist.progress import progress_bar
-from cgn_dist.train.checkpoint import find_resume_checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from cgn_dist.train.checkpoint import find_resume_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from cgn_dist.train.common import NullReporter, Reporter, stop_requested
-from cgn_dist.train.metrics import DeviceSums, Throughput, build_logger, setup_logging
+from cgn_dist.train.loop_context import loop_context
+from cgn_dist.train.metrics import DeviceSums, Throughput
+from cgn_dist.train.run_dir import build_summary, write_summary
 
 log = logging.getLogger(__name__)
 CF_KEYS = {"shape": "shape_cls", "texture": "texture_cls", "bg": "bg_cls"}
@@ -101,13 +103,13 @@ def classifier_losses(out: dict[str, torch.Tensor], y_real: torch.Tensor, cf: di
 def train_invariant(cfg: Config, env: DistEnv | None = None, reporter: Reporter | None = None) -> dict:
     env = env or read_env(cfg.train.device)
     reporter = reporter or NullReporter()
-    t, ic = cfg.train, cfg.invariant
-    owns_group = init_process_group(env)
     streams = build_streams(cfg, env)  # bad data paths fail here, before a run directory exists
-    run_dir = prepare_run_dir(cfg, env.is_main, env.device)
-    setup_logging(run_dir, env.is_main)
-    logger = build_logger(run_dir, env.is_main)
+    with loop_context(cfg, env) as (run_dir, logger):
+        return _train(cfg, env, reporter, streams, run_dir, logger)
 
+
+def _train(cfg: Config, env: DistEnv, reporter: Reporter, streams, run_dir, logger) -> dict:
+    t, ic = cfg.train, cfg.invariant
     model = build_invariant_classifier(ic.backbone, ic.weights, ic.n_classes, cfg.seed, ic.init_from, ic.freeze_bn)
     opt = torch.optim.SGD(model.parameters(), lr=ic.lr, momentum=ic.momentum, weight_decay=ic.weight_decay)
     engine = build_engine(model, opt, t, env)
@@ -197,18 +199,17 @@ def train_invariant(cfg: Config, env: DistEnv | None = None, reporter: Reporter 
                 reporter.report(step, logs, path, env.is_main)
             if stop:
                 bar.close()
-                logger.close()
-                if owns_group:
-                    destroy_process_group()
                 raise interrupts.Interrupted(stop, "train", step, total, path)
         if step % updates_per_epoch == 0 and (epoch + 1) % max(1, ic.eval_every_epochs) == 0:
             evaluate(f"epoch{epoch + 1:03d}", step)
     bar.close()
+    # the summary every loop returns (and writes as summary.json), plus this loop's epoch length
+    summary = build_summary(run_dir, total, step, latest_checkpoint(run_dir), logs) | {
+        "updates_per_epoch": updates_per_epoch}
+    if env.is_main:
+        write_summary(run_dir, summary)
     logger.flush()
-    logger.close()
-    if owns_group:
-        destroy_process_group()
-    return {"run_dir": str(run_dir), "steps": step, "updates_per_epoch": updates_per_epoch, **logs}
+    return summary
 
 
 __all__ = ["train_invariant", "classifier_losses", "lr_at", "build_streams"]
