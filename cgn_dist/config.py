@@ -18,7 +18,7 @@ import yaml
 
 from cgn_dist.config_schema import (  # noqa: F401  (the schema's names are part of this module's API)
     DataConfig, MnistConfig, ImagenetConfig, TrainConfig, DistributedConfig, RayConfig, GenerateConfig,
-    ShardsConfig, ClassifierConfig, PipelineConfig, InvariantConfig, EvalConfig, ImagenetPipelineConfig, Config)
+    ShardsConfig, MnistClassifierConfig, MnistPipelineConfig, InvariantConfig, EvalConfig, ImagenetPipelineConfig, Config)
 from cgn_dist.errors import UserError
 
 
@@ -77,17 +77,17 @@ def _check_values(cfg: Config) -> None:
     need(sh.batch_size >= 1, "shards.batch_size", "must be >= 1")
     need(sh.num_workers >= 0, "shards.num_workers", "must be >= 0 (0 = one per core)")
     need(g.num_workers >= 0, "generate.num_workers", "must be >= 0 (0 = one per GPU, else per core)")
-    bad_ds = set(cfg.pipeline.datasets) - {"colored", "double_colored", "wildlife"}
-    need(not bad_ds, "pipeline.datasets", f"unknown {sorted(bad_ds)}; accepted: colored, double_colored, wildlife")
-    need(not cfg.pipeline.datasets or cfg.pipeline.released_dir, "pipeline.datasets",
-         "needs pipeline.released_dir=DIR (the authors' cgn_<dataset>_MNIST.pth files); without it the "
+    bad_ds = set(cfg.mnist_pipeline.datasets) - {"colored", "double_colored", "wildlife"}
+    need(not bad_ds, "mnist_pipeline.datasets", f"unknown {sorted(bad_ds)}; accepted: colored, double_colored, wildlife")
+    need(not cfg.mnist_pipeline.datasets or cfg.mnist_pipeline.released_dir, "mnist_pipeline.datasets",
+         "needs mnist_pipeline.released_dir=DIR (the authors' cgn_<dataset>_MNIST.pth files); without it the "
          "pipeline trains one CGN on data.dataset")
     need(cfg.eval.is_splits >= 1, "eval.is_splits", "must be >= 1")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     need(cfg.invariant.cf_ratio >= 0, "invariant.cf_ratio", "must be >= 0 (0 = real images only)")
     need(cfg.invariant.lr_step_epochs >= 1, "invariant.lr_step_epochs", "must be >= 1")
-    bad = set(cfg.classifier.train_on) - {"original", "counterfactual", "combined"}
-    need(not bad, "classifier.train_on", f"unknown {sorted(bad)}; accepted: original, counterfactual, combined")
+    bad = set(cfg.mnist_classifier.train_on) - {"original", "counterfactual", "combined"}
+    need(not bad, "mnist_classifier.train_on", f"unknown {sorted(bad)}; accepted: original, counterfactual, combined")
     _check_optimizer_values(cfg, need)
 
 
@@ -99,13 +99,13 @@ def _check_optimizer_values(cfg: Config, need) -> None:
         return getattr(getattr(cfg, section), name)
 
     # lr 0 would train nothing; for the three ImageNet mechanisms it freezes one on purpose
-    for key in ("mnist.lr", "classifier.lr", "invariant.lr"):
+    for key in ("mnist.lr", "mnist_classifier.lr", "invariant.lr"):
         need(number(key) > 0, key, f"got {number(key)}; a learning rate must be > 0 (e.g. the default "
                                    f"{_default_of(key)})")
     for key in ("imagenet.lr_shape", "imagenet.lr_text", "imagenet.lr_bg", "mnist.lambda_mask", "imagenet.w_l1",
                 "imagenet.w_binary", "imagenet.w_mask_area", "imagenet.w_background", "invariant.weight_decay"):
         need(number(key) >= 0, key, f"got {number(key)}; must be >= 0 (0 = off)")
-    for key in ("classifier.gamma", "invariant.lr_gamma", "mnist.init_gain", "distributed.cpus_per_worker"):
+    for key in ("mnist_classifier.gamma", "invariant.lr_gamma", "mnist.init_gain", "distributed.cpus_per_worker"):
         need(number(key) > 0, key, f"got {number(key)}; must be > 0 (default {_default_of(key)})")
     need(0 <= cfg.invariant.momentum < 1, "invariant.momentum", f"got {cfg.invariant.momentum}; must lie in [0, 1)")
     for key in ("mnist.betas", "imagenet.betas"):
@@ -168,6 +168,31 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # a name like 7 or a version like 1.0 given bare on the command line
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+# Sections and task names that were renamed for what they configure. A config a user writes with an old
+# name is refused with the new one; a config cgn_dist saved earlier (a run's config.yaml) is read as renamed.
+RENAMED_SECTIONS = {"classifier": "mnist_classifier", "pipeline": "mnist_pipeline"}
+RENAMED_TASKS = {"classifier": "invariant"}
+
+
+def _refuse_old_names(layer: dict, where: str) -> None:
+    for old, new in RENAMED_SECTIONS.items():
+        if old in layer:
+            raise ConfigError(f"{where}: section {old}: was renamed {new}: (it configures the MNIST experiment's "
+                              f"{'classifiers' if old == 'classifier' else 'pipeline'}); write {new}.<key> instead")
+    if layer.get("task") in RENAMED_TASKS:
+        new = RENAMED_TASKS[layer["task"]]
+        raise ConfigError(f"{where}: task={layer['task']} was renamed task={new} (the invariant ImageNet "
+                          f"classifier, configured under invariant:); write task: {new}")
+
+
+def upgrade_config_dict(d: dict) -> dict:
+    """A saved config with the old section / task names, under the present ones (a copy)."""
+    out = {RENAMED_SECTIONS.get(k, k): v for k, v in d.items()}
+    if out.get("task") in RENAMED_TASKS:
+        out["task"] = RENAMED_TASKS[out["task"]]
+    return out
 
 
 def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
@@ -258,6 +283,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     else the project root), then ``key=value`` overrides."""
     cfg = Config()
     layers = _read_yaml(find_config(path)) if path else []
+    for layer in layers:
+        _refuse_old_names(layer, f"config {path}")
+    for layer in _dotted_to_nested(list(overrides or [])):
+        _refuse_old_names(layer, "override")
     for layer in layers + _dotted_to_nested(list(overrides or [])):
         _merge(cfg, layer)
     if not cfg.name:
@@ -332,7 +361,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 def config_from_dict(d: dict) -> Config:
     cfg = Config()
-    _merge(cfg, d)
+    _merge(cfg, upgrade_config_dict(d))
     _check_values(cfg)
     return cfg
 

@@ -166,7 +166,7 @@ class ShardsConfig:
 
 
 @dataclass
-class ClassifierConfig:
+class MnistClassifierConfig:
     epochs: int = 10  # classifier epochs
     batch_size: int = 64  # classifier training batch
     test_batch_size: int = 640  # evaluation batch
@@ -176,7 +176,7 @@ class ClassifierConfig:
 
 
 @dataclass
-class PipelineConfig:
+class MnistPipelineConfig:
     released_dir: str = ""  # folder with the authors' cgn_<dataset>_MNIST.pth: use them, skip CGN training
     datasets: list[str] = field(default_factory=list)  # with released_dir: data sets to run ([] = all three)
     original_limit: int = 0  # use only the first N original train/test digits (0 = all; smoke runs)
@@ -243,7 +243,7 @@ class ImagenetPipelineConfig:
 @dataclass
 class Config:
     name: str = ""  # run name; "" = derived from the config file name
-    task: Literal["mnist", "imagenet", "classifier"] = "mnist"  # which model: CGN-MNIST, CGN-ImageNet, or the ImageNet invariant classifier
+    task: Literal["mnist", "imagenet", "invariant"] = "mnist"  # which model: CGN-MNIST, CGN-ImageNet, or the ImageNet invariant classifier
     seed: int = 0  # every random draw derives from it
     out_dir: str = "runs"  # run directories live in <out_dir>/<name>
     data: DataConfig = field(default_factory=DataConfig)
@@ -254,8 +254,8 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)  # cgn-dist make-shards
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    mnist_classifier: MnistClassifierConfig = field(default_factory=MnistClassifierConfig)
+    mnist_pipeline: MnistPipelineConfig = field(default_factory=MnistPipelineConfig)
     invariant: InvariantConfig = field(default_factory=InvariantConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     imagenet_pipeline: ImagenetPipelineConfig = field(default_factory=ImagenetPipelineConfig)

@@ -27,7 +27,7 @@ from cgn_dist.distributed.paths import INPUT_KEYS, OUTPUT_KEYS, _get, absolute, 
 
 # Config sections a task reads; other sections keep defaults that name files this run never opens.
 TASK_SECTIONS = {"mnist": ("data.", "mnist.", "generate.", "pipeline."), "imagenet": ("imagenet.", "generate."),
-                 "classifier": ("invariant.", "eval.", "imagenet_pipeline.")}
+                 "invariant": ("invariant.", "eval.", "imagenet_pipeline.")}
 WEIGHT_KEYS = ("mnist.vgg_weights", "mnist.init_from", "imagenet.biggan", "imagenet.u2net", "imagenet.vgg_weights",
                "imagenet.init_from", "generate.checkpoint", "invariant.weights", "eval.weights",
                "eval.inception_weights")

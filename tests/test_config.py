@@ -75,3 +75,28 @@ def test_mnist_configs_equal_the_authors_shipped_configs(name, shared_ref):
     assert (m.latent_dim, m.ngf, m.n_classes) == (theirs["MODEL"]["LATENT_SZ"], theirs["MODEL"]["NGF"], theirs["MODEL"]["N_CLASSES"])
     assert t.micro_batch_size == theirs["TRAIN"]["BATCH_SIZE"] and t.epochs == theirs["TRAIN"]["EPOCHS"]
     assert t.grad_accum == 1 and t.checkpoint_every == 1000  # the CLI's save_iter overrode SAVE_ITER
+
+
+def test_renamed_sections_and_task_are_refused_with_the_new_name(tmp_path):
+    from cgn_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"section classifier: was renamed mnist_classifier: .*mnist_classifier\.<key>"):
+        load_config(None, ["classifier.epochs=2"])
+    with pytest.raises(ConfigError, match=r"section pipeline: was renamed mnist_pipeline:"):
+        load_config(None, ["pipeline.original_limit=5"])
+    old = tmp_path / "old.yaml"
+    old.write_text("task: classifier\n")
+    with pytest.raises(ConfigError, match=r"task=classifier was renamed task=invariant"):
+        load_config(old)
+    assert load_config(None, ["mnist_classifier.epochs=2", "task=invariant"]).mnist_classifier.epochs == 2
+
+
+def test_a_config_saved_under_the_old_names_still_reads():
+    """A run directory's config.yaml from before the rename (resume, regenerate): read as renamed."""
+    from cgn_dist.config import config_from_dict, config_to_dict
+
+    d = config_to_dict(load_config(None, ["mnist_classifier.epochs=3", "mnist_pipeline.original_limit=7"]))
+    d["classifier"], d["pipeline"] = d.pop("mnist_classifier"), d.pop("mnist_pipeline")
+    d["task"] = "classifier"
+    cfg = config_from_dict(d)
+    assert (cfg.mnist_classifier.epochs, cfg.mnist_pipeline.original_limit, cfg.task) == (3, 7, "invariant")

@@ -118,7 +118,7 @@ def test_weights_file_missing_on_one_node(cluster, capsys, monkeypatch):
     ckpt = views["torch"] / "hub" / "checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
     (ckpt / "resnet50-0676ba61.pth").write_bytes(b"x" * 100)
-    rc, lines = _doctor(capsys, monkeypatch, views, "task=classifier", "invariant.weights=resnet50",
+    rc, lines = _doctor(capsys, monkeypatch, views, "task=invariant", "invariant.weights=resnet50",
                         f"out_dir={root / 'runs'}", f"ray.address={c.address}")
     assert rc == 1
     bad = _line(lines, "weights resnet50")
@@ -161,7 +161,7 @@ def test_single_machine_without_ray(tmp_path):
     assert ok.stdout.splitlines()[0].endswith("on this machine")
     assert f"ok   path out_dir: {tmp_path / 'runs'}: marker seen and writable from 1 node(s)" in ok.stdout
     assert "ok   matrix units: " in ok.stdout and "ok   nccl: " in ok.stdout
-    bad = subprocess.run(run + ["task=classifier", f"invariant.cf_shards={tmp_path / 'nothing'}",
+    bad = subprocess.run(run + ["task=invariant", f"invariant.cf_shards={tmp_path / 'nothing'}",
                                 "invariant.weights=resnet50"],
                          cwd=REPO, env={**env, "TORCH_HOME": str(tmp_path / "torch")},
                          capture_output=True, text=True, timeout=300)
@@ -220,7 +220,7 @@ def test_node_whose_mount_hides_the_shared_folder(tmp_path, capsys):
 
 
 def _hidden_folder_checks(c, shared, capsys):
-    args = ["task=classifier", "invariant.weights=random", f"invariant.cf_shards={shared / 'cf'}",
+    args = ["task=invariant", "invariant.weights=random", f"invariant.cf_shards={shared / 'cf'}",
             f"out_dir={shared / 'runs'}", f"ray.address={c.address}"]
     capsys.readouterr()
     rc = cli.main(["doctor", *args])

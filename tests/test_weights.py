@@ -59,7 +59,7 @@ def test_mnist_hashes_match_the_released_files(shared_ref):
         data = (shared_ref / "original_mnist_checkpoints" / f"cgn_{ds}_MNIST.pth").read_bytes()
         w = weights.REGISTRY[name]
         assert (len(data), hashlib.sha256(data).hexdigest()) == (w.size, w.sha256)
-        assert w.filename == f"cgn_{ds}_MNIST.pth"  # so the cache folder works as pipeline.released_dir
+        assert w.filename == f"cgn_{ds}_MNIST.pth"  # so the cache folder works as mnist_pipeline.released_dir
 
 
 def test_listing_says_where_and_whether_present(cache, shared_ref, capsys):

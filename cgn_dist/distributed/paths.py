@@ -24,7 +24,7 @@ INPUT_KEYS = (
     "imagenet.biggan", "imagenet.cache_dir", "imagenet.u2net", "imagenet.vgg_weights", "imagenet.init_from",
     "generate.checkpoint", "generate.interp_noise",
     "shards.root", "shards.val_labels", "shards.devkit_meta",
-    "pipeline.released_dir",
+    "mnist_pipeline.released_dir",
     "invariant.weights", "invariant.init_from", "invariant.real_shards", "invariant.cf_shards",
     "eval.model", "eval.weights", "eval.cue_conflict", "eval.decisions_csv", "eval.in9", "eval.val_shards",
     "eval.cf_val_shards", "eval.samples", "eval.inception_weights",

@@ -10,7 +10,7 @@ from cgn_dist.errors import InputError
 LOOPS = {
     "mnist": "cgn_dist.train.mnist:train_mnist",  # CGN-MNIST
     "imagenet": "cgn_dist.train.imagenet:train_imagenet",  # CGN-ImageNet (three BigGANs, teacher, U²-Net)
-    "classifier": "cgn_dist.classifier.imagenet.train:train_invariant",  # the invariant ResNet-50 (invariant:)
+    "invariant": "cgn_dist.classifier.imagenet.train:train_invariant",  # the invariant ResNet-50 (invariant:)
 }
 
 

@@ -107,7 +107,7 @@ def run_imagenet_pipeline(cfg: Config) -> dict[str, Any]:
         timed("cf_val", _stage_cf, cfg, p.cf_val_samples, run_dir / "cf_val", cfg.seed + 1)
         c.eval.cf_val_shards = str(run_dir / "cf_val")
 
-    c.task, c.out_dir, c.name = "classifier", str(run_dir), "classifier"
+    c.task, c.out_dir, c.name = "invariant", str(run_dir), "classifier"
     t0 = time.perf_counter()
     if c.distributed.num_workers > 0:  # the cluster config: Ray Train workers, fault tolerant
         from cgn_dist.launchers.ray_train import train_with_ray

@@ -1,7 +1,7 @@
 """The MNIST experiment end to end (the main job): CGN → counterfactual shards → classifiers → table.
 
-Either trains CGN-MNIST on ``data.dataset`` first, or (``pipeline.released_dir``) takes the
-authors' released checkpoints for each of ``pipeline.datasets`` and trains no CGN.
+Either trains CGN-MNIST on ``data.dataset`` first, or (``mnist_pipeline.released_dir``) takes the
+authors' released checkpoints for each of ``mnist_pipeline.datasets`` and trains no CGN.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ ALL_DATASETS = ("colored", "double_colored", "wildlife")
 def released_checkpoint(folder: str | Path, dataset: str) -> Path:
     path = Path(folder) / f"cgn_{dataset}_MNIST.pth"
     if not path.is_file():
-        raise InputNotFound(f"{path} not found: pipeline.released_dir must hold the authors' released "
+        raise InputNotFound(f"{path} not found: mnist_pipeline.released_dir must hold the authors' released "
                             f"cgn_<dataset>_MNIST.pth files (their repo's mnists/experiments/*/weights/ckp.pth)")
     return path
 
@@ -62,9 +62,9 @@ def run_settings(cfg: Config, released: bool, datasets: list[str]) -> dict[str, 
                   + f" (data.source={cfg.data.source})",
         "VGG16": "not used here (released CGN)" if released else _vgg_used(cfg.mnist.vgg_weights),
         "counterfactuals": f"{g.n_samples:,} per data set ({g.no_cfs} per mask)",
-        "classifiers": f"{cfg.classifier.epochs} epochs",
-        **({"original set": f"first {cfg.pipeline.original_limit:,} digits only (pipeline.original_limit)"}
-           if cfg.pipeline.original_limit else {}),
+        "classifiers": f"{cfg.mnist_classifier.epochs} epochs",
+        **({"original set": f"first {cfg.mnist_pipeline.original_limit:,} digits only (mnist_pipeline.original_limit)"}
+           if cfg.mnist_pipeline.original_limit else {}),
         "seed": str(cfg.seed),
     }
 
@@ -77,7 +77,7 @@ def run_mnist_pipeline(cfg: Config) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     setup_logging(run_dir)
-    p = cfg.pipeline
+    p = cfg.mnist_pipeline
     released = bool(p.released_dir)
     datasets = (p.datasets or list(ALL_DATASETS)) if released else [cfg.data.dataset]
     if released:  # fail before any work when a file is missing

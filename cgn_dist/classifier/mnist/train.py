@@ -92,7 +92,7 @@ def load_image_set(source: str | os.PathLike | Sequence[str | os.PathLike], limi
 @dataclass
 class ClassifierSettings:
     """The training protocol (defaults: the paper's). Any object with these attributes works too, e.g.
-    cgn_dist.config.ClassifierConfig."""
+    cgn_dist.config.MnistClassifierConfig."""
 
     epochs: int = 10
     batch_size: int = 64
