@@ -1,6 +1,6 @@
 """Ray at full size: 2 generation actors against 1, one CPU thread each, the model loaded once per actor,
 timed after the load. Same total work: one actor writes 2 shards one after the other; two actors write one
-shard each at the same time. The actors are the engine's own (backends.ShardWorker, which builds the sampler
+shard each at the same time. The actors are the engine's own (ray_backend.ShardWorker, which builds the sampler
 once); each writes an untimed warm-up shard first.
 
     source launch/env.sh; python benchmarks/bench_ray_actors.py                 # full size, bf16
@@ -27,7 +27,7 @@ def main() -> None:
     import ray
 
     from cgn_dist.distributed.ray_utils import init_ray
-    from cgn_dist.sharding.backends import ShardWorker
+    from cgn_dist.sharding.ray_backend import ShardWorker
     from cgn_dist.generate.imagenet.factory import ImagenetCounterfactualFactory
     from cgn_dist.sharding.plan import ShardSpec
 

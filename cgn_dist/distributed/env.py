@@ -7,6 +7,7 @@ and nothing else in cgn_dist needs to care.
 from __future__ import annotations
 
 import os
+import random
 import socket
 from dataclasses import dataclass
 
@@ -60,7 +61,19 @@ def read_env(device: str = "auto") -> DistEnv:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that is free now, for a process group's rendezvous. Drawn between Ray's worker
+    ports (10002-19999) and Linux's ephemeral range (32768-60999): a port the OS hands to some other socket
+    (a Ray worker's, say) cannot take it between this check and the group binding it."""
+    draw = random.SystemRandom()  # not the seeded global generators: a run's draws must not depend on this
+    for _ in range(200):
+        port = draw.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # that whole range busy: any port the OS gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

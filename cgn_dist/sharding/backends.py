@@ -1,10 +1,10 @@
 """Running shards: one signature, three ways (img2dataset's distributors).
 
 - ``backend="local", num_workers=1``: in this process; a Python error in the sampler is retried.
-- ``backend="local", num_workers>1``: worker processes (forkserver, generate.pool), each on its own GPU
+- ``backend="local", num_workers>1``: worker processes (forkserver, sharding.pool), each on its own GPU
   where there are GPUs (worker i -> GPU i % n_gpus) and building the sampler once; a process that dies
   takes only its own shard down: it is replaced and the shard retried.
-- ``backend="ray"``: one actor per worker (one GPU each where the cluster has GPUs), each building the
+- ``backend="ray"`` (sharding.ray_backend): one actor per worker (one GPU each where the cluster has GPUs), each building the
   sampler once and pulling the next shard when it finishes one, so fast workers take more shards. An actor
   lost with its process or node is replaced (Ray places it where resources are) and its shard retried.
 
@@ -14,11 +14,9 @@ whose sampler provenance differs from the first worker's stops the run as soon a
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -28,10 +26,11 @@ from cgn_dist.sharding.plan import ShardSpec
 from cgn_dist.sharding.progress import make_progress
 from cgn_dist.sharding.sampler import close_sampler, sampler_info
 from cgn_dist.sharding.pool import run_process_pool
+from cgn_dist.sharding.ray_backend import run_ray
 from cgn_dist.sharding.workers import auto_worker_count, check_same_provenance
 from cgn_dist.sharding.writer import (GenerationError, StopGeneration, give_up, must_stop, tar_name, verify_shard,
                                      write_shard)
-from cgn_dist.storage import is_remote, join, storage_env
+from cgn_dist.storage import is_remote, join
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +129,8 @@ def _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_si
     try:
         if todo:
             if backend == "ray":
-                results = _run_ray(sampler_factory, todo, out_dir, batch_size, num_workers, max_retries,
-                                   ray_address, shard_timeout_s, worker_resources, seen)
+                results = run_ray(sampler_factory, todo, out_dir, batch_size, num_workers, max_retries,
+                                  ray_address, shard_timeout_s, worker_resources, seen)
             elif num_workers == 1:
                 results = _run_in_process(sampler_factory, todo, out_dir, batch_size, max_retries, seen)
             else:
@@ -184,149 +183,3 @@ def _run_in_process(factory, todo, out_dir, batch_size, max_retries, seen) -> It
                     log.warning("shard %d attempt %d failed (%r); retrying", spec.shard_id, attempt, e)
     finally:
         close_sampler(sampler)
-
-
-# --- Ray ----------------------------------------------------------------------------------------------------
-
-class ShardWorker:
-    """Ray actor body: builds the sampler once, then writes whatever shards it is handed."""
-
-    def __init__(self, factory: Callable[[], Any]):
-        self.sampler = factory()
-        self.info = sampler_info(self.sampler)
-
-    def write(self, spec: ShardSpec, out_dir: str, batch_size: int, attempt: int) -> dict[str, Any]:
-        import ray
-        stats = write_shard(self.sampler, spec, out_dir, batch_size, attempt=attempt, info=self.info)
-        return dict(stats, ray_node_id=ray.get_runtime_context().get_node_id())  # for the driver, not on disk
-
-    def provenance(self) -> tuple[dict[str, Any], str]:
-        """(sampler provenance, node id); answered once built, so it doubles as the "actor is up" signal."""
-        import os
-        import ray
-        return self.info, f"{ray.get_runtime_context().get_node_id()[:12]} (pid {os.getpid()})"
-
-    def close(self) -> None:
-        close_sampler(self.sampler)
-
-
-def _run_ray(factory, todo, out_dir, batch_size, num_workers, max_retries, ray_address, shard_timeout_s,
-             worker_resources, seen) -> Iterator[dict[str, Any]]:
-    import ray
-    from ray.exceptions import RayError, RayTaskError
-
-    from cgn_dist.distributed.ray_utils import default_worker_resources, init_ray
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        init_ray(address=ray_address)
-    if num_workers == 0:  # auto: one actor per GPU of the cluster, else per CPU (at the factory's threads)
-        from cgn_dist.distributed.ray_utils import cluster_gpus
-
-        gpus = int(cluster_gpus())
-        threads = getattr(factory, "num_threads", 1) or 1
-        num_workers = max(1, min(len(todo), gpus or int(ray.cluster_resources().get("CPU", 1)) // threads))
-        log.info("generation: %d Ray actor(s) (num_workers=0: one per %s of the cluster)", num_workers,
-                 "GPU" if gpus else f"{threads} CPU(s)")
-    resources = dict(worker_resources or default_worker_resources(num_workers))
-    if is_remote(out_dir) and storage_env():  # the bucket's endpoint and credentials, for every node's actors
-        resources["runtime_env"] = {"env_vars": storage_env()}
-    # max_restarts=0: a dead actor is replaced by the loop below, which also owns the retry count.
-    # SPREAD: one worker per node first, so losing a node loses as few workers as possible.
-    actor_cls = ray.remote(ShardWorker).options(max_restarts=0, max_task_retries=0,
-                                                scheduling_strategy="SPREAD", **resources)
-    pending = collections.deque(todo)
-    attempts: collections.Counter = collections.Counter()
-    starting: dict[Any, Any] = {}  # provenance ref -> actor still being placed or loading its model
-    # seen: the provenance of the committed shards and of the actors started so far
-    idle: list[Any] = []
-    inflight: dict[Any, tuple[Any, ShardSpec, float]] = {}
-    start_failures = 0
-    last_progress = time.monotonic()
-
-    def start_actor() -> None:
-        actor = actor_cls.remote(factory)
-        starting[actor.provenance.remote()] = actor
-
-    def retry(spec: ShardSpec, error: str) -> None:
-        if attempts[spec.shard_id] > max_retries:
-            raise give_up(spec, attempts[spec.shard_id], error)
-        log.warning("shard %d attempt %d failed (%s); retrying", spec.shard_id, attempts[spec.shard_id], error)
-        pending.appendleft(spec)
-
-    def replace(actor: Any) -> None:
-        ray.kill(actor, no_restart=True)
-        start_actor()
-
-    for _ in range(min(num_workers, len(todo))):
-        start_actor()
-    try:
-        while pending or inflight:
-            # Shards go only to actors that are up, so a shard's time limit never counts the wait for a node.
-            while idle and pending:
-                actor, spec = idle.pop(), pending.popleft()
-                attempts[spec.shard_id] += 1
-                ref = actor.write.remote(spec, str(out_dir), batch_size, attempts[spec.shard_id])
-                inflight[ref] = (actor, spec, time.monotonic())
-            ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=1.0)
-            interrupts.check()  # the finally below stops every actor
-            now = time.monotonic()
-            for ref in ready:
-                if ref in starting:
-                    actor = starting.pop(ref)
-                    try:
-                        info, where = ray.get(ref, timeout=60)
-                    except RayError as e:  # the factory raised, or the process died while loading
-                        start_failures += 1
-                        if start_failures > max_retries:
-                            raise GenerationError(f"workers fail to start ({start_failures} times); last "
-                                                  f"error: {e}") from e
-                        log.warning("a worker failed to start (%s); starting another", type(e).__name__)
-                        replace(actor)
-                        continue
-                    idle.append(actor)  # stopped with the others in the finally block if it differs
-                    check_same_provenance(seen, f"the Ray worker on node {where}", info)
-                    continue
-                actor, spec, _ = inflight.pop(ref)
-                try:
-                    stats = ray.get(ref, timeout=60)
-                except RayTaskError as e:  # the sampler raised: the actor itself is fine
-                    if must_stop(getattr(e, "cause", None)):
-                        raise StopGeneration(f"{e.cause} (shard {spec.shard_id})") from None
-                    idle.append(actor)
-                    retry(spec, str(e).splitlines()[0] if str(e) else repr(e))
-                    continue
-                except RayError as e:  # actor process or node lost
-                    retry(spec, f"worker lost: {type(e).__name__}")
-                    replace(actor)
-                    continue
-                idle.append(actor)
-                last_progress = now
-                yield stats
-            if shard_timeout_s is not None:
-                for ref, (actor, spec, t0) in list(inflight.items()):
-                    if now - t0 > shard_timeout_s:
-                        inflight.pop(ref)
-                        retry(spec, f"no result after {shard_timeout_s:.0f} s")
-                        replace(actor)
-                if not inflight and not idle and now - last_progress > max(shard_timeout_s, 60.0):
-                    raise GenerationError(
-                        f"no worker could start within {shard_timeout_s:.0f} s: each needs {resources}, the "
-                        f"cluster has {ray.available_resources()} free; lower num_workers or worker_resources")
-            if not inflight and not idle and now - last_progress > 60.0 and int(now - last_progress) % 60 == 0:
-                log.warning("waiting for Ray to place workers needing %s (free: %s)", resources,
-                            ray.available_resources())
-    finally:
-        for actor, _, _ in inflight.values():
-            ray.kill(actor, no_restart=True)
-        for actor in starting.values():
-            ray.kill(actor, no_restart=True)
-        if idle:  # let idle samplers release what they hold, but never wait long for it
-            try:
-                ray.wait([a.close.remote() for a in idle], num_returns=len(idle), timeout=10)
-            except RayError:
-                pass
-        for actor in idle:
-            ray.kill(actor, no_restart=True)
-        if started_here:
-            ray.shutdown()
