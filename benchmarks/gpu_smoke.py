@@ -203,6 +203,10 @@ def row_forward(s: dict, tmp: Path, budget_s: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # One process of its own: a rendezvous left in the environment by whatever started it (a launcher, a
+    # test process holding its own group on that port) must not be joined.
+    for key in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="tiny sizes on the CPU (a smoke test of this script)")
     ap.add_argument("--json", default="/tmp/gpu_smoke.json", help="results, rewritten after every row")

@@ -77,7 +77,7 @@ class ImagenetConfig:
 class TrainConfig:
     engine: Literal["torch", "deepspeed"] = "torch"  # plain torch optimizer (DDP when several processes) or DeepSpeed
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "fp32"  # training; auto = bf16 on AMX CPUs / CUDA (fp16 needs deepspeed)
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0, 1 or 2
+    zero_stage: int = 0  # DeepSpeed ZeRO 0, 1 or 2; with accumulation 0/1 (2 reduce-scatters every micro-step); bf16 needs >= 1
     micro_batch_size: int = 16  # per process, per forward
     grad_accum: int = 1  # micro batches accumulated before one update
     grad_reduction: Literal["mean", "sum"] = "mean"  # gradient over micro batches x processes: mean, or sum (authors' ImageNet)

@@ -21,6 +21,10 @@ if _OWN_RAY_TMPDIR:
 
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="cgn_dist_ray_", dir="/tmp")  # short: socket paths
 
+# One thread here and in every child (CLI runs in subprocesses, pool workers): a run in a child and its
+# reference computed in this process then round alike, so they can be compared bit for bit.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
