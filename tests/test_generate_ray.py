@@ -193,3 +193,33 @@ def test_a_ray_worker_with_another_sampler_stops_the_run_at_start(two_nodes, tmp
     assert (tmp_path / "odd").exists()
     assert not list((tmp_path / "out").glob("shard-*_stats.json"))  # caught before any shard was committed
     assert time.monotonic() - t0 < 100  # not after the barrier's time-out
+
+
+def test_each_actor_has_its_next_shard_queued_and_the_bytes_stay(reference, two_nodes, tmp_path):
+    """One actor, four shards: when it returns shard 0, shard 1 is already queued at it (it starts at once,
+    no round trip to the driver); the shard's time limit counts from then; the bytes are the local ones."""
+    from cgn_dist.sharding.ray_backend import RayShardRun
+
+    out = tmp_path / "out"
+    out.mkdir()
+    todo = make_plan(N, SHARD, SEED)
+    run = RayShardRun(FACTORY, todo, out, batch_size=3, num_workers=1, max_retries=0, shard_timeout_s=120,
+                      worker_resources={"num_cpus": 0.5}, seen=[])
+    results = run.results()
+    try:
+        first = next(results)
+        assert first["shard_id"] == 0
+        queued = [spec.shard_id for _, spec, _ in run.inflight.values()]
+        assert queued == [1], queued  # handed out before shard 0 came back
+        (_, spec, started), = run.running().values()
+        assert spec.shard_id == 1 and started >= run.last_done[next(iter(run.last_done))] - 1e-6
+        rest = list(results)
+    finally:
+        run.close()
+    from cgn_dist.sharding.manifest import build_manifest, build_plan_doc, write_outputs
+    from cgn_dist.sharding.sampler import describe_factory
+
+    stats = sorted([first, *rest], key=lambda s: s["shard_id"])
+    assert [s["shard_id"] for s in stats] == [0, 1, 2, 3]
+    write_outputs(out, build_manifest(todo, stats, build_plan_doc(SEED, SHARD, describe_factory(FACTORY)), 3))
+    assert_same_dataset(out, reference)

@@ -1,6 +1,8 @@
 """The Ray backend of the shard engine: one actor per worker builds its sampler once and writes the shards it
-is handed; the driver hands shards only to actors that are up, retries a shard whose attempt failed (the
-sampler raised, the actor or its node was lost, or it ran past ``shard_timeout_s``), replaces lost actors and
+is handed; the driver hands shards only to actors that are up, keeps the next shard queued at each actor
+(``QUEUED_PER_ACTOR``: an actor starts its next shard the moment it commits one, without waiting a round
+trip to the driver), retries a shard whose attempt failed (the sampler raised, the actor or its node was
+lost, or it ran past ``shard_timeout_s``, counted from when the actor started it), replaces lost actors and
 stops every actor on the way out. Ray is imported here only, when a run asks for it."""
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from cgn_dist.storage import is_remote, storage_env
 log = logging.getLogger("cgn_dist.sharding.backends")
 
 WAIT_WARN_EVERY_S = 60.0  # how often to say that Ray has not placed the workers yet
+QUEUED_PER_ACTOR = 2  # shards handed to one actor at a time: the one it writes and the next
 
 
 class ShardWorker:
@@ -79,8 +82,10 @@ class RayShardRun:
         self.pending = collections.deque(todo)
         self.attempts: collections.Counter = collections.Counter()
         self.starting: dict[Any, Any] = {}  # provenance ref -> actor still being placed or loading its model
-        self.idle: list[Any] = []
-        self.inflight: dict[Any, tuple[Any, ShardSpec, float]] = {}
+        self.idle: list[Any] = []  # one entry per free queue place: an actor is listed up to QUEUED_PER_ACTOR times
+        self.inflight: dict[Any, tuple[Any, ShardSpec, float]] = {}  # ref -> (actor, shard, when handed out)
+        self.last_done: dict[Any, float] = {}  # actor -> when it last returned a result
+        self.dead: set[Any] = set()  # actors killed or lost: their other queued shards fail and are retried
         self.start_failures = 0
         self.last_progress = self.last_warned = time.monotonic()
 
@@ -90,9 +95,18 @@ class RayShardRun:
         self.starting[actor.provenance.remote()] = actor
 
     def replace(self, actor: Any) -> None:
+        """Kill ``actor`` (once) and start another; its other queued shards come back as failures."""
         import ray
+        if actor in self.dead:
+            return
+        self.dead.add(actor)
+        self.idle = [a for a in self.idle if a != actor]
         ray.kill(actor, no_restart=True)
         self.start_actor()
+
+    def free(self, actor: Any) -> None:
+        if actor not in self.dead:
+            self.idle.append(actor)
 
     def retry(self, spec: ShardSpec, error: str) -> None:
         if self.attempts[spec.shard_id] > self.max_retries:
@@ -103,7 +117,10 @@ class RayShardRun:
     def dispatch(self) -> None:
         # Shards go only to actors that are up, so a shard's time limit never counts the wait for a node.
         while self.idle and self.pending:
-            actor, spec = self.idle.pop(), self.pending.popleft()
+            # the least loaded actor first, so a few shards spread over all actors instead of queueing at one
+            load = collections.Counter(a for a, _, _ in self.inflight.values())
+            actor = self.idle.pop(min(range(len(self.idle)), key=lambda i: load[self.idle[i]]))
+            spec = self.pending.popleft()
             self.attempts[spec.shard_id] += 1
             ref = actor.write.remote(spec, self.out_dir, self.batch_size, self.attempts[spec.shard_id])
             self.inflight[ref] = (actor, spec, time.monotonic())
@@ -123,7 +140,7 @@ class RayShardRun:
             log.warning("a worker failed to start (%s); starting another", type(e).__name__)
             self.replace(actor)
             return
-        self.idle.append(actor)  # stopped with the others in close() if it differs
+        self.idle.extend([actor] * QUEUED_PER_ACTOR)  # stopped with the others in close() if it differs
         check_same_provenance(self.seen, f"the Ray worker on node {where}", info)
 
     def finished(self, ref: Any) -> dict[str, Any] | None:
@@ -132,28 +149,38 @@ class RayShardRun:
         from ray.exceptions import RayError, RayTaskError
 
         actor, spec, _ = self.inflight.pop(ref)
+        self.last_done[actor] = time.monotonic()  # its next queued shard starts now
         try:
             stats = ray.get(ref, timeout=60)
         except RayTaskError as e:  # the sampler raised: the actor itself is fine
             if must_stop(getattr(e, "cause", None)):
                 raise StopGeneration(f"{e.cause} (shard {spec.shard_id})") from None
-            self.idle.append(actor)
+            self.free(actor)
             self.retry(spec, str(e).splitlines()[0] if str(e) else repr(e))
             return None
-        except RayError as e:  # actor process or node lost
+        except RayError as e:  # actor process or node lost (or killed here: replaced already)
             self.retry(spec, f"worker lost: {type(e).__name__}")
             self.replace(actor)
             return None
-        self.idle.append(actor)
+        self.free(actor)
         self.last_progress = time.monotonic()
         return stats
+
+    def running(self) -> dict[Any, tuple[Any, ShardSpec, float]]:
+        """ref -> (actor, shard, start) of the shard each live actor is writing now: its oldest queued one,
+        started when the actor returned its previous result (or when it was handed out, if later)."""
+        out: dict[Any, tuple[Any, ShardSpec, float]] = {}
+        for ref, (actor, spec, t0) in self.inflight.items():  # dicts keep insertion order: oldest first
+            if actor not in self.dead and all(a != actor for a, _, _ in out.values()):
+                out[ref] = (actor, spec, max(t0, self.last_done.get(actor, t0)))
+        return out
 
     def check_time(self, now: float) -> None:
         import ray
 
         if self.shard_timeout_s is not None:
-            for ref, (actor, spec, t0) in list(self.inflight.items()):
-                if now - t0 > self.shard_timeout_s:
+            for ref, (actor, spec, started) in self.running().items():
+                if now - started > self.shard_timeout_s:
                     self.inflight.pop(ref)
                     self.retry(spec, f"no result after {self.shard_timeout_s:.0f} s")
                     self.replace(actor)
@@ -194,12 +221,13 @@ class RayShardRun:
             ray.kill(actor, no_restart=True)
         for actor in self.starting.values():
             ray.kill(actor, no_restart=True)
-        if self.idle:  # let idle samplers release what they hold, but never wait long for it
+        idle = list(set(self.idle))
+        if idle:  # let idle samplers release what they hold, but never wait long for it
             try:
-                ray.wait([a.close.remote() for a in self.idle], num_returns=len(self.idle), timeout=10)
+                ray.wait([a.close.remote() for a in idle], num_returns=len(idle), timeout=10)
             except RayError:
                 pass
-        for actor in self.idle:
+        for actor in set(self.idle):
             ray.kill(actor, no_restart=True)
 
 
