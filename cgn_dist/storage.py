@@ -67,7 +67,10 @@ def _filesystem(url: str) -> Any:
     import fsspec
 
     scheme = url.split("://", 1)[0]
-    kwargs: dict[str, Any] = {}
+    # No listing cache: other processes commit shards, markers and checkpoints while this one runs, and a
+    # cached listing taken before they did answers "not found" for an object that is there (the driver's
+    # shard-sheet reader opening a shard a worker has just committed failed that way)
+    kwargs: dict[str, Any] = {"use_listings_cache": False}
     if scheme == "s3" and os.environ.get("AWS_ENDPOINT_URL"):
         # botocore reads AWS_ENDPOINT_URL too; passing it keeps older stacks right
         kwargs["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]

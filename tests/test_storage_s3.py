@@ -146,6 +146,25 @@ def test_an_upload_that_never_completed_is_not_a_shard(s3, local_reference):
     _assert_same_as_local(list_keys(s3, bucket, "half"), local_reference)
 
 
+def test_objects_committed_by_another_process_after_a_listing_are_seen(s3):
+    # The driver lists a folder, a worker (another process: here boto3, not this fsspec instance) then commits
+    # a shard there: every read path must see it, not answer from the listing taken before.
+    import boto3
+
+    from cgn_dist.storage import open_read
+
+    bucket = make_bucket(s3)
+    store = Store(f"s3://{bucket}/cf")
+    store.write_bytes("plan.json", b"{}")
+    assert store.list() == ["plan.json"] and not store.exists("shard-000000.tar")
+    boto3.client("s3", endpoint_url=s3, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").put_object(Bucket=bucket, Key="cf/shard-000000.tar", Body=b"x" * 10)
+    assert store.exists("shard-000000.tar") and store.size("shard-000000.tar") == 10
+    assert store.read_bytes("shard-000000.tar") == b"x" * 10
+    with open_read(store.path("shard-000000.tar")) as f:
+        assert f.read() == b"x" * 10
+
+
 def test_a_wrong_bucket_says_what_to_check(s3):
     with pytest.raises(StorageError, match=r"s3://no-such-bucket-here/x: .*AWS_ENDPOINT_URL.*bucket exists"):
         generate_dataset(FACTORY, "s3://no-such-bucket-here/x", N, SHARD, SEED, progress=False)
