@@ -136,3 +136,14 @@ def test_deepspeed_bf16_keeps_batchnorm_fp32_and_the_loss_of_an_fp32_step(stage)
     # DeepSpeed's own bf16 mode, as the classifier used it: BatchNorm cast to bf16 (what autocast avoids)
     _, bn_cast, _ = _deepspeed_step(copy.deepcopy(start), stage, False, x, y, cf)
     assert all(v.dtype == torch.bfloat16 for v in bn_cast.values())
+
+
+def test_auto_precision_allows_bf16_for_zero0_accumulation_only_under_autocast(monkeypatch):
+    import cgn_dist.distributed.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "resolve_precision", lambda *a, **k: "bf16")  # a device that runs bf16
+    over = ("train.precision=auto", "train.zero_stage=0", "train.grad_accum=4")
+    cast, autocast = _train_cfg(*over), _train_cfg(*over)
+    engine_module.resolve_train_precision(cast, "cpu")
+    engine_module.resolve_train_precision(autocast, "cpu", autocast=True)
+    assert (cast.precision, autocast.precision) == ("fp32", "bf16")
