@@ -9,7 +9,7 @@ import torch
 from cgn_dist.classifier.imagenet.train import classifier_losses
 from cgn_dist.config import load_config
 from cgn_dist.distributed.deepspeed import build_ds_config
-from cgn_dist.distributed.env import DistEnv
+from cgn_dist.distributed.env import DistEnv, pick_device
 from cgn_dist.models.invariant import InvariantClassifier
 from cgn_dist.precision import decide_channels_last
 
@@ -99,7 +99,8 @@ def _deepspeed_step(model, stage, autocast, x, y, cf):
     from cgn_dist.distributed.engine import build_engine
 
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    engine = build_engine(model, opt, _train_cfg(f"train.zero_stage={stage}"), DistEnv(), bf16_autocast=autocast)
+    engine = build_engine(model, opt, _train_cfg(f"train.zero_stage={stage}"), DistEnv(device=x.device),
+                          bf16_autocast=autocast)
     try:
         with engine.autocast():
             out = engine(x)
@@ -114,21 +115,25 @@ def _deepspeed_step(model, stage, autocast, x, y, cf):
 
 
 @pytest.mark.parametrize("stage", [0, 1])
-def test_deepspeed_bf16_keeps_batchnorm_fp32_and_the_loss_of_an_fp32_step(stage):
-    x, y, cf = _batch("cpu")
-    ref_model = _model(freeze_bn=False)  # BN in train mode: its running statistics move this step
+def test_deepspeed_bf16_keeps_batchnorm_fp32_and_the_loss_of_an_fp32_step(stage, monkeypatch):
+    # on CUDA where there is one (DeepSpeed picks its accelerator once per process), else on the CPU
+    device = pick_device("auto")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # an fp32 reference, not TF32
+    x, y, cf = _batch(device)
+    ref_model = _model(freeze_bn=False).to(device)  # BN in train mode: its running statistics move this step
     start = copy.deepcopy(ref_model)
     opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
     ref_loss = classifier_losses(ref_model(x), y, cf, len(y))[0]["total"]
     ref_loss.backward()
     opt.step()
+    ref_loss = float(ref_loss.detach())
     ref_bn = _bn_tensors(ref_model)
 
     loss, bn, state = _deepspeed_step(copy.deepcopy(start), stage, True, x, y, cf)
     assert bn and all(v.dtype == torch.float32 for v in bn.values()), {k: v.dtype for k, v in bn.items()}
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
     # bf16 convolutions (so not the fp32 loss to the bit), fp32 elsewhere
-    assert loss != float(ref_loss) and abs(loss - float(ref_loss)) <= 2e-2 * abs(float(ref_loss))
+    assert loss != ref_loss and abs(loss - ref_loss) <= 2e-2 * abs(ref_loss)
     for k in ref_bn:
         if k.endswith(("running_mean", "running_var")):  # statistics of bf16 activations, kept in fp32
             torch.testing.assert_close(bn[k], ref_bn[k], rtol=3e-2, atol=3e-3, msg=lambda m: f"{k}: {m}")
