@@ -4,6 +4,9 @@ as before) or not (today). The two are interleaved round by round in one run, so
 noisy disk; fsyncs are counted per shard.
 
     python benchmarks/bench_shard_commit.py --shards 200 --rounds 5 --dir /some/disk
+
+Measured on a local ext4 virtual disk: 1.9-2.2 ms per shard with 4 fsyncs, 1.2-1.5 ms with 2
+(ratio 1.47-1.58 in three runs, 1.0-1.07 in two noisier ones). On NFS each fsync is a server round trip.
 """
 from __future__ import annotations
 
