@@ -155,6 +155,7 @@ def _classifier_data(s: dict, tmp: Path) -> dict[str, Path]:
 def row_classifier(s: dict, tmp: Path) -> dict:
     from cgn_dist.distributed.env import free_port, process_group_backend
     from cgn_dist.classifier.imagenet.train import train_invariant
+    from cgn_dist.precision import use_channels_last
 
     data = _classifier_data(s, tmp)
     cfg = load_config(REPO / s["classifier_cfg"], [
@@ -180,8 +181,8 @@ def row_classifier(s: dict, tmp: Path) -> dict:
     ok = (out.get("steps") == 10 and bool(evals) and math.isfinite(out.get("loss/total", float("nan"))) and reduce_ok
           and (s["device"] != "cuda" or "nccl" in group))
     return {"ok": ok, "steps": out.get("steps"), "loss_total": out.get("loss/total"), "process_group": group,
-            "all_reduce_ok": reduce_ok,
-            "evaluations": evals, "images_per_s": out.get("perf/images_per_s"), "peak_mem_gb": _peak_gb()}
+            "all_reduce_ok": reduce_ok, "channels_last": use_channels_last(s["device"], cfg.train.precision),
+            "precision": cfg.train.precision, "evaluations": evals, "images_per_s": out.get("perf/images_per_s"), "peak_mem_gb": _peak_gb()}
 
 
 def row_forward(s: dict, tmp: Path, budget_s: float) -> dict:

@@ -115,6 +115,23 @@ def probe_cpu_conv(reps: int = 5) -> dict[str, float]:
     return out
 
 
+def decide_channels_last(caps: dict, precision: str) -> bool:
+    """Whether a convolutional network's weights and batches go channels-last (NHWC) on this device, from
+    device_capabilities()'s flags alone (the layout changes a convolution's rounding, so it must not
+    depend on a timing, like the precision). CUDA: yes (cuDNN's tensor-core kernels are NHWC; NCHW
+    costs a transpose around each one). CPU: no. benchmarks/bench_classifier_step.py (ResNet-50 update,
+    2 + 2 images at 160 px, 2 threads, an AVX2 CPU) measured channels-last speedups (NCHW time / NHWC
+    time) of 0.97x and 0.93x in fp32, 1.03x and 0.97x in emulated bf16, in two runs (uncapped, and
+    under ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, a cap above what that CPU has): no gain. On AVX-512 and
+    AMX CPUs it is not measured yet; rerun the benchmark there before turning it on."""
+    return caps.get("type") == "cuda"
+
+
+def use_channels_last(device: torch.device | str, precision: str) -> bool:
+    """decide_channels_last for ``device`` (``precision``: the resolved one, fp32 or bf16)."""
+    return decide_channels_last(device_capabilities(device), precision)
+
+
 _said: set[tuple[str, str, str]] = set()
 
 
@@ -142,5 +159,5 @@ def resolve_precision(requested: str, device: torch.device | str, key: str,
     return name
 
 
-__all__ = ["CHOICES", "cpu_capabilities", "cpu_flags", "decide_precision", "device_capabilities",
-           "onednn_isa_cap", "probe_cpu_conv", "resolve_precision"]
+__all__ = ["CHOICES", "cpu_capabilities", "cpu_flags", "decide_channels_last", "decide_precision",
+           "device_capabilities", "onednn_isa_cap", "probe_cpu_conv", "resolve_precision", "use_channels_last"]

@@ -222,14 +222,19 @@ class Store:
             raise StorageError(f"{self.location}: a probe object written there read back as {got!r}")
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """A local file written under a hidden temporary name, fsynced, renamed: readers see all or nothing."""
+def write_bytes_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """A local file written under a hidden temporary name, fsynced, renamed: readers see all or nothing.
+
+    ``durable=False`` skips the fsync: readers still see all or nothing, but after a machine crash the file
+    may be missing or torn (empty, partial). Only for files whose loss is harmless (a shard's commit marker:
+    such a marker reads as not committed and the shard is redone)."""
     tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}")
     try:
         with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -110,6 +110,31 @@ def test_deepspeed_zero1_fp32_agrees_with_torch_across_an_lr_step(tmp_path, shar
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6)
 
 
+def test_channels_last_training_is_nchw_training(tmp_path, shards, monkeypatch):
+    # what CUDA gets (cgn_dist.precision.use_channels_last), forced on the CPU: model and batches channels-last
+    import cgn_dist.classifier.imagenet.train as train_module
+    from cgn_dist.models.invariant import InvariantClassifier
+
+    over = ["train.max_steps=3", "invariant.eval_every_epochs=0", "invariant.lr=0.05"]
+    a = train_invariant(_cfg(tmp_path, shards, "nchw", *over))
+    layouts = []
+    forward = InvariantClassifier.forward
+
+    def spy(self, x):
+        layouts.append((x.is_contiguous(memory_format=torch.channels_last),
+                        self.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)))
+        return forward(self, x)
+
+    monkeypatch.setattr(InvariantClassifier, "forward", spy)
+    monkeypatch.setattr(train_module, "use_channels_last", lambda device, precision: True)
+    b = train_invariant(_cfg(tmp_path, shards, "cl", *over))
+    assert layouts and all(x_cl and w_cl for x_cl, w_cl in layouts), layouts
+    wa, wb = _weights(a["run_dir"], 3), _weights(b["run_dir"], 3)
+    assert not torch.equal(_weights(a["run_dir"], 1)["heads.bg.weight"], wa["heads.bg.weight"])  # it trained
+    for k in wa:
+        torch.testing.assert_close(wb[k].contiguous(), wa[k].contiguous(), rtol=1e-4, atol=1e-5)
+
+
 def test_deepspeed_bf16_zero2_trains_and_evaluates(tmp_path, shards, shared_ref):
     out = train_invariant(_cfg(tmp_path, shards, "bf", "train.max_steps=4", "train.engine=deepspeed",
                                 "train.precision=bf16", "train.zero_stage=2",

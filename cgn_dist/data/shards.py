@@ -275,11 +275,15 @@ def json_text(obj: Any, indent: int | None = 2) -> str:
     return json.dumps(obj, sort_keys=True, indent=indent, default=_json_default, allow_nan=False) + "\n"
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
-    """JSON to a temporary name, fsync, rename: readers see the old file or the whole new one."""
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2, durable: bool = True) -> None:
+    """JSON to a temporary name, fsync, rename: readers see the old file or the whole new one.
+
+    ``durable=False``: no fsync of the file nor of its folder (each is a round trip on NFS); a crash may
+    lose the file or leave it torn, so only for files that are safe to lose (see write_bytes_atomic)."""
     path = Path(path)
-    write_bytes_atomic(path, json_text(obj, indent).encode("utf-8"))
-    _fsync_dir(path.parent)
+    write_bytes_atomic(path, json_text(obj, indent).encode("utf-8"), durable=durable)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def remove_temp_files(directory: str | os.PathLike, prefix: str = "") -> list[Path]:

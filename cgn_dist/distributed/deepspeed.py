@@ -14,7 +14,16 @@ from cgn_dist.distributed.env import DistEnv, set_single_process_env
 from cgn_dist.errors import InputError
 
 
-def build_ds_config(train: TrainConfig, world_size: int) -> dict:
+# bf16 by autocast: the module stays fp32 (its parameters are the master weights, BatchNorm's weights and
+# running statistics stay fp32 and on cuDNN's fp32-statistics kernels), torch.autocast runs convolutions and
+# matmuls in bf16 inside the engine's forward. No module gets a bf16 communication dtype (the empty list):
+# gradients are reduced in fp32, as under DDP.
+AUTOCAST_BF16 = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+
+
+def build_ds_config(train: TrainConfig, world_size: int, autocast: bool = False) -> dict:
+    """``autocast``: bf16 as torch.autocast over an fp32 module (DeepSpeed's ``torch_autocast`` section)
+    instead of DeepSpeed's ``bf16`` mode, which casts the whole module, BatchNorm included."""
     cfg = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
@@ -28,6 +37,8 @@ def build_ds_config(train: TrainConfig, world_size: int) -> dict:
     }
     if train.precision == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    elif train.precision == "bf16" and autocast:
+        cfg["torch_autocast"] = dict(AUTOCAST_BF16)  # fp32 gradients: any accumulation is fp32
     elif train.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
         if train.zero_stage >= 1:
@@ -52,7 +63,8 @@ def _prepare_cpu() -> None:
     getattr(deepspeed.ops, "__compatible_ops__", {})["deepspeed_shm_comm"] = False
 
 
-def initialize_deepspeed(module: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, env: DistEnv):
+def initialize_deepspeed(module: torch.nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, env: DistEnv,
+                         autocast: bool = False):
     if train.precision == "fp16" and env.device.type == "cpu":
         raise InputError("train.precision=fp16: DeepSpeed refuses fp16 on CPU; use bf16 or fp32 there")
     _prepare_cpu()
@@ -60,10 +72,10 @@ def initialize_deepspeed(module: torch.nn.Module, optimizer: torch.optim.Optimiz
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, config=build_ds_config(train, env.world_size),
+        model=module, optimizer=optimizer, config=build_ds_config(train, env.world_size, autocast),
         dist_init_required=None,
     )
-    if train.precision in ("bf16", "fp16"):
+    if train.precision in ("bf16", "fp16") and not (autocast and train.precision == "bf16"):
         # DeepSpeed casts parameters only; buffers that meet them in a matmul or a norm
         # (spectral-norm u/v, BigGAN's stored BN statistics) must follow.
         dtype = next(engine.module.parameters()).dtype

@@ -138,7 +138,8 @@ class DeepSpeedEngine:
         return self
 
     def autocast(self):
-        return contextlib.nullcontext()  # DeepSpeed casts the module itself
+        # DeepSpeed casts the module itself, or autocasts inside its forward (its torch_autocast section)
+        return contextlib.nullcontext()
 
     @property
     def micro_steps(self) -> int:
@@ -179,12 +180,14 @@ class DeepSpeedEngine:
             raise InputNotFound(f"no DeepSpeed checkpoint {name!r} under {directory}")
 
 
-def resolve_train_precision(train: TrainConfig, device, recorded: str | None = None) -> None:
+def resolve_train_precision(train: TrainConfig, device, recorded: str | None = None, autocast: bool = False) -> None:
     """train.precision=auto -> bf16 on CUDA and AMX CPUs, else fp32 (cgn_dist.precision), in place;
-    ``recorded``: what the run being resumed used, kept."""
+    ``recorded``: what the run being resumed used, kept. ``autocast``: DeepSpeed's bf16 will be autocast
+    over fp32 weights (fp32 gradients), so ZeRO-0 with accumulation may use it."""
     if train.precision != "auto":
         return
-    if recorded is None and train.engine == "deepspeed" and train.zero_stage == 0 and train.grad_accum > 1:
+    if recorded is None and train.engine == "deepspeed" and train.zero_stage == 0 and train.grad_accum > 1 \
+            and not autocast:
         # bf16 would sum the micro-steps in bf16 there, which initialize_deepspeed refuses
         train.precision = "fp32"
         log.info("train.precision: fp32 (DeepSpeed ZeRO-0 with accumulation sums gradients in bf16; "
@@ -194,14 +197,18 @@ def resolve_train_precision(train: TrainConfig, device, recorded: str | None = N
 
 
 def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, env: DistEnv,
-                 ddp: bool | None = None):
+                 ddp: bool | None = None, bf16_autocast: bool = False):
     """Wrap ``module`` + ``optimizer`` in the engine ``train.engine`` names (an ``auto`` precision not yet
-    resolved by the run directory is resolved here, for this process's device)."""
-    resolve_train_precision(train, env.device)
+    resolved by the run directory is resolved here, for this process's device).
+
+    ``bf16_autocast``: under DeepSpeed, bf16 is torch.autocast over the fp32 module rather than DeepSpeed's
+    cast of the whole module; for models with BatchNorm, whose weights and running statistics must stay
+    fp32 (the torch engine always autocasts)."""
+    resolve_train_precision(train, env.device, autocast=bf16_autocast)
     if train.engine == "torch":
         return TorchEngine(module, optimizer, train.grad_accum, env, train.precision, ddp=ddp,
                            grad_reduction=train.grad_reduction)
     from cgn_dist.distributed.deepspeed import initialize_deepspeed
 
-    return DeepSpeedEngine(initialize_deepspeed(module.to(env.device), optimizer, train, env),
+    return DeepSpeedEngine(initialize_deepspeed(module.to(env.device), optimizer, train, env, bf16_autocast),
                            train.grad_reduction, env.world_size)

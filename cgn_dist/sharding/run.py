@@ -72,9 +72,12 @@ def _keep_recorded_settings(factory: Callable[[], Any], store: Store, shards: Se
         if raw is None:
             continue
         try:
-            info = json.loads(raw).get("sampler_info") or {}
+            doc = json.loads(raw)
         except ValueError:
-            continue  # a damaged marker: verify_shard redoes that shard; look at the next one
+            continue  # a damaged marker (e.g. torn by a crash): verify_shard redoes that shard; look at the next
+        if not isinstance(doc, dict):
+            continue
+        info = doc.get("sampler_info") or {}
         return pin(info)
     return factory
 

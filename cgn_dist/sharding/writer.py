@@ -5,6 +5,10 @@ Commit protocol (img2dataset-style, made atomic):
    fsynced, then renamed into place (os.replace is atomic within a file system);
 2. ``shard-XXXXXX_stats.json`` is written last, atomically too. It is the commit marker: a tar without it,
    or whose size / sha256 disagree with it, is not committed and gets redone.
+Two fsyncs per shard: the tar, then its folder (the rename), both before the marker exists, so a marker
+never outlives a tar lost in a crash. The marker itself is not fsynced: a crash may lose it or leave it
+empty or partial, which reads as not committed (verify_shard: missing / corrupt) and costs a redo of
+that shard, with the same bytes.
 On an object store (``out_dir`` an s3:// / gs:// URL) the tar is written to a local staging folder, then
 uploaded whole (an object appears only when its upload completes), then the marker is uploaded last.
 """
@@ -99,7 +103,8 @@ def write_shard(sampler: Any, spec: ShardSpec, out_dir: str | os.PathLike, batch
             stats["durations_s"]["total"] = round(time.perf_counter() - t0, 4)
             store.write_bytes(stats_name(spec.shard_id), json_text(stats).encode())
         else:
-            write_json_atomic(stats_path(out_dir, spec.shard_id), stats)
+            # not durable: the tar's commit() has made the tar and its name durable already (see above)
+            write_json_atomic(stats_path(out_dir, spec.shard_id), stats, durable=False)
     finally:
         if store.remote:
             shutil.rmtree(local_dir, ignore_errors=True)

@@ -89,7 +89,9 @@ def resolve_run_precisions(cfg: Config, device: Any) -> None:
     """Replace every ``auto`` precision of a training run by what this device runs fastest (bf16 on CUDA and
     on AMX CPUs, else fp32: cgn_dist.precision), or by what the run being resumed recorded, before the
     run's config.yaml is written: the bytes of a run depend on it."""
-    resolve_train_precision(cfg.train, device, recorded_setting(cfg, "train.precision"))
+    # the invariant classifier's bf16 is autocast over fp32 weights under either engine (fp32 gradients)
+    resolve_train_precision(cfg.train, device, recorded_setting(cfg, "train.precision"),
+                            autocast=cfg.task == "invariant")
     if cfg.task == "mnist" and cfg.mnist.fast_update:
         cfg.mnist.precision = resolve_precision(cfg.mnist.precision, device, "mnist.precision",
                                                 recorded_setting(cfg, "mnist.precision"))

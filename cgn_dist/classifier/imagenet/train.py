@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from cgn_dist import interrupts
 from cgn_dist.config import Config
 from cgn_dist.data.transforms import normalize_images
-from cgn_dist.distributed.engine import build_engine
+from cgn_dist.distributed.engine import build_engine, resolve_train_precision
 from cgn_dist.distributed.env import DistEnv, read_env
 from cgn_dist.errors import InputError, InputNotFound
 from cgn_dist.models.invariant import HEADS, build_invariant_classifier
+from cgn_dist.precision import use_channels_last
 from cgn_dist.progress import progress_bar
 from cgn_dist.train.checkpoint import find_resume_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from cgn_dist.train.common import NullReporter, Reporter, stop_requested
@@ -111,8 +112,13 @@ def train_invariant(cfg: Config, env: DistEnv | None = None, reporter: Reporter 
 def _train(cfg: Config, env: DistEnv, reporter: Reporter, streams, run_dir, logger) -> dict:
     t, ic = cfg.train, cfg.invariant
     model = build_invariant_classifier(ic.backbone, ic.weights, ic.n_classes, cfg.seed, ic.init_from, ic.freeze_bn)
+    resolve_train_precision(t, env.device, autocast=True)
+    channels_last = use_channels_last(env.device, t.precision)
+    if channels_last:  # before the engine: ZeRO flattens the parameters as they are then
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=ic.lr, momentum=ic.momentum, weight_decay=ic.weight_decay)
-    engine = build_engine(model, opt, t, env)
+    # bf16 as autocast under DeepSpeed too: BatchNorm's weights and running statistics stay fp32
+    engine = build_engine(model, opt, t, env, bf16_autocast=True)
     engines = {"classifier": engine}
     updates_per_epoch = len(streams) // t.grad_accum
     if ic.steps_per_epoch:
@@ -163,6 +169,8 @@ def _train(cfg: Config, env: DistEnv, reporter: Reporter, streams, run_dir, logg
             x = real["image"] if cf is None else torch.cat([real["image"], cf["image"]])
             # uint8 from the workers (a quarter of the bytes through shared memory); mean/std here, on the device
             x = normalize_images(x.to(env.device, non_blocking=True))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             y = real["label"].to(env.device)
             cf_dev = None if cf is None else {k2: cf[k2].to(env.device) for k2 in CF_KEYS.values()}
             model.train()
