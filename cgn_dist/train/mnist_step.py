@@ -51,6 +51,13 @@ def to_channels_last(*modules: nn.Module) -> None:
         module.to(memory_format=torch.channels_last)
 
 
+def to_fast_layout(gen: nn.Module, disc: nn.Module) -> None:
+    """Everything the fast layout changes in G and D: channels-last, and G's upsample + conv as phase
+    convolutions of the low-res map (CGNMnist.use_phase_upsampling). Same parameters and math."""
+    to_channels_last(gen, disc)
+    gen.use_phase_upsampling()
+
+
 def style_loss_bf16(vgg, x: torch.Tensor, target: torch.Tensor, weights, bf16: bool = True) -> torch.Tensor:
     """perceptual_loss with the VGG convolutions and the Grams in bf16 and their L1 in fp32 (any
     VGG16Features; fastest with fast_vgg's copy). bf16=False: the same channels-last pass in fp32."""
@@ -142,4 +149,4 @@ def make_batches(dataset, batch_size: int, seed: int, rank: int, world: int, fas
     return BatchStream(dataset, batch_size, seed, rank, world)
 
 
-__all__ = ["MnistUpdate", "fast_vgg", "to_channels_last", "style_loss_bf16", "has_batchnorm", "make_batches"]
+__all__ = ["MnistUpdate", "fast_vgg", "to_channels_last", "to_fast_layout", "style_loss_bf16", "has_batchnorm", "make_batches"]
