@@ -69,7 +69,7 @@ def style_loss_bf16(vgg, x: torch.Tensor, target: torch.Tensor, weights, bf16: b
         feats_x = vgg(x.contiguous(memory_format=cl), num_outputs=n)
         with torch.no_grad():
             feats_t = vgg(target.contiguous(memory_format=cl), num_outputs=n)
-        return style_loss(feats_x, feats_t, list(weights)[:n])
+        return style_loss(feats_x, feats_t, list(weights)[:n], fast=True)
 
 
 class MnistUpdate:
