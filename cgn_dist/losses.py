@@ -35,22 +35,45 @@ DOWNLOAD_TIMEOUT_S = 10.0
 def gram(features: torch.Tensor, fold_scale: bool = False) -> torch.Tensor:
     """Gram matrix F F^T / (C H W) per sample: B x C x H x W -> B x C x C.
 
-    fold_scale: where the features are smaller than the Gram (C > H W: VGG blocks 3 and 4), scale them by
-    1 / sqrt(C H W) before the product instead of dividing the Gram after it (forward and backward then
-    touch C x HW elements instead of C x C). The same value within fp32 rounding; the fast layout's.
+    fold_scale (the fast layout's): the same value within fp32 rounding with less work. Where the features are
+    smaller than the Gram (C > H W: VGG blocks 3 and 4) they are scaled by 1 / sqrt(C H W) before the product
+    instead of dividing the Gram after it, and backward is F (G' + G'^T) (one product for a small Gram) rather than
+    autograd's two products and their sum.
     """
     b, c, h, w = features.shape
     if not features.is_contiguous() and features.is_contiguous(memory_format=torch.channels_last):
         f = features.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view of NHWC, no copy
-        if fold_scale and c > h * w:
-            f = f * (c * h * w) ** -0.5
-            return torch.bmm(f.transpose(1, 2), f)
+        if fold_scale:
+            return _ScaledGram.apply(f, 1.0 / (c * h * w))
         return torch.bmm(f.transpose(1, 2), f) / (c * h * w)
     f = features.reshape(b, c, h * w)
-    if fold_scale and c > h * w:
-        f = f * (c * h * w) ** -0.5
-        return torch.bmm(f, f.transpose(1, 2))
+    if fold_scale:
+        return _ScaledGram.apply(f.transpose(1, 2), 1.0 / (c * h * w))
     return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)
+
+
+class _ScaledGram(torch.autograd.Function):
+    """scale * F^T F for F: B x N x C, the scale applied to whichever of F (N x C) and the Gram (C x C) is smaller;
+    d/dF of <G', scale F^T F> = scale * F (G' + G'^T)."""
+
+    @staticmethod
+    def forward(ctx, f, scale):
+        ctx.save_for_backward(f)
+        ctx.scale = scale
+        n, c = f.shape[1:]
+        if c > n:
+            fs = f * scale ** 0.5
+            return torch.bmm(fs.transpose(1, 2), fs)
+        return torch.bmm(f.transpose(1, 2), f).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (f,) = ctx.saved_tensors
+        n, c = f.shape[1:]
+        if c > n:  # a large Gram: two products reading it beat writing G' + G'^T
+            fs = f * ctx.scale
+            return torch.bmm(fs, grad).baddbmm_(fs, grad.transpose(1, 2)), None
+        return torch.bmm(f, (grad + grad.transpose(1, 2)).mul_(ctx.scale)), None
 
 
 class _MeanAbsDiff(torch.autograd.Function):
