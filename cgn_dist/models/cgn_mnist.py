@@ -96,15 +96,16 @@ def tile_and_crop(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Tile each map 2x2 and crop an H x W window at the given per-sample offsets.
 
     Equivalent to a per-sample cyclic shift: out[b] == torch.roll(x[b], (-dy, -dx), (1, 2)).
-    Done by explicit indexing into the tiled map (both axes), so gradients reach every pixel.
+    Row r of the tiled map is row r mod H of the map, so the tiling is never built: explicit (modular) indexing
+    into the map on both axes, the same values, and gradients reach every pixel (backward is one scatter,
+    with no sum over four tiles).
     """
     b, _, h, w = x.shape
-    tiled = x.repeat(1, 1, 2, 2).permute(0, 2, 3, 1)  # B x 2H x 2W x C
     offsets = offsets.to(x.device)
-    rows = offsets[:, 0:1] + torch.arange(h, device=x.device)  # B x H
-    cols = offsets[:, 1:2] + torch.arange(w, device=x.device)  # B x W
+    rows = (offsets[:, 0:1] + torch.arange(h, device=x.device)) % h  # B x H
+    cols = (offsets[:, 1:2] + torch.arange(w, device=x.device)) % w  # B x W
     batch_idx = torch.arange(b, device=x.device)[:, None, None]
-    out = tiled[batch_idx, rows[:, :, None], cols[:, None, :]]  # B x H x W x C
+    out = x.permute(0, 2, 3, 1)[batch_idx, rows[:, :, None], cols[:, None, :]]  # B x H x W x C
     return out.permute(0, 3, 1, 2).contiguous()
 
 
