@@ -72,3 +72,18 @@ def test_generator_with_phase_upsampling_is_the_same_function():
 def test_upsample_conv_rejects_other_convs():
     with pytest.raises(ValueError, match="3x3 conv with padding 1"):
         upsample_conv(torch.zeros(1, 2, 4, 4), nn.Conv2d(2, 2, 3, padding=0))
+
+
+def test_upsample_conv_under_bf16_autocast_stays_near_fp32():
+    # the fast bf16 layout runs the texture mechanisms under autocast: phase kernels are summed in fp32 and
+    # cast once, so the result is as close to the fp32 reference as the two-step bf16 computation is
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, padding=1, bias=False)
+    x = torch.randn(2, 16, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    ref = conv(nn.Upsample(scale_factor=2, mode="nearest")(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        two_step = conv(nn.Upsample(scale_factor=2, mode="nearest")(x))
+        phases = upsample_conv(x, conv)
+    assert phases.dtype == torch.bfloat16
+    err_two_step = (two_step.float() - ref).abs().max()
+    assert (phases.float() - ref).abs().max() <= 2 * err_two_step
