@@ -16,6 +16,10 @@ The fast layout changes only how it is computed:
     over the concatenation is two passes' math. DiscConv has BatchNorm, whose batch statistics would
     mix real and fake rows: it keeps two passes;
   * batches come as tensors (cgn_dist.data.mnist_fast.TensorBatches), not per-item Python.
+  * in either precision, G's nearest-upsample + 3x3 convolutions run as phase convolutions of the low-res map
+    (cgn_dist.models.upconv, 2.25x fewer multiply-adds, same weights), and the style loss folds the Gram's
+    scale into the smaller tensor and takes one pass fewer over each Gram in backward (losses.gram's
+    fold_scale, losses.mean_abs_diff): the same math within fp32 rounding.
 """
 from __future__ import annotations
 
