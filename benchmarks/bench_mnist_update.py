@@ -45,7 +45,7 @@ from cgn_dist.losses import VGG16Features, binary_entropy_loss, lsgan_loss, perc
 from cgn_dist.models.cgn_mnist import MASK_MAX, MASK_MIN
 from cgn_dist.precision import cpu_capabilities, resolve_precision
 from cgn_dist.train.mnist import build_discriminator, build_generator, build_optimizer
-from cgn_dist.train.mnist_step import MnistUpdate, make_batches, to_channels_last
+from cgn_dist.train.mnist_step import MnistUpdate, make_batches, to_fast_layout
 
 CONFIGS = {"colored": "configs/mnist/colored.yaml", "double_colored": "configs/mnist/double_colored.yaml",
            "wildlife": "configs/mnist/wildlife.yaml"}
@@ -148,7 +148,7 @@ class OurUpdate:
         cfg = copy.deepcopy(cfg)
         cfg.mnist.fast_update = fast
         if fast:
-            to_channels_last(gen, disc)
+            to_fast_layout(gen, disc)
         eng_g = build_engine(gen, build_optimizer(gen, cfg, "cpu"), cfg.train, env)
         eng_d = build_engine(disc, build_optimizer(disc, cfg, "cpu"), cfg.train, env)
         self.update = MnistUpdate(m, eng_g, eng_d, disc, vgg, fast=fast, precision=precision)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from cgn_dist import losses
 from cgn_dist.losses import (VGG16Features, background_loss, binary_entropy_loss, gram, l1_loss, lsgan_loss,
+                             mean_abs_diff,
                              mask_area_loss, perceptual_loss, style_loss, texture_collage_target)
 
 
@@ -28,6 +29,48 @@ def test_gram_hand_computed():
     torch.testing.assert_close(gram(f), by_hand)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gram_with_the_scale_folded_into_the_features(channels_last):
+    # C > H W (where the fast path folds 1 / sqrt(CHW) into the features), and C <= H W (where it does not)
+    for shape in ((2, 7, 2, 3), (2, 3, 2, 3)):
+        f = torch.randn(*shape)
+        if channels_last:
+            f = f.contiguous(memory_format=torch.channels_last)
+        b, c, h, w = shape
+        by_hand = torch.einsum("bchw,bdhw->bcd", f, f) / (c * h * w)
+        torch.testing.assert_close(gram(f, fold_scale=True), by_hand)
+
+
+def test_mean_abs_diff_value_and_gradient_by_hand():
+    a = torch.tensor([[1.0, -2.0], [0.5, 3.0]], requires_grad=True)
+    t = torch.tensor([[0.0, 1.0], [0.5, 1.0]])
+    loss = mean_abs_diff(a, t)
+    loss.backward()
+    torch.testing.assert_close(loss, torch.tensor((1.0 + 3.0 + 0.0 + 2.0) / 4))
+    # sign(a - t) / n, 0 where equal (as F.l1_loss)
+    torch.testing.assert_close(a.grad, torch.tensor([[1.0, -1.0], [0.0, 1.0]]) / 4)
+    with pytest.raises(ValueError, match="constant target"):
+        mean_abs_diff(a, a)
+
+
+def test_fast_style_loss_equals_the_plain_one():
+    g = torch.Generator().manual_seed(0)
+    # the shapes of VGG blocks 1-4 for a 32 px input, shrunk in batch and channels but keeping C vs H W
+    shapes = [(2, 8, 16, 16), (2, 16, 8, 8), (2, 64, 4, 4), (2, 128, 2, 2)]
+    fa = [torch.relu(torch.randn(s, generator=g)).contiguous(memory_format=torch.channels_last) for s in shapes]
+    fb = [torch.relu(torch.randn(s, generator=g)).contiguous(memory_format=torch.channels_last) for s in shapes]
+    weights = [0.05, 0.1, 0.01, 0.02]
+    grads = []
+    for fast in (False, True):
+        xs = [f.clone().requires_grad_() for f in fa]
+        loss = style_loss(xs, fb, weights, fast=fast)
+        loss.backward()
+        grads.append((loss.detach(), [x.grad for x in xs]))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=0)
+    for new, ref in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(new, ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+
+
 def test_style_loss_squares_weights_scales_by_5000_and_skips_zero_layers():
     a = torch.tensor([[1.0, 2.0], [0.0, 1.0]]).view(1, 2, 1, 2)
     b = torch.zeros_like(a)
@@ -36,6 +79,8 @@ def test_style_loss_squares_weights_scales_by_5000_and_skips_zero_layers():
     # 0.5^2 * 5000 * mean(|[1.25, .5, .5, .25]|) = 1250 * 0.625
     torch.testing.assert_close(loss, torch.tensor(781.25))
     assert style_loss([a], [a], [3.0]).item() == 0.0
+    torch.testing.assert_close(style_loss([a, junk], [b, torch.randn(1, 5, 2, 2)], [0.5, 0.0], fast=True),
+                               torch.tensor(781.25))
 
 
 def test_binary_entropy_loss():

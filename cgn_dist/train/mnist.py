@@ -27,7 +27,7 @@ from cgn_dist.train.common import NullReporter, Reporter, step_seed, stop_reques
 from cgn_dist.train.run_dir import (build_summary, checkpoint_step, complete_line, progress_line, read_summary,
                                     start_line, write_summary)
 from cgn_dist.train.mnist_sheets import counterfactual_sheet
-from cgn_dist.train.mnist_step import MnistUpdate, make_batches, to_channels_last
+from cgn_dist.train.mnist_step import MnistUpdate, make_batches, to_fast_layout
 from cgn_dist.train.metrics import Throughput, engine_scalars, make_sheet
 
 
@@ -131,7 +131,7 @@ def _train(cfg: Config, env: DistEnv, reporter: Reporter, run_dir, logger) -> di
         logger.info(f"f_bg starts at the data's border colour: BatchNorm bias {[round(float(b), 3) for b in bg_bias]}")
     gen, disc = build_generator(cfg, bg_bias), build_discriminator(cfg)
     if m.fast_update:
-        to_channels_last(gen, disc)
+        to_fast_layout(gen, disc)
     vgg = VGG16Features(m.vgg_weights).to(env.device)
     opt_g, opt_d = build_optimizer(gen, cfg, env.device), build_optimizer(disc, cfg, env.device)
     eng_g = build_engine(gen, opt_g, t, env)

@@ -16,6 +16,10 @@ The fast layout changes only how it is computed:
     over the concatenation is two passes' math. DiscConv has BatchNorm, whose batch statistics would
     mix real and fake rows: it keeps two passes;
   * batches come as tensors (cgn_dist.data.mnist_fast.TensorBatches), not per-item Python.
+  * in either precision, G's nearest-upsample + 3x3 convolutions run as phase convolutions of the low-res map
+    (cgn_dist.models.upconv, 2.25x fewer multiply-adds, same weights), and the style loss folds the Gram's
+    scale into the smaller tensor and takes one pass fewer over each Gram in backward (losses.gram's
+    fold_scale, losses.mean_abs_diff): the same math within fp32 rounding.
 """
 from __future__ import annotations
 
@@ -51,6 +55,13 @@ def to_channels_last(*modules: nn.Module) -> None:
         module.to(memory_format=torch.channels_last)
 
 
+def to_fast_layout(gen: nn.Module, disc: nn.Module) -> None:
+    """Everything the fast layout changes in G and D: channels-last, and G's upsample + conv as phase
+    convolutions of the low-res map (CGNMnist.use_phase_upsampling). Same parameters and math."""
+    to_channels_last(gen, disc)
+    gen.use_phase_upsampling()
+
+
 def style_loss_bf16(vgg, x: torch.Tensor, target: torch.Tensor, weights, bf16: bool = True) -> torch.Tensor:
     """perceptual_loss with the VGG convolutions and the Grams in bf16 and their L1 in fp32 (any
     VGG16Features; fastest with fast_vgg's copy). bf16=False: the same channels-last pass in fp32."""
@@ -62,7 +73,7 @@ def style_loss_bf16(vgg, x: torch.Tensor, target: torch.Tensor, weights, bf16: b
         feats_x = vgg(x.contiguous(memory_format=cl), num_outputs=n)
         with torch.no_grad():
             feats_t = vgg(target.contiguous(memory_format=cl), num_outputs=n)
-        return style_loss(feats_x, feats_t, list(weights)[:n])
+        return style_loss(feats_x, feats_t, list(weights)[:n], fast=True)
 
 
 class MnistUpdate:
@@ -142,4 +153,4 @@ def make_batches(dataset, batch_size: int, seed: int, rank: int, world: int, fas
     return BatchStream(dataset, batch_size, seed, rank, world)
 
 
-__all__ = ["MnistUpdate", "fast_vgg", "to_channels_last", "style_loss_bf16", "has_batchnorm", "make_batches"]
+__all__ = ["MnistUpdate", "fast_vgg", "to_channels_last", "to_fast_layout", "style_loss_bf16", "has_batchnorm", "make_batches"]
