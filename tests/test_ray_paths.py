@@ -50,3 +50,18 @@ def test_ray_train_from_another_directory_relative_out_dir_and_file_uri_storage(
     assert (work / "runs" / "rel" / "checkpoints").is_dir()  # relative to the driver's cwd, not the worker's
     assert (tmp_path / "store" / "rel").is_dir()  # the URI's own folder
     assert not (work / "file:").exists()  # not resolved as a local path under the cwd
+
+
+def test_cuda_training_on_ray_workers_without_use_gpu_is_refused_before_ray_starts(tmp_path):
+    # Without distributed.use_gpu Ray Train gives its workers no GPU and the loop runs on their CPUs: a run
+    # that asked train.device=cuda must stop with the fix, not train quietly on CPUs.
+    from cgn_dist.config import ConfigError
+    from cgn_dist.launchers.ray_train import check_worker_device, train_with_ray
+
+    base = ["configs/debug/mnist_tiny.yaml"]
+    cfg = load_config(base[0], ["distributed.num_workers=2", "train.device=cuda", f"out_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"train.device=cuda .*distributed.use_gpu=true"):
+        train_with_ray(cfg)
+    assert not (tmp_path / "ray").exists()  # nothing started, nothing written
+    for ok in (["train.device=cpu"], ["train.device=auto"], ["train.device=cuda", "distributed.use_gpu=true"]):
+        check_worker_device(load_config(base[0], ["distributed.num_workers=2", *ok]))

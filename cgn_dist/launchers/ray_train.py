@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 from cgn_dist import interrupts
-from cgn_dist.config import Config, config_from_dict, config_to_dict
+from cgn_dist.config import Config, ConfigError, config_from_dict, config_to_dict
 from cgn_dist.distributed.env import process_group_backend
 from cgn_dist.train.common import Reporter
 
@@ -163,8 +163,18 @@ def _fit_stoppable(trainer, stop_file: Path):
     return box["result"]
 
 
+def check_worker_device(cfg: Config) -> None:
+    """Ray Train workers get a GPU only with distributed.use_gpu=true; without it they run on the CPU, so a
+    run that asks train.device=cuda would quietly train on CPUs: refused with the fix instead."""
+    if cfg.train.device == "cuda" and not cfg.distributed.use_gpu:
+        raise ConfigError(f"train.device=cuda with distributed.num_workers={cfg.distributed.num_workers}: Ray "
+                          "Train workers get a GPU only with distributed.use_gpu=true (one per worker); set it, "
+                          "or train.device=cpu")
+
+
 def train_with_ray(cfg: Config) -> dict:
     """Launch ``cfg`` on ``distributed.num_workers`` Ray Train workers; returns the final metrics."""
+    check_worker_device(cfg)
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
