@@ -28,9 +28,9 @@ from cgn_dist.sharding.sampler import close_sampler, sampler_info
 from cgn_dist.sharding.pool import run_process_pool
 from cgn_dist.sharding.ray_backend import run_ray
 from cgn_dist.sharding.workers import auto_worker_count, check_same_provenance
-from cgn_dist.sharding.writer import (GenerationError, StopGeneration, give_up, must_stop, tar_name, verify_shard,
-                                     write_shard)
-from cgn_dist.storage import is_remote, join
+from cgn_dist.sharding.writer import (GenerationError, StopGeneration, give_up, must_stop, stats_name, tar_name,
+                                     verify_shard, write_shard)
+from cgn_dist.storage import Store, is_remote, join
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,16 @@ def _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_si
 
     done: dict[int, dict[str, Any]] = {}
     todo: list[ShardSpec] = []
+    # One listing first: a shard with neither its tar nor its marker there is simply missing, with no request
+    # of its own (on a bucket, two HEADs and two listings per shard). A listing that lagged behind a commit
+    # only makes that shard be redone, with the same bytes.
+    present = Store(out_dir).sizes("shard-*") if shards else {}
     for spec in shards:
-        check = verify_shard(out_dir, spec, check_hash=(verify == "sha256"))
+        if stats_name(spec.shard_id) not in present and tar_name(spec.shard_id) not in present:
+            todo.append(spec)
+            continue
+        check = verify_shard(out_dir, spec, check_hash=(verify == "sha256"),
+                             tar_size=present.get(tar_name(spec.shard_id)))
         if check.ok:
             done[spec.shard_id] = check.stats
         else:

@@ -188,7 +188,8 @@ def read_stats(out_dir: str | os.PathLike, shard_id: int) -> dict[str, Any] | No
     return None if data is None else json.loads(data)
 
 
-def verify_shard(out_dir: str | os.PathLike, spec: ShardSpec, check_hash: bool = True) -> ShardCheck:
+def verify_shard(out_dir: str | os.PathLike, spec: ShardSpec, check_hash: bool = True,
+                 tar_size: int | None = None) -> ShardCheck:
     """Is shard ``spec`` committed in ``out_dir``? Checks the marker, the plan it was made for, the tar's size
     and (unless ``check_hash=False``) its sha256. On an object store the sha256 re-reads the whole object:
     ``verify=size`` is the cheap resume there."""
@@ -209,7 +210,7 @@ def verify_shard(out_dir: str | os.PathLike, spec: ShardSpec, check_hash: bool =
     if made_for != (sid, spec.n, spec.seed):
         return ShardCheck(sid, "stale", f"made for (shard, n, seed)={made_for}, plan wants {(sid, spec.n, spec.seed)}",
                           stats)
-    size = store.size(tar)
+    size = store.size(tar) if tar_size is None else tar_size  # tar_size: from a listing taken just before
     if size is None:
         return ShardCheck(sid, "corrupt", f"{tar} is missing but its stats exist", stats)
     if size != stats.get("bytes"):
