@@ -158,7 +158,12 @@ def _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_si
                         f"(nothing half-written remains); free space there (or fix the folder's permissions) and "
                         f"rerun the same command: it writes only the missing shards") from None
     except interrupts.Interrupted as e:  # the workers are stopped: count what they committed, reported or not
-        committed = sum(verify_shard(out_dir, s, check_hash=False).ok for s in shards)
+        checks = [verify_shard(out_dir, s, check_hash=False) for s in shards]
+        store = Store(out_dir)
+        for c in checks:  # a worker stopped between its tar and its marker (a killed Ray actor): not a shard,
+            if c.status == "uncommitted":  # so no complete-looking tar is left for it; the rerun redoes it
+                store.remove(tar_name(c.shard_id))
+        committed = sum(c.ok for c in checks)
         raise e.kept("generate", committed, len(shards), out_dir) from None
     finally:
         bar.close()
