@@ -164,7 +164,8 @@ def test_generate_interrupted_keeps_committed_shards_and_rerun_finishes_identica
     args = ["generate", GENERATE, f"out_dir={tmp_path}", "name=g", *GEN_ARGS, *backend]
     run = tmp_path / "g"
     proc = _start(args, log)
-    _wait_for(proc, lambda: (run / "shard-000001_stats.json").exists(), "shard 1 committed", log)
+    # two markers, whichever shards: with two workers shard 1 may commit before shard 0
+    _wait_for(proc, lambda: len(list(run.glob("shard-*_stats.json"))) >= 2, "2 shards committed", log)
     _signal(proc, sig, group)
     assert proc.wait(timeout=120) == 128 + sig, log.read_text()[-3000:]
     assert "Traceback" not in log.read_text()

@@ -18,7 +18,7 @@ nodes x workers, and no sample is yielded twice in an epoch.
   ``samples_per_epoch // (batch_size * world)`` full batches per rank.
 
 Inside its range a worker shuffles with a buffer seeded by (seed, epoch, rank, worker), decodes and
-transforms each sample (cgn_dist.data.transforms; crop and flip drawn from (seed, epoch, shard url, key))
+transforms each sample (cgn_dist.data.transforms; crop and flip drawn from (seed, epoch, shard file name, key))
 and batches: a batch is a dict with ``image`` (uint8 or
 normalised float32, N x 3 x H x W), one int64 tensor per label field of the sample json, and ``__key__``.
 """
@@ -286,8 +286,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise KeyError(f"sample {sample['__key__']} of {sample.get('__url__')} has no {missing} in its json "
                            f"(it has {sorted(meta)}); real shards carry 'label', counterfactual shards "
                            "'shape_cls', 'texture_cls', 'bg_cls': pass labels= accordingly")
-        # Crop and flip from (seed, epoch, key): the same whatever the world size, worker count or resume point.
-        rng = random.Random(f"{self.seed}/{self.epoch}/{sample.get('__url__', '')}/{sample['__key__']}")
+        # Crop and flip from (seed, epoch, shard file name, key): the same whatever the world size, worker count
+        # or resume point, and wherever the shards are (the name, not the URL: copied to a bucket or another
+        # mount, they train the same).
+        shard_name = str(sample.get("__url__", "")).rstrip("/").rsplit("/", 1)[-1]
+        rng = random.Random(f"{self.seed}/{self.epoch}/{shard_name}/{sample['__key__']}")
         out = {"image": self.transform(image_bytes(sample), rng), "__key__": sample["__key__"]}
         for k in self.labels:
             out[k] = int(meta[k])
