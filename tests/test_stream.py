@@ -90,6 +90,25 @@ def test_train_drops_under_one_global_batch_and_a_different_set_each_epoch(shard
     assert len(set(dropped)) > 1
 
 
+def test_crops_follow_the_shard_names_not_where_the_shards_are(tmp_path, shards):
+    # a copy of the folder at another path (another mount, a bucket's staging) trains on the same crops and
+    # flips; the crop RNG is seeded per sample, so any other draw differs at once
+    import shutil
+
+    moved = shutil.copytree(shards, tmp_path / "elsewhere" / "copy")
+
+    def batches(root, seed=5):
+        loader = make_loader(root, 3, train=True, num_workers=0, seed=seed, epoch=0, image_size=16, resize=20)
+        return [(b["__key__"], b["image"]) for b in loader]
+
+    here, there = batches(shards), batches(moved)
+    assert [k for k, _ in here] == [k for k, _ in there]
+    for (_, a), (_, b) in zip(here, there):
+        assert torch.equal(a, b)
+    other = batches(shards, seed=6)  # and the crops do depend on the seed
+    assert not all(torch.equal(a, b) for (_, a), (_, b) in zip(here, other))
+
+
 def test_steps_per_epoch_formula():
     assert steps_per_epoch(1_281_167, 256, world=8, workers=8) == 1_281_167 // 2048
     # eval: partial batches per worker
