@@ -39,6 +39,7 @@ class MnistConfig:
     init_from: str = ""  # start from: a weights name (cgn-mnist-colored, ...), the authors' ckp.pth, or ours
     fast_update: bool = False  # same losses, computed faster: tensor batches, channels-last, one D pass where exact
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # fast update: auto = bf16 on AMX CPUs / CUDA, else fp32 (cgn_dist.precision)
+    target_gram_cache_gb: float = 2.0  # fast update on fixed real images (colored): their style-loss Grams computed once, up to this many GB per process (0 = off)
     mask_area_weight: float = 0.0  # not in the authors' MNIST loss (0): ImageNet's mask-area hinge, weight
     mask_area_bounds: list[float] = field(default_factory=lambda: [0.0, 1.0])  # mean mask kept in [lo, hi]
     bg_init_bias: float = 0.0  # not the authors' (0): f_bg's last BatchNorm bias at init; < 0 starts backgrounds dark

@@ -108,13 +108,28 @@ def style_loss(feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor],
     if not (len(feats_a) >= len(weights) and len(feats_b) >= len(weights)):
         raise ValueError(f"need at least {len(weights)} feature maps per side, got "
                          f"{len(feats_a)} and {len(feats_b)}")
+    if fast:
+        return style_loss_to_grams(feats_a, [gram(fb, True) if w != 0 else None for fb, w in zip(feats_b, weights)],
+                                   weights)
     total = feats_a[0].new_zeros((), dtype=torch.float32)
     for fa, fb, w in zip(feats_a, feats_b, weights):
         if w == 0:
             continue
         # Grams of bf16 features stay bf16 (AMX / tensor cores); their L1 is taken in fp32
-        ga, gb = gram(fa, fast).float(), gram(fb, fast).float()
-        total = total + (w ** 2) * STYLE_SCALE * (mean_abs_diff(ga, gb) if fast else F.l1_loss(ga, gb))
+        ga, gb = gram(fa).float(), gram(fb).float()
+        total = total + (w ** 2) * STYLE_SCALE * F.l1_loss(ga, gb)
+    return total
+
+
+def style_loss_to_grams(feats_a: Sequence[torch.Tensor], grams_b: Sequence[torch.Tensor | None],
+                        weights: Sequence[float]) -> torch.Tensor:
+    """style_loss(fast=True) against the target's Grams (gram(fb, fold_scale=True), None where w == 0), given
+    rather than computed: what the cached target Grams of fixed real images feed (train/target_grams.py)."""
+    total = feats_a[0].new_zeros((), dtype=torch.float32)
+    for fa, gb, w in zip(feats_a, grams_b, weights):
+        if w == 0:
+            continue
+        total = total + (w ** 2) * STYLE_SCALE * mean_abs_diff(gram(fa, True).float(), gb.float())
     return total
 
 
@@ -358,6 +373,6 @@ def texture_collage_target(x_gt: torch.Tensor, mask: torch.Tensor,
     return out.to(x_gt.dtype)
 
 
-__all__ = ["gram", "mean_abs_diff", "style_loss", "perceptual_loss", "VGG16Features", "binary_entropy_loss",
+__all__ = ["gram", "mean_abs_diff", "style_loss", "style_loss_to_grams", "perceptual_loss", "VGG16Features", "binary_entropy_loss",
            "mask_area_loss", "background_loss", "l1_loss", "lsgan_loss", "texture_collage_target",
            "VGG_LAYER_INDICES", "STYLE_SCALE"]

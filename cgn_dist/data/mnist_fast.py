@@ -73,6 +73,12 @@ class TensorBatches:
     def __len__(self) -> int:
         return self.n
 
+    @property
+    def fixed_images(self) -> torch.Tensor | None:
+        """The whole set's images where they are the same every epoch (colored), in dataset-index order; None
+        where a batch's colours / crops are drawn per batch."""
+        return self.images if self.kind == "colored" else None
+
     def indices(self, k: int) -> tuple[int, torch.Tensor]:
         return batch_indices(k, self.n, self.bs, self.seed, self.rank, self.world)
 

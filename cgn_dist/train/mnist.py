@@ -105,6 +105,20 @@ def class_sheet(gen: CGNMnist, n_classes: int, device, seed: int = 1234) -> torc
 
 # --------------------------------------------------------------------------- loop
 
+def _cache_target_grams(update: MnistUpdate, stream, m, device, logger):
+    """The fast update's target Grams of fixed real images, computed once (cgn_dist.train.target_grams)."""
+    if not m.fast_update or m.target_gram_cache_gb <= 0:
+        return None
+    fixed = getattr(stream, "fixed_images", None)
+    if fixed is None:
+        logger.info("target Grams: computed per batch (this data set draws its real images' colours / crops per batch)")
+        return None
+    grams = update.cache_target_grams(fixed.to(device), m.target_gram_cache_gb)
+    if grams is not None:
+        logger.info(grams.describe(m.target_gram_cache_gb))
+    return grams
+
+
 
 @interrupts.deferred()  # Ctrl-C / SIGTERM: the update in progress finishes and is saved
 def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | None = None) -> dict:
@@ -140,6 +154,8 @@ def _train(cfg: Config, env: DistEnv, reporter: Reporter, run_dir, logger) -> di
     update = MnistUpdate(m, eng_g, eng_d, disc, vgg, fast=m.fast_update,
                          precision=m.precision if m.fast_update else "bf16")
 
+    grams = _cache_target_grams(update, stream, m, env.device, logger)
+
     start = 0
     if ckpt is not None:
         resumed = load_checkpoint(ckpt, engines, rank=env.rank)
@@ -162,13 +178,14 @@ def _train(cfg: Config, env: DistEnv, reporter: Reporter, run_dir, logger) -> di
     for step in bar:
         for micro in range(t.grad_accum):
             torch.manual_seed(step_seed(cfg.seed, env.rank, step, micro))
-            x_real, y_real = stream.batch(step * t.grad_accum + micro)
+            k = step * t.grad_accum + micro
+            x_real, y_real = stream.batch(k)
             x_real, y_real = x_real.to(env.device), y_real.to(env.device)
             b = x_real.shape[0]
 
             # generator labels independent of the real batch
             y_gen = torch.randint(0, m.n_classes, (b,), device=env.device)
-            out = update(x_real, y_real, y_gen)
+            out = update(x_real, y_real, y_gen, real_index=stream.indices(k)[1] if grams is not None else None)
         if ema is not None:
             ema.update(gen)
 

@@ -19,7 +19,9 @@ The fast layout changes only how it is computed:
   * in either precision, G's nearest-upsample + 3x3 convolutions run as phase convolutions of the low-res map
     (cgn_dist.models.upconv, 2.25x fewer multiply-adds, same weights), and the style loss folds the Gram's
     scale into the smaller tensor and takes one pass fewer over each Gram in backward (losses.gram's
-    fold_scale, losses.mean_abs_diff): the same math within fp32 rounding.
+    fold_scale, losses.mean_abs_diff): the same math within fp32 rounding;
+  * where the real images are fixed (colored MNIST), their target Grams are computed once and looked up
+    (cgn_dist.train.target_grams, within mnist.target_gram_cache_gb): the real batch's VGG pass is skipped.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ import torch
 from torch import nn
 
 from cgn_dist.losses import (binary_entropy_loss, lsgan_loss, mask_area_loss, perceptual_loss, style_loss,
-                             _last_used_layer)
+                             style_loss_to_grams, _last_used_layer)
+from cgn_dist.train.target_grams import TargetGrams
 
 
 def has_batchnorm(module: nn.Module) -> bool:
@@ -62,15 +65,19 @@ def to_fast_layout(gen: nn.Module, disc: nn.Module) -> None:
     gen.use_phase_upsampling()
 
 
-def style_loss_bf16(vgg, x: torch.Tensor, target: torch.Tensor, weights, bf16: bool = True) -> torch.Tensor:
+def style_loss_bf16(vgg, x: torch.Tensor, target: torch.Tensor, weights, bf16: bool = True,
+                    target_grams: list | None = None) -> torch.Tensor:
     """perceptual_loss with the VGG convolutions and the Grams in bf16 and their L1 in fp32 (any
-    VGG16Features; fastest with fast_vgg's copy). bf16=False: the same channels-last pass in fp32."""
+    VGG16Features; fastest with fast_vgg's copy). bf16=False: the same channels-last pass in fp32.
+    target_grams: the target's Grams already computed (TargetGrams.lookup); the target is then not run."""
     n = _last_used_layer(weights)
     if n == 0:
         return x.new_zeros(())
     cl = torch.channels_last
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         feats_x = vgg(x.contiguous(memory_format=cl), num_outputs=n)
+        if target_grams is not None:
+            return style_loss_to_grams(feats_x, target_grams, list(weights)[:n])
         with torch.no_grad():
             feats_t = vgg(target.contiguous(memory_format=cl), num_outputs=n)
         return style_loss(feats_x, feats_t, list(weights)[:n], fast=True)
@@ -92,6 +99,18 @@ class MnistUpdate:
         self.disc = disc
         self.joint_d = fast and not has_batchnorm(self.disc)
         self.bf16_models = bf16_models
+        self.target_grams: TargetGrams | None = None
+
+    def cache_target_grams(self, images: torch.Tensor, budget_gb: float) -> TargetGrams | None:
+        """Compute the target Grams of fixed real images (the whole train set, indexed as the batches'
+        indices) once, within budget_gb; the fast layout only (the plain one is the reference)."""
+        if not self.fast or budget_gb <= 0 or _last_used_layer(self.m.style_weights) == 0:
+            return None
+        device = images.device.type
+        self.target_grams = TargetGrams(
+            self.vgg, images, self.m.style_weights,
+            lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16), int(budget_gb * 1e9))
+        return self.target_grams
 
     def _autocast(self, eng, device_type: str):
         # fast: the generator's and D's convolutions and linears in bf16 as well; the mechanisms' outputs, the
@@ -100,12 +119,17 @@ class MnistUpdate:
             return torch.autocast(device_type, dtype=torch.bfloat16)
         return eng.autocast()
 
-    def _style(self, x_gen, x_real):
+    def _style(self, x_gen, x_real, real_index):
         if self.fast:
-            return style_loss_bf16(self.vgg, x_gen, x_real, self.m.style_weights, bf16=self.bf16)
+            grams = None
+            if self.target_grams is not None and real_index is not None:
+                grams = self.target_grams.lookup(real_index, x_real)
+            return style_loss_bf16(self.vgg, x_gen, x_real, self.m.style_weights, bf16=self.bf16, target_grams=grams)
         return perceptual_loss(self.vgg, x_gen, x_real, self.m.style_weights)
 
-    def __call__(self, x_real: torch.Tensor, y_real: torch.Tensor, y_gen: torch.Tensor) -> dict:
+    def __call__(self, x_real: torch.Tensor, y_real: torch.Tensor, y_gen: torch.Tensor,
+                 real_index: torch.Tensor | None = None) -> dict:
+        # real_index: x_real's rows in the train set, for the cached target Grams (cache_target_grams)
         m, eng_g, eng_d = self.m, self.eng_g, self.eng_d
         for p in self.disc.parameters():
             p.requires_grad_(False)
@@ -114,7 +138,7 @@ class MnistUpdate:
             # the raw module, not the engine: D is not being trained in this step
             l_adv = lsgan_loss(eng_d.call_module(x_gen, y_gen), True)
             l_bin = m.lambda_mask * binary_entropy_loss(mask)
-            l_perc = self._style(x_gen, x_real)
+            l_perc = self._style(x_gen, x_real, real_index)
             loss_g = l_adv + l_bin + l_perc
             l_area = None
             if m.mask_area_weight:

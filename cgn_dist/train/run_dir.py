@@ -26,7 +26,8 @@ SUMMARY_NAME = "summary.json"
 # it trains (extending a finished run is a legitimate resume), and other subcommands' sections.
 _FREE_KEYS = {"name", "out_dir", "train.max_steps", "train.epochs", "train.log_every", "train.sample_every",
               "train.checkpoint_every", "train.keep_last", "train.resume", "train.progress", "train.device",
-              "train.allow_config_change", "data.root", "data.download", "imagenet.cache_dir"}
+              "train.allow_config_change", "data.root", "data.download", "imagenet.cache_dir",
+              "mnist.target_gram_cache_gb"}
 _FREE_SECTIONS = ("generate.", "mnist_classifier.", "mnist_pipeline.", "ray.", "distributed.", "shards.")
 
 
