@@ -36,6 +36,8 @@ from cgn_dist.sharding.writer import write_shard  # noqa: E402
 from cgn_dist.models.biggan import class_vector, truncated_noise  # noqa: E402
 
 VARIANTS = {"fp32": dict(precision="fp32"), "bf16": dict(precision="bf16"),
+            # the package's BigGAN blocks instead of the fused ones (generate.blocks=package)
+            "fp32-package": dict(precision="fp32", blocks="package"), "bf16-package": dict(precision="bf16", blocks="package"),
             "bf16+compile": dict(precision="bf16", compile=True)}
 
 
@@ -207,6 +209,13 @@ def run_interleaved(args, base: dict, variants: list[str], tmp: Path, results: d
               f"{max(q['psnr_db']):.1f} dB (per image {q['psnr_db']}), max |Δ| {max(q['max_abs_diff']):.4f} (per image "
               f"{q['max_abs_diff']}), mask agreement {min(q['mask_agreement']) * 100:.3f}..{max(q['mask_agreement']) * 100:.3f} %, "
               f"mask max |Δ| {q['mask_max_abs_diff']}")
+    for fused, package in (("fp32", "fp32-package"), ("bf16", "bf16-package")):
+        if fused in kept and package in kept:  # the fused blocks' images against the package's, same seeds
+            cat = {v: {k: torch.cat([o[k] for o in kept[v]]) for k in ("composite", "mask")} for v in (fused, package)}
+            results[f"{fused}_vs_{package}"] = q = quality(cat[package], cat[fused])
+            print(f"{fused} (fused blocks) vs {package}, same seeds: PSNR {min(q['psnr_db']):.1f}.."
+                  f"{max(q['psnr_db']):.1f} dB, max |Δ| {max(q['max_abs_diff']):.2e}, mask agreement "
+                  f"{min(q['mask_agreement']) * 100:.3f} %")
     for sp in samplers.values():
         sp.close()
 

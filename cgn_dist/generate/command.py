@@ -69,7 +69,7 @@ def imagenet_factory(cfg: Config):
         model_seed=cfg.seed, mode=mode, classes=list(g.classes) if mode == "fixed_classes" else [],
         truncation=g.truncation, image_format=image_format(cfg), jpeg_quality=g.jpeg_quality, normalize=g.normalize,
         save_layers=g.save_layers, forward_batch=g.forward_batch, device=g.device, num_threads=g.num_threads,
-        precision=g.precision, channels_last=g.channels_last, compile=g.compile, overlap=g.overlap,
+        precision=g.precision, channels_last=g.channels_last, blocks=g.blocks, compile=g.compile, overlap=g.overlap,
         encode_threads=g.encode_threads, jpeg_encoder=g.jpeg_encoder)
 
 
@@ -125,14 +125,14 @@ def build_factory(cfg: Config):
 
 def _check_same_run(run_dir: str | Path, factory: Any, cfg: Config) -> None:
     """A clearer message than the engine's when a rerun into ``run_dir`` changed what defines the samples."""
-    import dataclasses
+    from cgn_dist.sharding.sampler import describe_factory
 
     data = Store(run_dir).read_bytes("plan.json")
     if data is None:
         return
     old = json.loads(data)
     old_kwargs = old.get("sampler_factory", {}).get("kwargs", {})
-    new_kwargs = json.loads(json.dumps(dataclasses.asdict(factory))) if dataclasses.is_dataclass(factory) else {}
+    new_kwargs = json.loads(json.dumps(describe_factory(factory).get("kwargs", {})))
     changed = sorted(k for k in set(old_kwargs) | set(new_kwargs) if old_kwargs.get(k) != new_kwargs.get(k))
     if old.get("run_seed") != cfg.seed:
         changed.insert(0, "seed")

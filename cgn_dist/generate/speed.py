@@ -1,7 +1,8 @@
 """Generation at the hardware's speed: precision, memory layout, torch.compile with a fallback, host copies.
 
 - ``prepare_model``: spectral norm folded into plain weights (computed once in fp32: the hooks otherwise
-  recompute every normalised weight on every forward, and in bf16 would do so in bf16), then weights and
+  recompute every normalised weight on every forward, and in bf16 would do so in bf16), the BigGAN blocks
+  optionally fused for inference (generate.blocks; cgn_dist.models.biggan_inference), then weights and
   buffers cast ONCE to the precision (frozen parts included: teacher-free generation runs the three
   mechanisms and U²-Net only) and convolution weights put in channels-last.
 - ``compile_forward``: torch.compile of the forward, warmed up at once (outside any timed region); when
@@ -66,10 +67,16 @@ def fold_spectral_norm(model: nn.Module) -> int:
 
 
 def prepare_model(model: nn.Module, device: torch.device, precision: str = "fp32",
-                  channels_last: bool = True) -> nn.Module:
-    """Fold spectral norm, then move to ``device`` in ``precision`` (weights cast once) and channels-last."""
+                  channels_last: bool = True, fused: bool = False) -> nn.Module:
+    """Fold spectral norm, (fused) convert the BigGAN blocks for inference (cgn_dist.models.biggan_inference,
+    before the cast: phase kernels are summed in fp32), then move to ``device`` in ``precision`` (weights cast
+    once) and channels-last."""
     dtype = check_precision(precision, device.type)
     fold_spectral_norm(model)
+    if fused:
+        from cgn_dist.models.biggan_inference import to_inference_blocks
+
+        to_inference_blocks(model)
     model.to(device=device, dtype=dtype)
     if channels_last:
         model.to(memory_format=torch.channels_last)

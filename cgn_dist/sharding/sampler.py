@@ -57,12 +57,15 @@ def coverage_keys(sampler: Any) -> tuple[str, ...]:
 def describe_factory(factory: Any) -> dict[str, Any]:
     """A JSON description of the factory; for a dataclass of JSON-able fields it can rebuild the factory.
 
-    Stored in the manifest so that ``regenerate_sample`` can work from the manifest alone.
+    Stored in the manifest so that ``regenerate_sample`` can work from the manifest alone. A field with
+    ``metadata={"omit_default": True}`` (one added after folders were written) is left out at its default:
+    those folders' descriptions then still name the same run, and rebuild with the default.
     """
     cls = type(factory)
     target = f"{cls.__module__}:{cls.__qualname__}"
     if dataclasses.is_dataclass(factory) and not isinstance(factory, type):
-        kwargs = {f.name: getattr(factory, f.name) for f in dataclasses.fields(factory) if f.init}
+        kwargs = {f.name: getattr(factory, f.name) for f in dataclasses.fields(factory)
+                  if f.init and not (f.metadata.get("omit_default") and getattr(factory, f.name) == f.default)}
         try:
             json.dumps(kwargs, allow_nan=False)
             return {"target": target, "kwargs": kwargs}

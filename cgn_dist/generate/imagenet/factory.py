@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 RANDOM_SOURCES = ("tiny", "random-256")  # BigGAN sources built from a seed, no weights needed
 
 
+BLOCKS = ("auto", "fused", "package")
+
 @dataclass(frozen=True)
 class ImagenetCounterfactualFactory:
     """Builds an ImagenetCounterfactualSampler; frozen and JSON-able (paths and settings only), so it
@@ -47,6 +49,9 @@ class ImagenetCounterfactualFactory:
     png_compress_level: int = 6
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA only): weights cast once, frozen parts included
     channels_last: bool = True  # convolution weights (hence activations) in channels-last layout
+    # auto | fused | package: BigGAN blocks for inference (cgn_dist.models.biggan_inference). Described only when
+    # set, so a folder made before the option existed is the same run and continues with its package blocks
+    blocks: str = field(default="auto", metadata={"omit_default": True})
     compile: bool = False  # torch.compile the forward (warm-up at start; eager with a warning if it fails)
     overlap: bool = True  # compute the next forward group while this one is encoded and written (same bytes)
     encode_threads: int = 2  # threads encoding images (same bytes); <= 1 = in the caller's thread
@@ -61,11 +66,18 @@ class ImagenetCounterfactualFactory:
     def with_recorded(self, provenance: dict[str, Any]) -> "ImagenetCounterfactualFactory":
         """This factory with ``auto`` settings pinned to what a run's committed shards recorded (their
         sampler provenance): continuing or regenerating that run elsewhere gives its bytes."""
+        out = self
         recorded = provenance.get("precision")
-        if self.precision != "auto" or recorded not in PRECISIONS:
-            return self
-        log.info("generate.precision=auto: %s, as this run's committed shards were made", recorded)
-        return replace(self, precision=recorded)
+        if self.precision == "auto" and recorded in PRECISIONS:
+            log.info("generate.precision=auto: %s, as this run's committed shards were made", recorded)
+            out = replace(out, precision=recorded)
+        if self.blocks == "auto" and provenance:
+            # shards made before the fused blocks existed record none: they were made with the package's
+            blocks = provenance.get("blocks", "package")
+            if blocks in BLOCKS[1:]:
+                log.info("generate.blocks=auto: %s, as this run's committed shards were made", blocks)
+                out = replace(out, blocks=blocks)
+        return out
 
     def __post_init__(self) -> None:
         from cgn_dist.models.biggan import check_truncation
@@ -77,6 +89,7 @@ class ImagenetCounterfactualFactory:
         for name, value, accepted in (("mode", self.mode, MODES), ("image_format", self.image_format, IMAGE_FORMATS),
                                       ("normalize", self.normalize, NORMALIZE), ("device", self.device, DEVICES),
                                       ("precision", self.precision, ("auto", *PRECISIONS)),
+                                      ("blocks", self.blocks, BLOCKS),
                                       ("jpeg_encoder", self.jpeg_encoder, JPEG_ENCODERS)):
             if value not in accepted:
                 raise InputError(f"{name} must be one of {accepted}, got {value!r}")

@@ -102,7 +102,9 @@ class ImagenetCounterfactualSampler:
             self.model, self.weights_file = build_generation_model(cfg.checkpoint, cfg.biggan, cfg.u2net,
                                                                    cfg.cache_dir, cfg.model_seed,
                                                                    cfg.u2net_align_corners)
-            prepare_model(self.model, self.device, self.precision, cfg.channels_last)
+            # auto: fused, unless with_recorded pinned a folder's package blocks
+            self.blocks = "fused" if cfg.blocks == "auto" else cfg.blocks
+            prepare_model(self.model, self.device, self.precision, cfg.channels_last, fused=self.blocks == "fused")
         self.model.requires_grad_(False)
         self.n_classes = self.model.n_classes
         check_classes(cfg.mode, cfg.classes, self.n_classes)
@@ -132,6 +134,7 @@ class ImagenetCounterfactualSampler:
                 "pillow": PIL.__version__, "cgn_dist": self.version, "precision": self.precision,
                 "channels_last": c.channels_last, "forward": self.forward_kind,
                 "jpeg_encoder": self.jpeg_encoder if c.image_format == "jpg" else None,
+                **({"blocks": "fused"} if self.blocks == "fused" else {}),  # absent: the package's blocks
                 # only when not the default, so folders written before the option existed stay resumable
                 **({} if c.u2net_align_corners else {"u2net_align_corners": False})}
 
