@@ -2,7 +2,8 @@
 
 - ``prepare_model``: spectral norm folded into plain weights (computed once in fp32: the hooks otherwise
   recompute every normalised weight on every forward, and in bf16 would do so in bf16), the BigGAN blocks
-  optionally fused for inference (generate.blocks; cgn_dist.models.biggan_inference), then weights and
+  optionally fused for inference (generate.blocks; cgn_dist.models.biggan_inference) and U²-Net's BatchNorms
+  folded into its convolutions (cgn_dist.models.u2net.fold_batchnorm), then weights and
   buffers cast ONCE to the precision (frozen parts included: teacher-free generation runs the three
   mechanisms and U²-Net only) and convolution weights put in channels-last.
 - ``compile_forward``: torch.compile of the forward, warmed up at once (outside any timed region); when
@@ -75,8 +76,10 @@ def prepare_model(model: nn.Module, device: torch.device, precision: str = "fp32
     fold_spectral_norm(model)
     if fused:
         from cgn_dist.models.biggan_inference import to_inference_blocks
+        from cgn_dist.models.u2net import fold_batchnorm
 
         to_inference_blocks(model)
+        fold_batchnorm(model)
     model.to(device=device, dtype=dtype)
     if channels_last:
         model.to(memory_format=torch.channels_last)

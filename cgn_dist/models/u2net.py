@@ -24,7 +24,7 @@ from torch import nn
 
 from cgn_dist.errors import InputError, InputNotFound
 
-__all__ = ["U2Net", "load_u2net", "build_u2net", "check_state_dict", "U2NET_WEIGHTS_HELP", "TINY_U2NET_WIDTH"]
+__all__ = ["U2Net", "load_u2net", "build_u2net", "check_state_dict", "fold_batchnorm", "U2NET_WEIGHTS_HELP", "TINY_U2NET_WIDTH"]
 
 # Width of the small random variant used by tests and smoke runs (512 channels -> 32).
 TINY_U2NET_WIDTH = 1 / 16
@@ -47,6 +47,31 @@ class ConvBNReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu_s1(self.bn_s1(self.conv_s1(x)))
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Frozen inference (generation): each ConvBNReLU's BatchNorm, in eval mode a per-channel affine of running
+    statistics, folded into its convolution's weight and bias (computed in fp32, before any cast) and replaced by
+    an identity: one pass over each activation fewer, the same function within rounding. Returns the count."""
+    n = 0
+    for m in model.modules():
+        if not (isinstance(m, ConvBNReLU) and isinstance(m.bn_s1, nn.BatchNorm2d)):
+            continue
+        bn, conv = m.bn_s1, m.conv_s1
+        if bn.training:
+            raise ValueError("fold_batchnorm folds eval-mode BatchNorm: call model.eval() first")
+        with torch.no_grad():
+            scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+            bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+            conv.weight.copy_(conv.weight.double() * scale[:, None, None, None])
+            new_bias = (bias - bn.running_mean.double()) * scale + bn.bias.double()
+            if conv.bias is None:
+                conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=False)
+            else:
+                conv.bias.copy_(new_bias)
+        m.bn_s1 = nn.Identity()
+        n += 1
+    return n
 
 
 def _upsample_to(x: torch.Tensor, ref: torch.Tensor, align_corners: bool) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""BigGAN blocks fused for inference (cgn_dist.models.biggan_inference) compute the package's function.
+"""Generation's inference fusions compute the models' own functions: BigGAN blocks fused
+(cgn_dist.models.biggan_inference) and U²-Net's BatchNorms folded into its convolutions (models.u2net).
 
-The reference is pytorch-pretrained-biggan's own GenBlock forward on the same folded weights; running
-statistics are randomised (the random init holds means 0 and variances 1, which would hide a wrong BatchNorm),
+The references are pytorch-pretrained-biggan's own GenBlock forward on the same folded weights and our U²-Net
+with its BatchNorm modules in place; running statistics are randomised (the random init holds means 0 and variances 1, which would hide a wrong BatchNorm),
 and truncation 0.73 takes the package's interpolation between two stored statistics.
 """
 import copy
@@ -50,6 +51,30 @@ def test_fused_blocks_give_the_package_output(channels_last, truncation):
     torch.testing.assert_close(b, a, rtol=1e-5, atol=2e-6)
     # the state dict is the package's: the phase kernels are derived, not saved
     assert set(fused.state_dict()) == set(ref.state_dict())
+
+
+def test_u2net_with_folded_batchnorm_gives_the_same_saliency():
+    from cgn_dist.models.u2net import build_u2net, fold_batchnorm
+
+    ref = build_u2net("tiny", seed=2)
+    g = torch.Generator().manual_seed(2)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    folded = copy.deepcopy(ref)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in ref.modules())
+    assert fold_batchnorm(folded) == n_bn > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    with torch.no_grad():
+        a, b = ref(x), folded(x)
+    assert a.std() > 1e-3
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="eval"):
+        fold_batchnorm(copy.deepcopy(ref).train())
 
 
 def test_blocks_with_spectral_norm_hooks_are_refused():
