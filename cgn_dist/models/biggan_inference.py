@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pytorch_pretrained_biggan.model import GenBlock
 from torch import nn
 
-from cgn_dist.models.upconv import phase_kernels
+from cgn_dist.models.upconv import phase_conv, phase_kernels
 
 
 def _bn_relu(bn: nn.Module, x: torch.Tensor, truncation: float, cond: torch.Tensor) -> torch.Tensor:
@@ -41,19 +41,6 @@ def _bn_relu(bn: nn.Module, x: torch.Tensor, truncation: float, cond: torch.Tens
     return out.relu_()
 
 
-def _phase_upsample_conv(x: torch.Tensor, kernels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """conv_1(upsample(x)) from the precomputed phase kernels (cgn_dist.models.upconv's layout)."""
-    b, _, h, w = x.shape
-    cout = kernels.shape[0] // 4
-    out = F.conv2d(x, kernels, bias, padding=1)  # B x 4C x (H+1) x (W+1)
-    o = out.permute(0, 2, 3, 1).unflatten(3, (2, 2, cout))
-    y = o.new_empty(b, h, 2, w, 2, cout)
-    for r in (0, 1):
-        for c in (0, 1):
-            y[:, :, r, :, c] = o[:, r:r + h, c:c + w, r, c]
-    return y.reshape(b, 2 * h, 2 * w, cout).permute(0, 3, 1, 2)
-
-
 class InferenceGenBlock(GenBlock):
     """A GenBlock whose forward fuses BatchNorm + ReLU and, when up-sampling, uses phase convolutions. Made by
     converting a loaded block (``to_inference_blocks``): same parameters and state-dict keys, one buffer more."""
@@ -64,7 +51,7 @@ class InferenceGenBlock(GenBlock):
         x = _bn_relu(self.bn_1, x, truncation, cond_vector)
         if self.up_sample:
             bias = None if self.conv_1.bias is None else self.conv_1.bias.repeat(4)
-            x = _phase_upsample_conv(x, self.phase_kernels, bias)
+            x = phase_conv(x, self.phase_kernels, bias)
         else:
             x = self.conv_1(x)
         x = self.conv_2(_bn_relu(self.bn_2, x, truncation, cond_vector))

@@ -40,11 +40,16 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     if conv.kernel_size != (3, 3) or conv.padding != (1, 1) or conv.stride != (1, 1) or conv.dilation != (1, 1) \
             or conv.groups != 1 or conv.padding_mode != "zeros":
         raise ValueError(f"upsample_conv needs a plain 3x3 conv with padding 1, got {conv}")
-    b, _, h, w = x.shape
-    cout = conv.out_channels
     bias = None if conv.bias is None else conv.bias.repeat(4)
-    weight = phase_kernels(conv.weight).contiguous(memory_format=torch.channels_last)
-    out = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, padding=1)
+    return phase_conv(x, phase_kernels(conv.weight).contiguous(memory_format=torch.channels_last), bias)
+
+
+def phase_conv(x: torch.Tensor, kernels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The four phase convolutions given their stacked kernels (phase_kernels; computed once where the weight is
+    frozen) and the bias repeated 4x; the result channels-last."""
+    b, _, h, w = x.shape
+    cout = kernels.shape[0] // 4
+    out = F.conv2d(x.contiguous(memory_format=torch.channels_last), kernels, bias, padding=1)
     o = out.permute(0, 2, 3, 1).unflatten(3, (2, 2, cout))  # B x (H+1) x (W+1) x a x b x Cout, a view
     y = _Interleave.apply(o)  # B x H x 2 x W x 2 x Cout
     return y.reshape(b, 2 * h, 2 * w, cout).permute(0, 3, 1, 2)
@@ -79,4 +84,4 @@ class _Interleave(torch.autograd.Function):
         return grad
 
 
-__all__ = ["upsample_conv", "phase_kernels"]
+__all__ = ["upsample_conv", "phase_conv", "phase_kernels"]
