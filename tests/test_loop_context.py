@@ -21,7 +21,7 @@ def _rank(rank: int, port: int, out: str, q) -> None:
     import cgn_dist.train.mnist as loop
     from cgn_dist.config import load_config
 
-    def broken_update(self, *args):  # a bug in the middle of the first update
+    def broken_update(self, *args, **kwargs):  # a bug in the middle of the first update
         raise RuntimeError("broken update")
 
     loop.MnistUpdate.__call__ = broken_update
@@ -29,7 +29,7 @@ def _rank(rank: int, port: int, out: str, q) -> None:
     try:
         loop.train_mnist(cfg)
         q.put((rank, "no error", None, None))
-    except RuntimeError as e:
+    except Exception as e:  # any error reaches the test (an unexpected one fails it at once, not by timeout)
         held = [f.path for f in psutil.Process().open_files() if "/tb/" in f.path]
         q.put((rank, str(e), torch.distributed.is_initialized(), held))
 

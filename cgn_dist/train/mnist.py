@@ -119,7 +119,6 @@ def _cache_target_grams(update: MnistUpdate, stream, m, device, logger):
     return grams
 
 
-
 @interrupts.deferred()  # Ctrl-C / SIGTERM: the update in progress finishes and is saved
 def train_mnist(cfg: Config, env: DistEnv | None = None, reporter: Reporter | None = None) -> dict:
     env = env or read_env(cfg.train.device)
