@@ -71,7 +71,7 @@ def run(args) -> dict:
     classes = [(c, cap) for c, cap in CLASSES if c in args.classes.split(",")]
     for bench, (script, bargs) in benches.items():
         for cls, cap in classes:
-            print(f"{bench} under {LABELS[cls]} ...", flush=True)
+            print(f"{bench} under {LABELS[cls]} ...", flush=True)  # the uncapped label is refined in the table
             res = _child(script, bargs, cap, args.threads, tmp / f"{bench}_{cls}.json", args.timeout)
             results["classes"].setdefault(cls, {"cap": cap})[bench] = res
             print(f"  {summary_line(bench, res)}  ({res['wall_s']:.0f} s)", flush=True)
@@ -91,6 +91,16 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return f"unknown ({os.cpu_count()} logical CPUs)"
+
+
+def _uncapped_label(c: dict) -> str:
+    """The uncapped row names what this CPU is: it stands for the AMX class only where it has AMX."""
+    caps = (c.get("mnist") or {}).get("rows", [{}])[0].get("capabilities") or {}
+    if caps.get("amx"):
+        return "no cap (this CPU: AMX)"
+    if caps.get("avx512_bf16"):
+        return "no cap (this CPU: AVX-512 BF16, no AMX)"
+    return "no cap (this CPU)" if not caps else "no cap (this CPU: no AVX-512 BF16)"
 
 
 def _mnist(res: dict) -> dict:
@@ -137,7 +147,7 @@ def table(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for cls, _ in CLASSES:
         c = results["classes"].get(cls, {})
-        cells = [LABELS[cls]]
+        cells = [LABELS[cls] if cls != "amx" else _uncapped_label(c)]
         if "mnist" in c:
             m = _mnist(c["mnist"])
             cells += [f"{m['s']['authors']:.3f}", f"{m['x']['plain']:.2f}", f"{m['x']['fast_fp32']:.2f}",

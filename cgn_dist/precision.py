@@ -1,14 +1,22 @@
 """Which precision a device runs fastest: ``resolve_precision(requested, device, key)`` -> "fp32" | "bf16".
 
-"auto" means bf16 where the device has a matrix unit for it (CUDA with bf16 support; a CPU whose oneDNN
-uses AMX) and fp32 everywhere else. Without AMX a bf16 convolution is slower than fp32 on the CPU: 1.5x
-with AVX-512 BF16, 6-8x on AVX2, where oneDNN emulates it.
+"auto" means bf16 where the device runs it faster and fp32 everywhere else:
+  - CUDA with bf16 support, and a CPU whose oneDNN may use AMX (a bf16 matrix unit): bf16, from the flags;
+  - a CPU without AVX-512 BF16 (a laptop, most AMD Zen 2/3): fp32, from the flags (oneDNN emulates bf16
+    there: 6-8x slower convolutions);
+  - AVX-512 BF16 without AMX: the flags are not enough. A Xeon whose hypervisor hides AMX measured a bf16
+    convolution 1.5x *slower* than fp32; an AMD EPYC (Zen 4) measured it 2.0x *faster* (its vdpbf16ps
+    does twice fp32's multiply-adds per cycle). There one short timed probe decides (``probe_cpu_conv``:
+    a 3x3 convolution forward + backward in both precisions, interleaved, best of 7, once per process):
+    bf16 only when it measures at least BF16_MIN_SPEEDUP times faster.
 
-The answer comes from capability flags alone, never from a timing: a timed probe can answer differently
-in two processes on a busy machine, and the bytes of a run depend on the answer (a resumed run must
-equal an uninterrupted one). AMX counts only when oneDNN may use it: ONEDNN_MAX_CPU_ISA (or the older
-DNNL_MAX_CPU_ISA), read by oneDNN at its first use, can cap it away while /proc/cpuinfo still lists
-amx_bf16. A timing is taken only to word the one warning for an explicit bf16 on a CPU without AMX.
+A timing can answer differently in two processes on a busy machine, and a run's bytes depend on the
+answer, so: the margin is wide (the two CPUs measured 0.65x and 2.0x, far either side of 1.25x); the
+answer is recorded in the run's config and a generation's provenance, and a resume keeps what was
+recorded; DeepSpeed and DDP ranks agree on one answer (cgn_dist.distributed.engine); generation workers
+whose answer differs from the folder's are refused when they start. AMX counts only when oneDNN may use
+it: ONEDNN_MAX_CPU_ISA (or the older DNNL_MAX_CPU_ISA), read by oneDNN at its first use, can cap it away
+while /proc/cpuinfo still lists amx_bf16.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+BF16_MIN_SPEEDUP = 1.25  # AVX-512 BF16 without AMX: bf16 only when the probe measures it this much faster
 CHOICES = ("auto", "fp32", "bf16", "fp16")  # fp16: passed through (CUDA only; checked where it is used)
 # oneDNN's ISA names in rising order (its documented ONEDNN_MAX_CPU_ISA values); anything at or above
 # AVX512_CORE_BF16 runs bf16 natively, only the AMX ones have the matrix unit
@@ -59,14 +68,20 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_capabilities() -> dict:
-    """What this CPU's oneDNN can use: {"amx", "avx512_bf16", "avx2": bool, "isa_cap": str | None}."""
+    """What this CPU's oneDNN can use: {"amx", "avx512_bf16", "avx2": bool, "isa_cap": str | None,
+    "bf16_speedup": float | None}; bf16_speedup (fp32 time / bf16 time of probe_cpu_conv) is measured only
+    where the flags leave the choice open: AVX-512 BF16 allowed, AMX not."""
     flags, cap = cpu_flags(), onednn_isa_cap()
     amx = bool(torch.cpu._is_amx_tile_supported()) if hasattr(torch.cpu, "_is_amx_tile_supported") else False
     amx = amx or "amx_bf16" in flags
-    return {"amx": amx and _cap_allows(cap, "AVX512_CORE_AMX"),
+    caps = {"amx": amx and _cap_allows(cap, "AVX512_CORE_AMX"),
             "avx512_bf16": "avx512_bf16" in flags and _cap_allows(cap, "AVX512_CORE_BF16"),
             "avx2": "avx2" in flags and _cap_allows(cap, "AVX2"),
-            "isa_cap": cap}
+            "isa_cap": cap, "bf16_speedup": None}
+    if caps["avx512_bf16"] and not caps["amx"]:
+        t = probe_cpu_conv()
+        caps["bf16_speedup"] = round(t["fp32"] / t["bf16"], 3)
+    return caps
 
 
 def device_capabilities(device: torch.device | str) -> dict:
@@ -89,30 +104,44 @@ def decide_precision(requested: str, caps: dict, key: str = "precision") -> tupl
             ("fp32", "CUDA device without bf16 support")
     if caps.get("amx"):
         return "bf16", "CPU with AMX (bf16 matrix unit)"
+    speedup = caps.get("bf16_speedup")
+    if caps.get("avx512_bf16") and speedup is not None:
+        if speedup >= BF16_MIN_SPEEDUP:
+            return "bf16", (f"CPU with AVX-512 BF16 and no AMX: a bf16 convolution measured {speedup:.2f}x "
+                            f"faster than fp32 here")
+        return "fp32", (f"CPU with AVX-512 BF16 and no AMX: a bf16 convolution measured {speedup:.2f}x "
+                        f"fp32's speed here, under the {BF16_MIN_SPEEDUP}x that bf16 needs")
     why = f"oneDNN capped at {caps['isa_cap']}" if caps.get("isa_cap") else \
         ("AVX-512 BF16 without AMX" if caps.get("avx512_bf16") else "no AVX-512 BF16 or AMX")
     return "fp32", f"CPU without AMX ({why}: bf16 convolutions are slower than fp32 there)"
 
 
 @functools.lru_cache(maxsize=1)
-def probe_cpu_conv(reps: int = 5) -> dict[str, float]:
-    """Best-of-``reps`` seconds of one 3x3 conv, 16x64x32x32 channels-last, in fp32 and in bf16 (for the
-    warning's figure only; oneDNN's ISA is fixed at its first use, so once per process is enough)."""
+def probe_cpu_conv(reps: int = 7) -> dict[str, float]:
+    """Best-of-``reps`` seconds of one 3x3 convolution forward + backward (16x64x32x32, channels-last, the
+    shape class of CGN-MNIST's and BigGAN's layers) in fp32 and in bf16, the two interleaved rep by rep so
+    a load that comes and goes hits both alike (~0.1 s on a 2-core AVX-512 CPU). oneDNN's ISA is fixed at
+    its first use, so once per process is enough."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 64, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
     w = torch.randn(64, 64, 3, 3, generator=g).contiguous(memory_format=torch.channels_last)
-    out = {}
-    with torch.no_grad():
-        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            xd, wd = x.to(dtype), w.to(dtype)
-            torch.nn.functional.conv2d(xd, wd, padding=1)  # warm-up: oneDNN builds its kernel here
-            best = float("inf")
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                torch.nn.functional.conv2d(xd, wd, padding=1)
-                best = min(best, time.perf_counter() - t0)
-            out[name] = best
-    return out
+    pairs = {name: (x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_())
+             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+
+    def step(name: str) -> float:
+        xd, wd = pairs[name]
+        t0 = time.perf_counter()
+        y = torch.nn.functional.conv2d(xd, wd, padding=1)
+        y.backward(torch.ones_like(y))
+        return time.perf_counter() - t0
+
+    for name in pairs:  # warm-up: oneDNN builds its kernels here
+        step(name)
+    best = {name: float("inf") for name in pairs}
+    for _ in range(reps):
+        for name in pairs:
+            best[name] = min(best[name], step(name))
+    return best
 
 
 def decide_channels_last(caps: dict, precision: str) -> bool:
@@ -147,17 +176,19 @@ def resolve_precision(requested: str, device: torch.device | str, key: str,
         caps = device_capabilities(device)
         name, reason = decide_precision(requested, caps, key)
         if requested == "bf16" and caps["type"] == "cpu" and not caps.get("amx"):
-            t = probe_cpu_conv()
-            ratio = t["bf16"] / t["fp32"]
-            if ratio > 1.0 and (key, "slow", name) not in _said:
+            speedup = caps.get("bf16_speedup")
+            if speedup is None:
+                t = probe_cpu_conv()
+                speedup = t["fp32"] / t["bf16"]
+            if speedup < 1.0 and (key, "slow", name) not in _said:
                 _said.add((key, "slow", name))
                 log.warning("%s=bf16 on a CPU without AMX: a bf16 convolution measured %.1fx slower than fp32 "
-                            "here; %s=auto (or fp32) runs faster", key, ratio, key)
+                            "here; %s=auto (or fp32) runs faster", key, 1.0 / speedup, key)
     if (key, "chose", name) not in _said:
         _said.add((key, "chose", name))
         log.info("%s: %s (%s)", key, name, reason)
     return name
 
 
-__all__ = ["CHOICES", "cpu_capabilities", "cpu_flags", "decide_channels_last", "decide_precision",
+__all__ = ["BF16_MIN_SPEEDUP", "CHOICES", "cpu_capabilities", "cpu_flags", "decide_channels_last", "decide_precision",
            "device_capabilities", "onednn_isa_cap", "probe_cpu_conv", "resolve_precision", "use_channels_last"]

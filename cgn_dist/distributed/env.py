@@ -112,3 +112,16 @@ def destroy_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def agree_with_rank0(values: list[str], choices: tuple[str, ...]) -> list[str]:
+    """``values`` (each one of ``choices``) as rank 0 has them, on every rank of the process group (unchanged
+    without one). For answers each rank works out alone but all must share: a precision chosen by a timed
+    probe (cgn_dist.precision) could come out otherwise on a busy rank, and ranks in different precisions
+    would train one model on different bytes. A CPU tensor: the group serves CPU tensors on GPUs too."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return list(values)
+    codes = torch.tensor([choices.index(v) for v in values], dtype=torch.int64)
+    dist.broadcast(codes, src=0)
+    return [choices[int(c)] for c in codes]

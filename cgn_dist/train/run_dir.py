@@ -15,7 +15,8 @@ import yaml
 
 from cgn_dist.config import Config, ConfigError, config_to_dict, upgrade_config_dict
 from cgn_dist.distributed.engine import resolve_train_precision
-from cgn_dist.precision import resolve_precision
+from cgn_dist.distributed.env import agree_with_rank0
+from cgn_dist.precision import CHOICES, resolve_precision
 
 CKPT_DIR = "checkpoints"  # <run_dir>/checkpoints/step_0001234/
 
@@ -88,14 +89,21 @@ def recorded_setting(cfg: Config, key: str) -> Any:
 
 def resolve_run_precisions(cfg: Config, device: Any) -> None:
     """Replace every ``auto`` precision of a training run by what this device runs fastest (bf16 on CUDA and
-    on AMX CPUs, else fp32: cgn_dist.precision), or by what the run being resumed recorded, before the
-    run's config.yaml is written: the bytes of a run depend on it."""
+    on AMX CPUs, where a timed probe says so on AVX-512 BF16 CPUs, else fp32: cgn_dist.precision), or by what
+    the run being resumed recorded, before the run's config.yaml is written: the bytes of a run depend on
+    it. Every rank of a process group takes rank 0's answer."""
     # the invariant classifier's bf16 is autocast over fp32 weights under either engine (fp32 gradients)
     resolve_train_precision(cfg.train, device, recorded_setting(cfg, "train.precision"),
                             autocast=cfg.task == "invariant")
     if cfg.task == "mnist" and cfg.mnist.fast_update:
         cfg.mnist.precision = resolve_precision(cfg.mnist.precision, device, "mnist.precision",
                                                 recorded_setting(cfg, "mnist.precision"))
+    mine = [cfg.train.precision, cfg.mnist.precision]
+    agreed = agree_with_rank0(mine, CHOICES)
+    if agreed != mine:
+        log.warning("precision: this rank resolved train/mnist to %s, rank 0 to %s; all ranks use rank 0's",
+                    mine, agreed)
+    cfg.train.precision, cfg.mnist.precision = agreed
 
 
 def checkpoint_step(path: Path) -> int:
