@@ -38,7 +38,7 @@ class MnistConfig:
     vgg_weights: str = "auto"  # "imagenet", "random" (documented fallback), "auto", or a state-dict path
     init_from: str = ""  # start from: a weights name (cgn-mnist-colored, ...), the authors' ckp.pth, or ours
     fast_update: bool = False  # same losses, computed faster: tensor batches, channels-last, one D pass where exact
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # fast update: auto = bf16 on AMX CPUs / CUDA, else fp32 (cgn_dist.precision)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # fast update: auto = bf16 where faster (CUDA, AMX, probed AVX-512 BF16), else fp32 (cgn_dist.precision)
     target_gram_cache_gb: float = 2.0  # fast update on fixed real images (colored): their style-loss Grams computed once, up to this many GB per process (0 = off)
     mask_area_weight: float = 0.0  # not in the authors' MNIST loss (0): ImageNet's mask-area hinge, weight
     mask_area_bounds: list[float] = field(default_factory=lambda: [0.0, 1.0])  # mean mask kept in [lo, hi]
@@ -77,7 +77,7 @@ class ImagenetConfig:
 @dataclass
 class TrainConfig:
     engine: Literal["torch", "deepspeed"] = "torch"  # plain torch optimizer (DDP when several processes) or DeepSpeed
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "fp32"  # training; auto = bf16 on AMX CPUs / CUDA (fp16 needs deepspeed)
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "fp32"  # training; auto = bf16 where faster (CUDA, AMX, probed AVX-512 BF16) (fp16 needs deepspeed)
     zero_stage: int = 0  # DeepSpeed ZeRO 0, 1 or 2; with accumulation 0/1 (2 reduce-scatters every micro-step); bf16 needs >= 1
     micro_batch_size: int = 16  # per process, per forward
     grad_accum: int = 1  # micro batches accumulated before one update
@@ -138,7 +138,7 @@ class GenerateConfig:
     dry_run_samples: int = 0  # samples a dry run times (0 = one forward batch)
     interp_noise: str = ""  # 1 x z_dim noise file for interpolation, used as stored (e.g. u_fixed.pth); "" = from seed
     # ImageNet generation speed (precision, compile and jpeg_encoder change the bytes and are recorded):
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # forward; auto = bf16 on AMX CPUs / CUDA, else fp32; fp16 CUDA only
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # forward; auto = bf16 where faster (CUDA, AMX, probed AVX-512 BF16), else fp32; fp16 CUDA only
     channels_last: bool = True  # channels-last convolutions
     blocks: Literal["auto", "fused", "package"] = "auto"  # BigGAN blocks: fused (BN + ReLU in one pass, phase-conv upsampling, U²-Net BN folded: ~1.4x faster on CPU, bytes differ within rounding) or the package's; auto = fused, or what a folder's committed shards used
     compile: bool = False  # torch.compile the forward (warm-up at worker start; eager with a warning if it fails)
@@ -227,7 +227,7 @@ class EvalConfig:
     num_workers: int = 0  # DataLoader workers for image folders
     image_size: int = 224  # centre crop for val / cue-conflict images (IN-9 stays at 224)
     limit: int = 0  # shard evaluations: at most this many images per rank (0 = all; smoke runs)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward autocast; auto = bf16 on AMX CPUs / CUDA, else fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward autocast; auto = bf16 where faster (CUDA, AMX, probed AVX-512 BF16), else fp32
     out: str = ""  # output folder; "" = a new <out_dir>/eval/<model or data>-<kind>[-N] (never overwritten)
     overwrite: bool = False  # let eval.out replace a previous result there (default: refused)
 

@@ -181,7 +181,7 @@ class DeepSpeedEngine:
 
 
 def resolve_train_precision(train: TrainConfig, device, recorded: str | None = None, autocast: bool = False) -> None:
-    """train.precision=auto -> bf16 on CUDA and AMX CPUs, else fp32 (cgn_dist.precision), in place;
+    """train.precision=auto -> bf16 where the device runs it faster, else fp32 (cgn_dist.precision), in place;
     ``recorded``: what the run being resumed used, kept. ``autocast``: DeepSpeed's bf16 will be autocast
     over fp32 weights (fp32 gradients), so ZeRO-0 with accumulation may use it."""
     if train.precision != "auto":

@@ -40,7 +40,7 @@ def has_batchnorm(module: nn.Module) -> bool:
 
 
 def fast_vgg(vgg: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """A frozen copy of the VGG16 trunk held in ``dtype`` (bf16; fp32 on CPUs without AMX) and channels-last.
+    """A frozen copy of the VGG16 trunk held in ``dtype`` (bf16, or fp32 where bf16 is slower) and channels-last.
 
     bf16 weights: autocast would otherwise cast every weight at every update. Channels-last: oneDNN's
     bf16 convolutions skip a layout reorder per call, and max-pooling with indices (what backward needs)
@@ -90,7 +90,7 @@ class MnistUpdate:
                  precision: str = "bf16"):
         # precision: the fast layout's (cgn_dist.precision.resolve_precision's answer). fp32 keeps everything
         # else the fast layout does (tensor batches, one D pass, fused Adam, channels-last, NHWC pooling):
-        # without AMX a bf16 conv is slower than fp32, and this is then never slower than the plain update
+        # where a bf16 conv is slower than fp32 (AVX2; some AVX-512 BF16 CPUs), this is never slower than plain
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"mnist.precision must resolve to fp32 or bf16, got {precision!r}")
         self.m, self.eng_g, self.eng_d, self.fast = m, eng_g, eng_d, fast
