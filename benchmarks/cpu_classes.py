@@ -68,15 +68,19 @@ def run(args) -> dict:
                        + (["--size", "64"] if args.quick else [])),
     }
     results: dict = {"threads": args.threads, "cpu": _cpu_name(), "classes": {}, "started": time.ctime()}
+    if args.merge and args.json and Path(args.json).is_file():  # a run cut short: keep what it measured
+        results = json.loads(Path(args.json).read_text())
     classes = [(c, cap) for c, cap in CLASSES if c in args.classes.split(",")]
     for bench, (script, bargs) in benches.items():
+        if bench not in args.benches.split(","):
+            continue
         for cls, cap in classes:
             print(f"{bench} under {LABELS[cls]} ...", flush=True)  # the uncapped label is refined in the table
             res = _child(script, bargs, cap, args.threads, tmp / f"{bench}_{cls}.json", args.timeout)
             results["classes"].setdefault(cls, {"cap": cap})[bench] = res
             print(f"  {summary_line(bench, res)}  ({res['wall_s']:.0f} s)", flush=True)
             _dump(results, args)
-    if not args.quick:
+    if not args.quick and "threads" in args.benches.split(","):
         print("mnist at 1 thread, no cap (thread scaling) ...", flush=True)
         results["mnist_1_thread"] = _child(*benches["mnist"], None, 1, tmp / "mnist_1t.json", args.timeout)
         _dump(results, args)
@@ -119,8 +123,15 @@ def _gen(res: dict) -> dict:
 
 
 def _cls(res: dict) -> dict:
-    return {"auto": res["auto_precision"], "fp32_s": res["fp32"]["s_per_step_median"],
-            "bf16_s": res["bf16"]["s_per_step_median"], "bf16_x": res["bf16_speedup"]}
+    """fp32 / bf16 in the layout the training loop uses there (use_channels_last), NCHW for older files."""
+    def layout(p: str) -> str:
+        if p in res:  # written before the layouts were timed apart
+            return p
+        return f"{p}_cl" if res.get("use_channels_last", {}).get(p) else f"{p}_nchw"
+
+    fp32, bf16 = res[layout("fp32")]["s_per_step_median"], res[layout("bf16")]["s_per_step_median"]
+    return {"auto": res["auto_precision"], "fp32_s": fp32, "bf16_s": bf16, "bf16_x": round(fp32 / bf16, 2),
+            "channels_last_x": res.get("channels_last_speedup", {})}
 
 
 def summary_line(bench: str, res: dict) -> str:
@@ -133,7 +144,8 @@ def summary_line(bench: str, res: dict) -> str:
         return (f"authors {g['authors_s']:.2f} s/img; fp32 {g['fp32_s']:.2f} ({g['fp32_x']:.2f}x), bf16 "
                 f"{g['bf16_s']:.2f} ({g['bf16_x']:.2f}x); auto = {g['auto']}")
     c = _cls(res)
-    return f"fp32 {c['fp32_s']:.2f} s/step, bf16 {c['bf16_s']:.2f} ({c['bf16_x']:.2f}x fp32); auto = {c['auto']}"
+    return (f"fp32 {c['fp32_s']:.2f} s/step, bf16 {c['bf16_s']:.2f} ({c['bf16_x']:.2f}x fp32); auto = {c['auto']};"
+            f" channels-last vs NCHW {c['channels_last_x']}")
 
 
 def table(results: dict) -> str:
@@ -192,6 +204,10 @@ def main() -> None:
     ap.add_argument("--classes", default="amx,avx512,avx2",
                     help="which of amx (no cap), avx512, avx2 to run; on a CPU without AVX-512 a cap above AVX2 "
                          "changes nothing, so --classes amx measures it once")
+    ap.add_argument("--benches", default="mnist,generation,classifier,threads",
+                    help="which of mnist, generation, classifier, threads (the MNIST update at 1 thread) to run")
+    ap.add_argument("--merge", action="store_true",
+                    help="add to the figures already in --json (e.g. the benchmarks a run cut short missed)")
     ap.add_argument("--gen-rounds", type=int, default=2)
     ap.add_argument("--classifier-batch", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing in a minute")
