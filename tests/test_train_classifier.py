@@ -111,7 +111,8 @@ def test_deepspeed_zero1_fp32_agrees_with_torch_across_an_lr_step(tmp_path, shar
 
 
 def test_channels_last_training_is_nchw_training(tmp_path, shards, monkeypatch):
-    # what CUDA gets (cgn_dist.precision.use_channels_last), forced on the CPU: model and batches channels-last
+    # what CUDA and AVX-512 CPUs get (cgn_dist.precision.use_channels_last), forced: channels-last batches
+    # (every convolution's output follows its input), the weights NCHW (a layout DeepSpeed can broadcast)
     import cgn_dist.classifier.imagenet.train as train_module
     from cgn_dist.models.invariant import InvariantClassifier
 
@@ -139,11 +140,18 @@ def test_channels_last_training_is_nchw_training(tmp_path, shards, monkeypatch):
     monkeypatch.setattr(InvariantClassifier, "forward", spy)
     monkeypatch.setattr(train_module, "use_channels_last", lambda device, precision: True)
     b = train_invariant(_cfg(tmp_path, shards, "cl", *over))
-    assert layouts and all(x_cl and w_cl for x_cl, w_cl in layouts), layouts
+    assert layouts and all(x_cl and not w_cl for x_cl, w_cl in layouts), layouts
     wa, wb = _weights(a["run_dir"], 3), _weights(b["run_dir"], 3)
     assert not torch.equal(_weights(a["run_dir"], 1)["heads.bg.weight"], wa["heads.bg.weight"])  # it trained
     for k in wa:
         torch.testing.assert_close(wb[k].contiguous(), wa[k].contiguous(), rtol=1e-4, atol=1e-5)
+    # DeepSpeed too (its start-up broadcast refused channels-last weights: "stride(-1) must be 1")
+    layouts.clear()
+    c = train_invariant(_cfg(tmp_path, shards, "cl_ds", *over, "train.engine=deepspeed", "train.zero_stage=1"))
+    assert layouts and all(x_cl for x_cl, _ in layouts), layouts
+    wc = _weights(c["run_dir"], 3, "deepspeed")
+    for k in wa:
+        torch.testing.assert_close(wc[k].to(wa[k].dtype).contiguous(), wa[k].contiguous(), rtol=1e-4, atol=1e-5)
 
 
 def test_deepspeed_bf16_zero2_trains_and_evaluates(tmp_path, shards, shared_ref):

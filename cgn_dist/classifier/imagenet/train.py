@@ -113,9 +113,12 @@ def _train(cfg: Config, env: DistEnv, reporter: Reporter, streams, run_dir, logg
     t, ic = cfg.train, cfg.invariant
     model = build_invariant_classifier(ic.backbone, ic.weights, ic.n_classes, cfg.seed, ic.init_from, ic.freeze_bn)
     resolve_train_precision(t, env.device, autocast=True)
+    # channels-last batches only: every convolution then runs NHWC (its output follows the input), while
+    # the weights stay NCHW for any engine: DeepSpeed's start-up broadcast views each parameter as bytes,
+    # which a channels-last weight refuses ("stride(-1) must be 1"), and ZeRO flattens them anyway. One layout
+    # for both engines keeps their runs equal. Batches alone measured 1.10x / 1.13x faster than NCHW (fp32 /
+    # bf16), weights converted too 1.09x / 1.14x (a ResNet-50 update, an EPYC Zen 4): the same.
     channels_last = use_channels_last(env.device, t.precision)
-    if channels_last:  # before the engine: ZeRO flattens the parameters as they are then
-        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=ic.lr, momentum=ic.momentum, weight_decay=ic.weight_decay)
     # bf16 as autocast under DeepSpeed too: BatchNorm's weights and running statistics stay fp32
     engine = build_engine(model, opt, t, env, bf16_autocast=True)
