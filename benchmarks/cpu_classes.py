@@ -1,7 +1,7 @@
 """The speed of cgn_dist's steps on three classes of CPU, measured on one machine in one run.
 
     PYTHONPATH=. python benchmarks/cpu_classes.py [--threads 2] [--quick] [--classes amx,avx512,avx2]
-        [--json benchmarks/results/cpu_classes.json] [--md docs/cpu_classes.md]
+        [--json benchmarks/results/cpu_classes_latest.json] [--md FILE]
 
 oneDNN (the convolution library inside torch) reads ONEDNN_MAX_CPU_ISA once, at its first use, and then
 uses no instruction set above it. So any machine stands in for a weaker one:
@@ -149,7 +149,7 @@ def summary_line(bench: str, res: dict) -> str:
 
 
 def table(results: dict) -> str:
-    """The markdown table docs/cpu_classes.md holds."""
+    """The markdown table (docs/cpu_classes.md holds one per machine measured)."""
     lines = [f"CPU: {results['cpu']}; {results['threads']} torch thread(s); run {results['started']}.",
              "x = the authors' time / ours (MNIST update, generation engine) or fp32 time / bf16 time (classifier), "
              "each measured within one child process with interleaved rounds; **auto** = what precision=auto "
@@ -212,8 +212,9 @@ def main() -> None:
     ap.add_argument("--classifier-batch", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing in a minute")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per child")
-    ap.add_argument("--json", default="benchmarks/results/cpu_classes.json")
-    ap.add_argument("--md", default="docs/cpu_classes.md")
+    ap.add_argument("--json", default="benchmarks/results/cpu_classes_latest.json")
+    ap.add_argument("--md", default="", help="also write the table here (docs/cpu_classes.md keeps the tables of "
+                                             "every machine measured, with notes: not overwritten by default)")
     args = ap.parse_args()
     results = run(args)
     print("\n" + table(results))
