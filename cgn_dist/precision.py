@@ -148,15 +148,14 @@ def decide_channels_last(caps: dict, precision: str) -> bool:
     """Whether a convolutional network's weights and batches go channels-last (NHWC) on this device, from
     device_capabilities()'s flags alone (the layout changes a convolution's rounding, so it must not
     depend on a timing). CUDA: yes (cuDNN's tensor-core kernels are NHWC; NCHW costs a transpose around
-    each one). A CPU whose oneDNN has AVX-512 BF16 (AMX CPUs list it too): yes;
+    each one). A CPU whose oneDNN has AVX-512 BF16 but no AMX: yes;
     benchmarks/bench_classifier_step.py (ResNet-50 update, 4 + 4 images at 224 px, 2 threads, an AMD EPYC
     Zen 4) measured channels-last 1.18x and 1.27x faster in fp32, 1.22x and 1.12x in bf16 (uncapped, and
-    under ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16). AMX CPUs are not measured; oneDNN's AMX kernels work on
-    NHWC-blocked data, so NCHW only adds reorders there. AVX2: no; on an AVX2-only EPYC it measured 0.97x
-    and 0.93x in fp32 (no gain) in two runs."""
+    under ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16). AMX: no until measured (rerun that benchmark on such a CPU).
+    AVX2: no; on an AVX2-only EPYC it measured 0.97x and 0.93x in fp32 (no gain) in two runs."""
     if caps.get("type") == "cuda":
         return True
-    return bool(caps.get("avx512_bf16") or caps.get("amx"))
+    return bool(caps.get("avx512_bf16") and not caps.get("amx"))
 
 
 def use_channels_last(device: torch.device | str, precision: str) -> bool:
