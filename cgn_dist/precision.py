@@ -13,7 +13,8 @@
 A timing can answer differently in two processes on a busy machine, and a run's bytes depend on the
 answer, so: the margin is wide (the two CPUs measured 0.65x and 2.0x, far either side of 1.25x); the
 answer is recorded in the run's config and a generation's provenance, and a resume keeps what was
-recorded; DeepSpeed and DDP ranks agree on one answer (cgn_dist.distributed.engine); generation workers
+recorded; the ranks of a DDP or DeepSpeed job take rank 0's (distributed.env.agree_with_rank0, called by
+train.run_dir before the run's config is written); generation workers
 whose answer differs from the folder's are refused when they start. AMX counts only when oneDNN may use
 it: ONEDNN_MAX_CPU_ISA (or the older DNNL_MAX_CPU_ISA), read by oneDNN at its first use, can cap it away
 while /proc/cpuinfo still lists amx_bf16.
