@@ -261,3 +261,32 @@ def test_classifier_with_loader_workers_survives_a_terminal_ctrl_c_and_resumes_e
     a = torch.load(Path(full["run_dir"]) / "checkpoints" / "step_0000040" / "classifier.pt", weights_only=True)
     b = torch.load(run / "checkpoints" / "step_0000040" / "classifier.pt", weights_only=True)
     assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])
+
+
+def test_close_waits_for_killed_ray_workers_to_exit(caplog):
+    """ray.kill only asks; the sweep of temporaries after it must not run while a killed worker still writes.
+    A child killed here stays a zombie (unreaped): exited all the same, its files closed."""
+    import socket
+    import threading
+
+    from cgn_dist.sharding.ray_backend import wait_for_exit
+
+    host = socket.gethostname()
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killer = threading.Timer(0.5, worker.kill)
+    t0 = time.monotonic()
+    killer.start()
+    wait_for_exit([(host, worker.pid)], timeout_s=20)
+    waited = time.monotonic() - t0
+    assert 0.4 < waited < 10 and worker.poll() == -signal.SIGKILL
+
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        t0 = time.monotonic()
+        with caplog.at_level("WARNING", logger="cgn_dist.sharding.backends"):
+            wait_for_exit([(host, stuck.pid), ("another-host", stuck.pid + 1)], timeout_s=0.3)
+        assert 0.3 <= time.monotonic() - t0 < 5 and stuck.poll() is None
+        assert f"Ray workers [{stuck.pid}] still running" in caplog.text
+    finally:
+        stuck.kill()
+        stuck.wait()

@@ -23,6 +23,7 @@ log = logging.getLogger("cgn_dist.sharding.backends")
 
 WAIT_WARN_EVERY_S = 60.0  # how often to say that Ray has not placed the workers yet
 QUEUED_PER_ACTOR = 2  # shards handed to one actor at a time: the one it writes and the next
+KILL_WAIT_S = 30.0  # how long close() waits for killed workers on this host to exit
 
 
 class ShardWorker:
@@ -37,10 +38,14 @@ class ShardWorker:
         stats = write_shard(self.sampler, spec, out_dir, batch_size, attempt=attempt, info=self.info)
         return dict(stats, ray_node_id=ray.get_runtime_context().get_node_id())  # for the driver, not on disk
 
-    def provenance(self) -> tuple[dict[str, Any], str]:
-        """(sampler provenance, node id); answered once built, so it doubles as the "actor is up" signal."""
+    def provenance(self) -> tuple[dict[str, Any], str, tuple[str, int]]:
+        """(sampler provenance, node id, (host, pid)); answered once built, so it doubles as the "actor is up"
+        signal; (host, pid) lets the driver wait for the process to be gone once it killed it."""
+        import socket
+
         import ray
-        return self.info, f"{ray.get_runtime_context().get_node_id()[:12]} (pid {os.getpid()})"
+        return (self.info, f"{ray.get_runtime_context().get_node_id()[:12]} (pid {os.getpid()})",
+                (socket.gethostname(), os.getpid()))
 
     def close(self) -> None:
         close_sampler(self.sampler)
@@ -86,6 +91,7 @@ class RayShardRun:
         self.inflight: dict[Any, tuple[Any, ShardSpec, float]] = {}  # ref -> (actor, shard, when handed out)
         self.last_done: dict[Any, float] = {}  # actor -> when it last returned a result
         self.dead: set[Any] = set()  # actors killed or lost: their other queued shards fail and are retried
+        self.process: dict[Any, tuple[str, int]] = {}  # actor -> (host, pid), once it is up
         self.start_failures = 0
         self.last_progress = self.last_warned = time.monotonic()
 
@@ -132,7 +138,7 @@ class RayShardRun:
 
         actor = self.starting.pop(ref)
         try:
-            info, where = ray.get(ref, timeout=60)
+            info, where, self.process[actor] = ray.get(ref, timeout=60)
         except RayError as e:  # the factory raised, or the process died while loading
             self.start_failures += 1
             if self.start_failures > self.max_retries:
@@ -229,6 +235,40 @@ class RayShardRun:
                 pass
         for actor in set(self.idle):
             ray.kill(actor, no_restart=True)
+        # ray.kill only asks: a killed actor may still write for a moment, even open its next queued shard's
+        # temporary file. The caller sweeps temporaries and half-committed tars next, so wait for them to exit.
+        wait_for_exit(list(self.process.values()), timeout_s=KILL_WAIT_S)
+
+
+def wait_for_exit(processes: list[tuple[str, int]], timeout_s: float) -> None:
+    """Wait until the processes on this host are gone (exited or zombies); those on other hosts cannot be
+    watched from here: their temporaries are swept by the next run's start."""
+    import socket
+
+    here = socket.gethostname()
+    pids = {pid for host, pid in processes if host == here and pid != os.getpid()}
+    deadline = time.monotonic() + timeout_s
+    while pids := {p for p in pids if _alive(p)}:
+        if time.monotonic() > deadline:
+            log.warning("Ray workers %s still running %.0f s after they were killed", sorted(pids), timeout_s)
+            return
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    if os.path.isdir("/proc/self"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:  # a zombie has exited (its files are closed), unreaped
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    try:  # no /proc (macOS): signal 0 says whether it exists
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def run_ray(factory, todo, out_dir, batch_size, num_workers, max_retries, ray_address, shard_timeout_s,
