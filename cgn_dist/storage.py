@@ -134,34 +134,31 @@ class Store:
                 sha.update(block)
         return sha.hexdigest()
 
-    def sizes(self, pattern: str = "*") -> dict[str, int]:
-        """{name: bytes} of the objects directly below the root that match ``pattern``: one listing request
-        per 1,000 objects on a bucket, where a HEAD per object would cost one request each."""
+    def _listing(self, pattern: str) -> list[tuple[str, int | None]]:
+        """(name, bytes or None for a folder) of what lies directly below the root and matches ``pattern``,
+        sorted by name: one listing request per 1,000 objects on a bucket."""
         if not self.remote:
             root = Path(self.root)
             if not root.is_dir():
-                return {}
-            return {p.name: p.stat().st_size for p in sorted(root.glob(pattern)) if p.is_file()}
-        try:
-            entries = self._call(self.fs.ls, self.root, detail=True)
-        except FileNotFoundError:
-            return {}
-        out = {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in entries
-               if e.get("type") != "directory"}
-        return {k: out[k] for k in sorted(out) if fnmatch.fnmatchcase(k, pattern)}
-
-    def list(self, pattern: str = "*") -> list[str]:
-        """Names directly below the root that match the glob ``pattern``, sorted."""
-        if not self.remote:
-            root = Path(self.root)
-            return sorted(p.name for p in root.glob(pattern)) if root.is_dir() else []
+                return []
+            return [(p.name, p.stat().st_size if p.is_file() else None) for p in sorted(root.glob(pattern))]
         try:
             self.fs.invalidate_cache(self.root)  # a listing must see what other writers committed since
-            entries = self._call(self.fs.ls, self.root, detail=False)
+            entries = self._call(self.fs.ls, self.root, detail=True)
         except FileNotFoundError:
             return []
-        names = (posixpath.basename(e.rstrip("/")) for e in entries)
-        return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
+        out = {posixpath.basename(e["name"].rstrip("/")): None if e.get("type") == "directory"
+               else int(e.get("size") or 0) for e in entries}
+        return [(k, out[k]) for k in sorted(out) if fnmatch.fnmatchcase(k, pattern)]
+
+    def sizes(self, pattern: str = "*") -> dict[str, int]:
+        """{name: bytes} of the files directly below the root that match ``pattern``: one listing instead
+        of a HEAD per object on a bucket."""
+        return {name: size for name, size in self._listing(pattern) if size is not None}
+
+    def list(self, pattern: str = "*") -> list[str]:
+        """Names (files and folders) directly below the root that match the glob ``pattern``, sorted."""
+        return [name for name, _ in self._listing(pattern)]
 
     def find(self, prefix: str) -> list[str]:
         """Every file below the folder ``prefix`` (recursively), as names relative to the root, sorted."""

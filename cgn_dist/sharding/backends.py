@@ -158,12 +158,17 @@ def _run_locked(sampler_factory, shards, out_dir, backend, num_workers, batch_si
                         f"(nothing half-written remains); free space there (or fix the folder's permissions) and "
                         f"rerun the same command: it writes only the missing shards") from None
     except interrupts.Interrupted as e:  # the workers are stopped: count what they committed, reported or not
-        checks = [verify_shard(out_dir, s, check_hash=False) for s in shards]
+        # Only the shards not reported as done are looked at, and only those the listing shows anything of:
+        # a bucket pays one listing, not two requests per shard of the run.
         store = Store(out_dir)
+        present = store.sizes("shard-*")
+        checks = [verify_shard(out_dir, s, check_hash=False, tar_size=present.get(tar_name(s.shard_id)))
+                  for s in shards if s.shard_id not in done
+                  and (stats_name(s.shard_id) in present or tar_name(s.shard_id) in present)]
         for c in checks:  # a worker stopped between its tar and its marker (a killed Ray actor): not a shard,
             if c.status == "uncommitted":  # so no complete-looking tar is left for it; the rerun redoes it
                 store.remove(tar_name(c.shard_id))
-        committed = sum(c.ok for c in checks)
+        committed = len(done) + sum(c.ok for c in checks)
         raise e.kept("generate", committed, len(shards), out_dir) from None
     finally:
         bar.close()
