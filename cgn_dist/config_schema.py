@@ -197,6 +197,7 @@ class InvariantConfig:
     cf_shards: str = ""  # counterfactual train shards (a generation run folder)
     cf_ratio: float = 1.0  # counterfactual batch = int(cf_ratio * real batch)
     num_workers: int = 0  # DataLoader workers per rank for the streams (part of what fixes the sample order)
+    layout: Literal["auto", "channels_last", "nchw"] = "auto"  # batches' memory layout (weights stay NCHW): auto = channels-last on CUDA and on AVX-512 BF16 CPUs without AMX, where it measured faster, NCHW elsewhere; resolved into the run's config.yaml
     decoder: Literal["pil", "pil_draft", "torchvision"] = "torchvision"  # JPEG decoder of the train streams; batches leave the workers as uint8 and are normalised on the device (fastest measured, benchmarks/bench_reader.py)
     image_size: int = 224  # train crop / val centre crop (smoke runs and tests use less)
     epochs: int = 45  # passes over the real train stream (paper: 45)

@@ -182,6 +182,26 @@ def use_channels_last(device: torch.device | str, precision: str) -> bool:
     return decide_channels_last(caps, precision)
 
 
+LAYOUTS = ("channels_last", "nchw")
+
+
+def resolve_layout(requested: str, device: torch.device | str, precision: str, recorded: str | None = None) -> str:
+    """``invariant.layout``: auto -> what the run being resumed recorded, else use_channels_last's answer for
+    ``device`` (flags only); an explicit layout is kept. Logged once per answer."""
+    if requested != "auto":
+        name, reason = requested, "set"
+    elif recorded in LAYOUTS:
+        name, reason = recorded, "recorded by the run being resumed"
+    else:
+        name = "channels_last" if use_channels_last(device, precision) else "nchw"
+        reason = (f"auto on {torch.device(device).type}: channels-last where it measured faster (CUDA, AVX-512 BF16 "
+                  "without AMX), NCHW elsewhere")
+    if ("invariant.layout", "chose", name) not in _said:
+        _said.add(("invariant.layout", "chose", name))
+        log.info("invariant.layout: %s (%s)", name, reason)
+    return name
+
+
 _said: set[tuple[str, str, str]] = set()
 
 
@@ -211,5 +231,5 @@ def resolve_precision(requested: str, device: torch.device | str, key: str,
     return name
 
 
-__all__ = ["BF16_MIN_SPEEDUP", "CHOICES", "cpu_capabilities", "cpu_flags", "decide_channels_last", "decide_precision",
-           "device_capabilities", "onednn_isa_cap", "probe_cpu_conv", "resolve_precision", "use_channels_last"]
+__all__ = ["BF16_MIN_SPEEDUP", "CHOICES", "LAYOUTS", "cpu_capabilities", "cpu_flags", "decide_channels_last", "decide_precision",
+           "device_capabilities", "onednn_isa_cap", "probe_cpu_conv", "resolve_layout", "resolve_precision", "use_channels_last"]

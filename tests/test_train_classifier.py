@@ -111,7 +111,7 @@ def test_deepspeed_zero1_fp32_agrees_with_torch_across_an_lr_step(tmp_path, shar
 
 
 def test_channels_last_training_is_nchw_training(tmp_path, shards, monkeypatch):
-    # what CUDA and AVX-512 CPUs get (cgn_dist.precision.use_channels_last), forced: channels-last batches
+    # what CUDA and AVX-512 BF16 CPUs without AMX get (invariant.layout=auto), set: channels-last batches
     # (every convolution's output follows its input), the weights NCHW (a layout DeepSpeed can broadcast)
     import cgn_dist.classifier.imagenet.train as train_module
     from cgn_dist.models.invariant import InvariantClassifier
@@ -128,7 +128,7 @@ def test_channels_last_training_is_nchw_training(tmp_path, shards, monkeypatch):
 
     monkeypatch.setattr(train_module, "build_invariant_classifier", build_avg)
     over = ["train.max_steps=3", "invariant.eval_every_epochs=0", "invariant.lr=0.05"]
-    a = train_invariant(_cfg(tmp_path, shards, "nchw", *over))
+    a = train_invariant(_cfg(tmp_path, shards, "nchw", *over, "invariant.layout=nchw"))
     layouts = []
     forward = InvariantClassifier.forward
 
@@ -138,7 +138,7 @@ def test_channels_last_training_is_nchw_training(tmp_path, shards, monkeypatch):
         return forward(self, x)
 
     monkeypatch.setattr(InvariantClassifier, "forward", spy)
-    monkeypatch.setattr(train_module, "use_channels_last", lambda device, precision: True)
+    over.append("invariant.layout=channels_last")
     b = train_invariant(_cfg(tmp_path, shards, "cl", *over))
     assert layouts and all(x_cl and not w_cl for x_cl, w_cl in layouts), layouts
     wa, wb = _weights(a["run_dir"], 3), _weights(b["run_dir"], 3)
@@ -152,6 +152,30 @@ def test_channels_last_training_is_nchw_training(tmp_path, shards, monkeypatch):
     wc = _weights(c["run_dir"], 3, "deepspeed")
     for k in wa:
         torch.testing.assert_close(wc[k].to(wa[k].dtype).contiguous(), wa[k].contiguous(), rtol=1e-4, atol=1e-5)
+
+
+def test_layout_auto_follows_the_cpu_flags_is_recorded_and_kept_on_resume(tmp_path, shards, monkeypatch):
+    """auto: channels-last on an AVX-512 BF16 CPU without AMX, NCHW on AMX and on AVX2 (given flags, as
+    decided in cgn_dist.precision.decide_channels_last); the run's config.yaml says which, and a resume on a
+    CPU of another class keeps it."""
+    import yaml
+
+    import cgn_dist.precision as precision
+
+    def flags(**f):
+        monkeypatch.setattr(precision, "cpu_capabilities", lambda probe=False: {"avx512_bf16": False, "amx": False, **f})
+
+    def recorded(run_dir):
+        return yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["invariant"]["layout"]
+
+    over = ["train.max_steps=1", "invariant.eval_every_epochs=0", "train.precision=fp32"]
+    for name, f, want in [("zen4", {"avx512_bf16": True}, "channels_last"), ("amx", {"avx512_bf16": True, "amx": True},
+                          "nchw"), ("avx2", {}, "nchw")]:
+        flags(**f)
+        assert recorded(train_invariant(_cfg(tmp_path, shards, name, *over))["run_dir"]) == want, name
+    flags()  # the channels-last run resumed on an AVX2 CPU: it stays channels-last
+    out = train_invariant(_cfg(tmp_path, shards, "zen4", *over[1:], "train.max_steps=2"))
+    assert out["step"] == 2 and recorded(out["run_dir"]) == "channels_last"
 
 
 def test_deepspeed_bf16_zero2_trains_and_evaluates(tmp_path, shards, shared_ref):

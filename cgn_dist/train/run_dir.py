@@ -16,7 +16,7 @@ import yaml
 from cgn_dist.config import Config, ConfigError, config_to_dict, upgrade_config_dict
 from cgn_dist.distributed.engine import resolve_train_precision
 from cgn_dist.distributed.env import agree_with_rank0
-from cgn_dist.precision import CHOICES, resolve_precision
+from cgn_dist.precision import CHOICES, LAYOUTS, resolve_layout, resolve_precision
 
 CKPT_DIR = "checkpoints"  # <run_dir>/checkpoints/step_0001234/
 
@@ -28,7 +28,8 @@ SUMMARY_NAME = "summary.json"
 _FREE_KEYS = {"name", "out_dir", "train.max_steps", "train.epochs", "train.log_every", "train.sample_every",
               "train.checkpoint_every", "train.keep_last", "train.resume", "train.progress", "train.device",
               "train.allow_config_change", "data.root", "data.download", "imagenet.cache_dir",
-              "mnist.target_gram_cache_gb"}
+              "mnist.target_gram_cache_gb",
+              "invariant.layout"}  # a layout changes rounding only, as train.device does: free to differ
 _FREE_SECTIONS = ("generate.", "mnist_classifier.", "mnist_pipeline.", "ray.", "distributed.", "shards.")
 
 
@@ -104,6 +105,10 @@ def resolve_run_precisions(cfg: Config, device: Any) -> None:
         log.warning("precision: this rank resolved train/mnist to %s, rank 0 to %s; all ranks use rank 0's",
                     mine, agreed)
     cfg.train.precision, cfg.mnist.precision = agreed
+    if cfg.task == "invariant":  # every rank in one layout, as in one precision
+        layout = resolve_layout(cfg.invariant.layout, device, cfg.train.precision,
+                                recorded_setting(cfg, "invariant.layout"))
+        (cfg.invariant.layout,) = agree_with_rank0([layout], LAYOUTS)
 
 
 def checkpoint_step(path: Path) -> int:

@@ -32,7 +32,7 @@ from cgn_dist.distributed.engine import build_engine, resolve_train_precision
 from cgn_dist.distributed.env import DistEnv, read_env
 from cgn_dist.errors import InputError, InputNotFound
 from cgn_dist.models.invariant import HEADS, build_invariant_classifier
-from cgn_dist.precision import use_channels_last
+from cgn_dist.precision import resolve_layout
 from cgn_dist.progress import progress_bar
 from cgn_dist.train.checkpoint import find_resume_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from cgn_dist.train.common import NullReporter, Reporter, stop_requested
@@ -118,7 +118,8 @@ def _train(cfg: Config, env: DistEnv, reporter: Reporter, streams, run_dir, logg
     # which a channels-last weight refuses ("stride(-1) must be 1"), and ZeRO flattens them anyway. One layout
     # for both engines keeps their runs equal. Batches alone measured 1.10x / 1.13x faster than NCHW (fp32 /
     # bf16), weights converted too 1.09x / 1.14x (a ResNet-50 update, an EPYC Zen 4): the same.
-    channels_last = use_channels_last(env.device, t.precision)
+    # invariant.layout, resolved with the run's precisions when its folder was prepared (config.yaml has it)
+    channels_last = resolve_layout(ic.layout, env.device, t.precision) == "channels_last"
     opt = torch.optim.SGD(model.parameters(), lr=ic.lr, momentum=ic.momentum, weight_decay=ic.weight_decay)
     # bf16 as autocast under DeepSpeed too: BatchNorm's weights and running statistics stay fp32
     engine = build_engine(model, opt, t, env, bf16_autocast=True)
