@@ -370,3 +370,20 @@ def test_fp32_fast_update_matches_the_plain_one(vgg, dataset):
         torch.testing.assert_close(of[k], op[k], atol=1e-5, rtol=1e-5, msg=k)
     for (n, a), b in zip([*gp.named_parameters(), *dp.named_parameters()], [*gf.parameters(), *df.parameters()]):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_batch_order_is_the_documented_permutation_and_a_caller_cannot_change_it():
+    # The order written out from its definition (a permutation per epoch seeded seed * 100003 + epoch, split
+    # over ranks), independent of the cached one; a caller writing into its indices changes nothing after.
+    from cgn_dist.data.batch_order import batch_indices
+
+    n, bs, seed, world = 103, 10, 7, 2
+    per_epoch = (n // world) // bs
+    for rank in range(world):
+        for k in (0, 1, per_epoch - 1, per_epoch, 2 * per_epoch + 3):
+            epoch, j = divmod(k, per_epoch)
+            want = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))[rank::world]
+            got_epoch, idx = batch_indices(k, n, bs, seed, rank, world)
+            assert got_epoch == epoch and torch.equal(idx, want[j * bs:(j + 1) * bs])
+            idx.fill_(-1)
+            assert torch.equal(batch_indices(k, n, bs, seed, rank, world)[1], want[j * bs:(j + 1) * bs])

@@ -3,6 +3,8 @@ permutation per epoch (seed * 100003 + epoch), split over ranks; batch k of an e
 epoch, k), so a resumed or re-sharded run draws the same batches."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -14,9 +16,14 @@ def batch_indices(k: int, n: int, batch_size: int, seed: int, rank: int = 0, wor
                   ) -> tuple[int, torch.Tensor]:
     """(epoch, dataset indices) of batch ``k`` of this rank's stream."""
     epoch, j = divmod(k, batches_per_epoch(n, batch_size, world))
+    perm = _epoch_permutation(n, seed, epoch)[rank::world]
+    return epoch, perm[j * batch_size:(j + 1) * batch_size].clone()  # the cached permutation stays unchanged
+
+
+@functools.lru_cache(maxsize=2)  # an update asks for its batch's indices more than once (the batch, its Grams)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    perm = torch.randperm(n, generator=g)[rank::world]
-    return epoch, perm[j * batch_size:(j + 1) * batch_size]
+    return torch.randperm(n, generator=g)
 
 
 class BatchStream:
