@@ -92,7 +92,8 @@ def resolve_run_precisions(cfg: Config, device: Any) -> None:
     """Replace every ``auto`` precision of a training run by what this device runs fastest (bf16 on CUDA and
     on AMX CPUs, where a timed probe says so on AVX-512 BF16 CPUs, else fp32: cgn_dist.precision), or by what
     the run being resumed recorded, before the run's config.yaml is written: the bytes of a run depend on
-    it. Every rank of a process group takes rank 0's answer."""
+    it. The invariant classifier's ``invariant.layout`` the same way (it changes rounding). Every rank of a
+    process group takes rank 0's answers."""
     # the invariant classifier's bf16 is autocast over fp32 weights under either engine (fp32 gradients)
     resolve_train_precision(cfg.train, device, recorded_setting(cfg, "train.precision"),
                             autocast=cfg.task == "invariant")
